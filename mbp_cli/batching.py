@@ -1,0 +1,96 @@
+"""Target batches drawn by a seeded sampler, each split into micro-batches for a DataLoader."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mbp_cli.datasets import TensorPairs
+
+
+def steps_per_epoch(num_samples: int, target_batch: int, drop_last: bool) -> int:
+    """Optimizer steps in one pass over `num_samples`."""
+    if drop_last:
+        return num_samples // target_batch
+    return math.ceil(num_samples / target_batch)
+
+
+def epoch_target_batches(num_samples: int, target_batch: int, seed: int, epoch: int,
+                         drop_last: bool) -> list[list[int]]:
+    """The target batches of one epoch: a seeded permutation cut into pieces of `target_batch`.
+
+    The last piece is smaller unless `drop_last`; it is normalized by its own counts.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    count = steps_per_epoch(num_samples, target_batch, drop_last)
+    return [order[i * target_batch:(i + 1) * target_batch] for i in range(count)]
+
+
+def split_micro(indices: list[int], micro_batch: int) -> list[list[int]]:
+    """Cut one target batch into micro-batches; the last may be smaller."""
+    return [indices[i:i + micro_batch] for i in range(0, len(indices), micro_batch)]
+
+
+class MicroBatchPlan(torch.utils.data.Sampler):
+    """Yields the micro-batch index lists of steps `start_step` … `stop_step - 1`, in order."""
+
+    def __init__(self, num_samples: int, target_batch: int, micro_batch: int, seed: int,
+                 drop_last: bool, start_step: int, stop_step: int) -> None:
+        self.num_samples, self.target_batch = num_samples, target_batch
+        self.micro_batch = micro_batch
+        self.seed, self.drop_last = seed, drop_last
+        self.start_step, self.stop_step = start_step, stop_step
+        self.steps_per_epoch = steps_per_epoch(num_samples, target_batch, drop_last)
+
+    def target_batch_at(self, step: int) -> list[int]:
+        """Sample indices of the target batch that optimizer step `step` (0-based) trains on."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        batches = epoch_target_batches(self.num_samples, self.target_batch, self.seed, epoch,
+                                       self.drop_last)
+        return batches[position]
+
+    def micro_batches_per_step(self, step: int) -> int:
+        """How many micro-batches step `step` streams."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        size = min(self.target_batch, self.num_samples - position * self.target_batch)
+        return math.ceil(size / self.micro_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, batches = None, []
+        for step in range(self.start_step, self.stop_step):
+            step_epoch, position = divmod(step, self.steps_per_epoch)
+            if step_epoch != epoch:
+                epoch = step_epoch
+                batches = epoch_target_batches(self.num_samples, self.target_batch, self.seed,
+                                               epoch, self.drop_last)
+            yield from split_micro(batches[position], self.micro_batch)
+
+    def __len__(self) -> int:
+        return sum(self.micro_batches_per_step(s) for s in range(self.start_step, self.stop_step))
+
+
+def _as_batch(batch: object) -> object:
+    return batch
+
+
+def micro_batch_loader(dataset: Dataset, batch_sampler: torch.utils.data.Sampler,
+                       num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader streaming micro-batches (pinned host memory when the device is CUDA)."""
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+        # TensorPairs hands back a whole micro-batch already stacked.
+        collate_fn=_as_batch if isinstance(dataset, TensorPairs) else None,
+        persistent_workers=False,
+    )
+
+
+def eval_loader(dataset: Dataset, micro_batch: int, num_workers: int,
+                pin_memory: bool) -> DataLoader:
+    """Sequential micro-batches over a held-out split."""
+    sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.SequentialSampler(dataset), micro_batch, drop_last=False)
+    return micro_batch_loader(dataset, sampler, num_workers, pin_memory)

@@ -1,0 +1,345 @@
+"""The recipe: frozen dataclasses and load_recipe(), the only way in (stdlib and yaml only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mbp_cli.errors import RecipeError, UsageError
+
+
+def _spec(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
+          choices: tuple[str, ...] | None = None) -> Any:
+    """A recipe field with its default and the constraints the loader checks."""
+    meta = {"minimum": minimum, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = _spec()
+    args: dict[str, Any] = _spec({})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = _spec()
+    args: dict[str, Any] = _spec({})
+    resize: int | None = _spec(None, minimum=1)  # square side for image datasets
+    eval_fraction: float = _spec(0.1, minimum=0.0)  # held out when a dataset has no test split
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    target: int = _spec(minimum=1)
+    micro: int = _spec(minimum=1)
+    drop_last: bool = _spec(False)  # drop an epoch's smaller last target batch
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: str = _spec()
+    args: dict[str, Any] = _spec({})
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str = _spec("none", choices=("none", "constant", "cosine", "linear"))
+    warmup_steps: int = _spec(0, minimum=0)
+    final_lr_fraction: float = _spec(0.0, minimum=0.0)  # where cosine and linear decay end
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str = _spec("cross_entropy")
+    args: dict[str, Any] = _spec({})
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int | None = _spec(None, minimum=1)
+    epochs: int | None = _spec(None, minimum=1)
+    eval_every: int = _spec(50, minimum=0)
+    log_every: int = _spec(10, minimum=1)
+    device: str = _spec("auto")
+    dtype: str = _spec("float32", choices=("float32", "float64"))
+    num_workers: int = _spec(0, minimum=0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int
+    model: ModelSpec
+    data: DataSpec
+    batch: BatchSpec
+    optim: OptimSpec
+    schedule: ScheduleSpec
+    loss: LossSpec
+    train: TrainSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data, loadable again by load_recipe."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec, "data": DataSpec, "batch": BatchSpec, "optim": OptimSpec,
+    "schedule": ScheduleSpec, "loss": LossSpec, "train": TrainSpec,
+}
+REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
+TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file; raise RecipeError listing every problem."""
+    recipe, problems = read_recipe(path, overrides)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe
+
+
+def read_recipe(path: str | Path,
+                overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, list[str]]:
+    """Read and override a recipe; return it (defaults where values are bad) and its problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc}") from exc
+    raw, problems = parse_yaml(text)
+    if raw is not None:
+        problems += apply_overrides(raw, overrides)
+    return build_recipe(raw, path.stem, problems), problems
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of a resolved recipe, in section order."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --- YAML: booleans and floats as YAML 1.2 reads them, duplicate keys refused -------------------
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float, `on`/`no` as strings and notes duplicate keys."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.problems: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.problems.append(
+                    f"line {line}: key '{key}' appears twice in one mapping; the first is on line "
+                    f"{seen[key]}")
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> tuple[Any, list[str]]:
+    """Parse recipe YAML; return the data (None when unreadable) and the problems found."""
+    loader = _RecipeLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        return None, [f"invalid YAML: {' '.join(str(exc).split())}"]
+    finally:
+        loader.dispose()
+    return data, loader.problems
+
+
+def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Apply `key.path=value` overrides (value read as YAML) to the raw recipe in place."""
+    problems: list[str] = []
+    for item in overrides:
+        key_path, sep, text = item.partition("=")
+        if not sep or not key_path.strip():
+            problems.append(f"--set {item!r}: expected KEY.PATH=VALUE")
+            continue
+        value, value_problems = parse_yaml(text) if text.strip() else (None, [])
+        if value_problems:
+            problems.append(f"--set {key_path}: {value_problems[0]}")
+            continue
+        node, keys = raw, key_path.strip().split(".")
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key) if isinstance(node, dict) else None
+            if isinstance(child, str) and key in SECTIONS:
+                child = {"name": child}  # expand the `loss: mse` shorthand
+            if child is None:
+                child = {}
+            if not isinstance(node, dict) or not isinstance(child, dict):
+                problems.append(f"--set {key_path}: {'.'.join(keys[:depth + 1])} is not a mapping")
+                break
+            node[key] = child
+            node = child
+        else:
+            if isinstance(node, dict):
+                node[keys[-1]] = value
+    return problems
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def build_recipe(raw: Any, default_name: str, problems: list[str]) -> Recipe:
+    """Build the Recipe from raw data, appending every problem found; defaults fill the gaps."""
+    if raw is None and not problems:
+        problems.append("the file is empty")
+    if raw is not None and not isinstance(raw, dict):
+        problems.append(f"the top level must be a mapping of sections, got {_kind(raw)}")
+    raw = raw if isinstance(raw, dict) else {}
+    _unknown_keys(raw, TOP_LEVEL_KEYS, "", problems)
+    name = _typed(raw.get("name", default_name), str, "name", problems) or default_name
+    seed = _typed(raw.get("seed", 0), int, "seed", problems)
+    sections = {}
+    for key, cls in SECTIONS.items():
+        value = raw.get(key)
+        if value is None and key in REQUIRED_SECTIONS:
+            problems.append(f"{key}: missing section")
+        if isinstance(value, str):
+            value = {"name": value}  # `loss: mse` is short for `loss: {name: mse}`
+        sections[key] = _build_section(cls, value, key, problems)
+    recipe = Recipe(name=name, seed=seed if isinstance(seed, int) else 0, **sections)
+    _cross_checks(recipe, problems)
+    return recipe
+
+
+def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
+    batch, train = recipe.batch, recipe.train
+    sizes_are_valid = all(isinstance(n, int) and n >= 1 for n in (batch.micro, batch.target))
+    if sizes_are_valid and batch.micro > batch.target:
+        problems.append(f"batch.micro: {batch.micro} is larger than batch.target {batch.target}")
+    if (train.steps is None) == (train.epochs is None):
+        problems.append("train: give exactly one of train.steps and train.epochs")
+
+
+def _build_section(cls: type, value: Any, path: str, problems: list[str]) -> Any:
+    """Build one section's dataclass; fields are reported missing only in a section written out."""
+    is_written = isinstance(value, dict)
+    if value is not None and not is_written:
+        problems.append(f"{path}: expected a mapping, got {_kind(value)}")
+    if not is_written:
+        value = {}
+    _unknown_keys(value, _field_names(cls), path + ".", problems)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{path}.{f.name}"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in value:
+            if required:
+                if is_written:
+                    problems.append(f"{key}: missing")
+                kwargs[f.name] = None  # the recipe is refused; None keeps later checks quiet
+            continue
+        checked = _typed(value[f.name], hints[f.name], key, problems)
+        if checked is not _INVALID:
+            _constraints(checked, f.metadata, key, problems)
+            kwargs[f.name] = checked
+        elif required:
+            kwargs[f.name] = None
+    return cls(**kwargs)
+
+
+_INVALID = object()
+
+
+def _typed(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    """Return `value` if it has the type `hint` names (ints pass as floats), else note a problem."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return None
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin in (str, dict) and isinstance(value, origin):
+            return value
+    wanted = " or ".join(_TYPE_WORDS[typing.get_origin(k) or k] for k in allowed)
+    problems.append(f"{key}: expected {wanted}, got {value!r} ({_kind(value)})")
+    return _INVALID
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a mapping", type(None): "null"}
+
+
+def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
+                 problems: list[str]) -> None:
+    minimum, choices = meta.get("minimum"), meta.get("choices")
+    if minimum is not None and value is not None and value < minimum:
+        problems.append(f"{key}: must be at least {minimum:g}, got {value!r}")
+    if choices and value not in choices:
+        problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}"
+                        + suggest(str(value), choices))
+
+
+def _unknown_keys(mapping: dict, known: tuple[str, ...] | list[str], prefix: str,
+                  problems: list[str]) -> None:
+    for key in mapping:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown key" + suggest(str(key), known, prefix))
+
+
+def suggest(word: str, options: typing.Iterable[str], prefix: str = "") -> str:
+    """'; did you mean X?' for the option nearest to `word`, or nothing."""
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", dict: "a mapping", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value),
+                                                                          type(value).__name__)
+
+
+def bundled_recipes() -> list[tuple[Path, str]]:
+    """The recipes shipped beside the package, each with the first comment line of its file."""
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    found = []
+    for path in sorted(folder.rglob("*.yaml")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        description = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
+        try:
+            shown = path.relative_to(Path.cwd())
+        except ValueError:
+            shown = path
+        found.append((shown, description))
+    return found

@@ -1,0 +1,81 @@
+"""The run folder: created without clobbering earlier results, written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbp_cli.errors import UsageError
+
+RESULT_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "summary.json")
+
+
+def default_run_dir(name: str) -> Path:
+    """runs/<name>-<timestamp> under the current folder."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> Path:
+    """Create the run folder; refuse one holding results unless `overwrite` removes just those."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file, not a folder")
+    held = [name for name in RESULT_FILES if (path / name).exists()]
+    if held and not overwrite:
+        raise UsageError(f"run folder {path} already holds results ({', '.join(held)}); "
+                         "pass --overwrite to replace them, or choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for name in held:
+            (path / name).unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a reader sees the old content or the new, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically write indented JSON."""
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def save_state_dict(path: Path, state: dict[str, Any]) -> None:
+    """Atomically save a state_dict with torch.save."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object a line, flushed so a crash keeps what came before."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.handle.close()

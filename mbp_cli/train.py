@@ -1,0 +1,219 @@
+"""The run: build from the recipe, step through target batches, evaluate, write; never prints."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mbp_cli
+from mbp_cli import registry
+from mbp_cli.accumulate import accumulate_gradients, to_device
+from mbp_cli.batching import MicroBatchPlan, eval_loader, micro_batch_loader, steps_per_epoch
+from mbp_cli.datasets import build_split, hold_out
+from mbp_cli.errors import UsageError
+from mbp_cli.losses import CLASSIFICATION_LOSSES, LossFn, correct_predictions
+from mbp_cli.memory import PeakMemory
+from mbp_cli.recipe import Recipe, dump_recipe
+from mbp_cli.rundir import MetricsLog, save_state_dict, write_atomic, write_json
+
+Event = dict[str, Any]
+EventSink = Callable[[Event], None]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the command line adds to a recipe."""
+
+    run_dir: Path
+    max_steps: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; any other name must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"train.device: {name!r} is not a device name ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"train.device: {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+@dataclass
+class Setup:
+    """Everything a run builds from its recipe."""
+
+    model: nn.Module
+    train_set: torch.utils.data.Dataset
+    eval_set: torch.utils.data.Dataset | None
+    loss_fn: LossFn
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build(recipe: Recipe, device: torch.device) -> Setup:
+    """Seed every generator, then build data, model and loss as the recipe names them."""
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    data = registry.find_dataset(recipe.data.name)
+    split_args = dict(resize=recipe.data.resize, is_torchvision=data.is_torchvision)
+    train_set = build_split(data.fn, recipe.data.args, train=True, **split_args)
+    eval_set = build_split(data.fn, recipe.data.args, train=False, **split_args)
+    if eval_set is None:
+        train_set, eval_set = hold_out(train_set, recipe.data.eval_fraction, recipe.seed)
+    dtype = DTYPES[recipe.train.dtype]
+    model = registry.find_model(recipe.model.name).fn(**recipe.model.args).to(device, dtype)
+    loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
+    return Setup(model, train_set, eval_set, loss_fn, device, dtype)
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether the model normalizes with batch statistics (then micro-batching is not exact)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    """The recipe's torch.optim class over the model's parameters."""
+    optimizer_class = registry.find_optimizer(recipe.optim.name).fn
+    try:
+        return optimizer_class(model.parameters(), **recipe.optim.args)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"optim.args: {recipe.optim.name} refused them: {exc}") from exc
+
+
+def evaluate(setup: Setup, recipe: Recipe) -> dict[str, float | None]:
+    """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad."""
+    if setup.eval_set is None or len(setup.eval_set) == 0:
+        return {}
+    pin = setup.device.type == "cuda"
+    loader = eval_loader(setup.eval_set, recipe.batch.micro, recipe.train.num_workers, pin)
+    ignore_index = recipe.loss.args.get("ignore_index", -100)
+    is_classification = recipe.loss.name in CLASSIFICATION_LOSSES
+    loss_sum, items, right, counted = 0.0, 0, 0, 0
+    setup.model.eval()
+    with torch.no_grad():
+        for inputs, targets in loader:
+            inputs = to_device(inputs, setup.device, setup.dtype)
+            targets = to_device(targets, setup.device, setup.dtype)
+            output = setup.model(inputs)
+            micro_sum, micro_items = setup.loss_fn(output, targets)
+            loss_sum += float(micro_sum)
+            items += int(micro_items)
+            if is_classification:
+                r, c = correct_predictions(output, targets, ignore_index)
+                right, counted = right + r, counted + c
+    setup.model.train()
+    accuracy = right / counted if is_classification and counted else None
+    return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
+
+
+def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any]:
+    """Train the recipe into `options.run_dir` and return the summary; events go to `emit`."""
+    started = time.perf_counter()
+    device = resolve_device(recipe.train.device)
+    setup = build(recipe, device)
+    model, micro, target = setup.model, recipe.batch.micro, recipe.batch.target
+    if len(setup.train_set) < target and recipe.batch.drop_last:
+        raise UsageError(f"batch.drop_last: the training split has {len(setup.train_set)} "
+                         f"samples, fewer than one target batch of {target}")
+    optimizer = build_optimizer(recipe, model)
+    per_epoch = steps_per_epoch(len(setup.train_set), target, recipe.batch.drop_last)
+    total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
+    if options.max_steps is not None:
+        total_steps = min(total_steps, options.max_steps)
+    scheduler = registry.build_schedule(optimizer, recipe.schedule, total_steps)
+    plan = MicroBatchPlan(len(setup.train_set), target, micro, recipe.seed,
+                          recipe.batch.drop_last, 0, total_steps)
+    loader = micro_batch_loader(setup.train_set, plan, recipe.train.num_workers,
+                                pin_memory=device.type == "cuda")
+
+    run_dir = options.run_dir
+    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    memory = PeakMemory(device)
+
+    def record(event: Event) -> None:
+        metrics.write(event)
+        emit(event)
+
+    emit({"event": "start", "name": recipe.name, "device": str(device),
+          "dtype": recipe.train.dtype, "target_batch": target, "micro_batch": micro,
+          "accumulation_steps": math.ceil(target / micro), "total_steps": total_steps,
+          "steps_per_epoch": per_epoch, "train_samples": len(setup.train_set),
+          "eval_samples": len(setup.eval_set) if setup.eval_set is not None else 0,
+          "parameters": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)})
+    if has_batch_norm(model) and micro < target:
+        record({"event": "warning", "message": (
+            "the model has BatchNorm layers: their statistics are computed per micro-batch of "
+            f"{micro}, so training is not exactly equal to full batches of {target}")})
+
+    samples_seen, last_loss, train_seconds = 0, float("nan"), 0.0
+    eval_result: dict[str, float | None] = {}
+    micro_batches = iter(loader)
+    model.train()
+    try:
+        for step in range(total_steps):
+            step_started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            pieces = itertools.islice(micro_batches, plan.micro_batches_per_step(step))
+            try:
+                totals = accumulate_gradients(model, pieces, setup.loss_fn, device, setup.dtype)
+            except (RuntimeError, IndexError, ValueError) as exc:
+                if step > 0 or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                # The first step is where a model that does not fit its data or loss shows.
+                raise UsageError(f"the first training step failed: {exc}. Check that "
+                                 "model.args fit the data (input shape, number of classes) "
+                                 "and the loss") from exc
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds = time.perf_counter() - step_started
+            train_seconds += step_seconds
+            samples_seen += totals.samples
+            last_loss = totals.loss
+            record({"event": "step", "step": step + 1, "total_steps": total_steps,
+                    "epoch": step // per_epoch + 1, "loss": totals.loss, "lr": lr,
+                    "samples": totals.samples, "items": totals.items,
+                    "micro_batches": totals.micro_batches, "step_seconds": step_seconds,
+                    "samples_per_second": totals.samples / step_seconds if step_seconds else None,
+                    "peak_memory_bytes": memory.peak_bytes()})
+            is_last = step + 1 == total_steps
+            if is_last or (recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0):
+                eval_result = evaluate(setup, recipe)
+                if eval_result:
+                    record({"event": "eval", "step": step + 1, **eval_result})
+    finally:
+        metrics.close()
+
+    save_state_dict(run_dir / "model.pt", model.state_dict())
+    summary = {
+        "name": recipe.name, "steps": total_steps, "samples_seen": samples_seen,
+        "final_train_loss": last_loss, **eval_result, "target_batch": target,
+        "micro_batch": micro, "accumulation_steps": math.ceil(target / micro),
+        "samples_per_second": samples_seen / train_seconds if train_seconds else None,
+        "peak_memory_bytes": memory.peak_bytes(), "peak_memory_source": memory.source,
+        "wall_seconds": time.perf_counter() - started, "device": str(device),
+        "versions": {"mbp": mbp_cli.__version__, "torch": torch.__version__},
+        "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "summary.json", summary)
+    emit({"event": "done", **summary})
+    return summary
+
