@@ -1,0 +1,147 @@
+"""The real `mbp` command: exit codes, messages, output modes and the run folder it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from mbp_cli import __version__
+from mbp_cli.models import small_cnn
+from tests.conftest import small_recipe
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"mbp {__version__}"
+
+
+def test_recipes_lists_the_bundled_ones(cli):
+    result = cli("recipes")
+    assert result.exit_code == 0
+    assert "recipes/digits.yaml" in result.stdout and "handwritten digits" in result.stdout
+
+
+def test_validate_accepts_a_good_recipe(cli, write_recipe):
+    result = cli("validate", write_recipe(small_recipe()))
+    assert result.exit_code == 0 and "valid recipe 'test-digits'" in result.stdout
+
+
+def test_validate_refuses_a_bad_recipe_with_exit_2_and_no_traceback(cli, write_recipe):
+    path = write_recipe(small_recipe(batch={"target": 8, "mirco": 2}))
+    result = cli("validate", path, "--set", "optim.args.lr=fast", "--set", "seed=1.5")
+    assert result.exit_code == 2
+    assert f"error: {path} is not a valid recipe (3 problems)" in result.stderr
+    assert "  • batch.mirco: unknown key; did you mean batch.micro?" in result.stderr
+    assert "  • seed: expected an integer, got 1.5 (a number)" in result.stderr
+    assert "Traceback" not in result.output and "MBP_DEBUG=1" in result.stderr
+
+
+def test_missing_recipe_file_is_a_usage_error(cli, tmp_path):
+    result = cli("train", tmp_path / "absent.yaml", "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "recipe file not found" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_writes_the_run_folder(cli, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", write_recipe(small_recipe()), "--out", run, "--set", "optim.args.lr=0.05")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in run.iterdir()} == {"recipe.yaml", "metrics.jsonl", "model.pt",
+                                              "summary.json"}
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["optim"]["args"]["lr"] == 0.05  # the override is what was saved
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [2, 3]
+    assert all(r["samples"] == 50 and r["micro_batches"] == 8 for r in records
+               if r["event"] == "step")  # 50 = 7 × 7 + 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples_seen"] == 150
+    assert (summary["micro_batch"], summary["accumulation_steps"]) == (7, 8)
+    assert 0 <= summary["eval_accuracy"] <= 1 and summary["peak_memory_bytes"] > 0
+    assert summary["versions"]["torch"] == torch.__version__
+    model = small_cnn(num_classes=10, width=8)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+
+
+def test_plain_output_when_not_a_terminal(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run")
+    assert result.exit_code == 0
+    assert "training test-digits on cpu (float32): target batch 50 = micro-batch 7 × 8" \
+        in result.stderr
+    assert "step 3/3" in result.stderr and "eval @ step 2: loss" in result.stderr
+    assert "eval accuracy" in result.stdout and "\x1b[" not in result.output
+
+
+def test_json_lines_on_stdout(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["start", "step", "step", "eval", "step", "eval",
+                                            "done"]
+    assert events[-1]["steps"] == 3 and events[-1]["run_dir"] == str(tmp_path / "run")
+
+
+def test_quiet_prints_nothing(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0 and result.output == ""
+
+
+def test_max_steps_and_device_options(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run",
+                 "--max-steps", "1", "--device", "cpu", "--json")
+    assert json.loads(result.stdout.splitlines()[-1])["steps"] == 1
+
+
+def test_unavailable_device_is_refused(cli, write_recipe, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run",
+                 "--device", "cuda")
+    assert result.exit_code == 2 and "CUDA is not available" in result.stderr
+
+
+def test_a_run_folder_with_results_is_not_overwritten(cli, write_recipe, tmp_path):
+    recipe, run = write_recipe(small_recipe()), tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = cli("train", recipe, "--out", run, "--set", "seed=1")
+    assert result.exit_code == 2
+    assert f"run folder {run} already holds results" in result.stderr
+    assert "--overwrite" in result.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    (run / "notes.txt").write_text("mine")
+    assert cli("train", recipe, "--out", run, "--overwrite", "--set", "seed=1").exit_code == 0
+    assert (run / "model.pt").read_bytes() != before["model.pt"]
+    assert (run / "notes.txt").read_text() == "mine"  # only mbp's own files are replaced
+
+
+def test_a_model_that_does_not_fit_its_data_is_explained(cli, write_recipe, tmp_path):
+    model = {"name": "mlp", "args": {"in_features": 10}}
+    result = cli("train", write_recipe(small_recipe(model=model)), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "the first training step failed" in result.stderr
+    assert "model.args fit the data" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_regression_loss_on_class_labels_is_explained(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe(loss="mse")), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "does not fit the target" in result.stderr
+
+
+def test_batch_norm_models_are_warned_about(cli, write_recipe, tmp_path):
+    recipe = small_recipe(
+        model={"name": "resnet18", "args": {"num_classes": 4}},
+        data={"name": "FakeData",
+              "args": {"size": 20, "image_size": [3, 32, 32], "num_classes": 4}},
+        batch={"target": 8, "micro": 4}, train={"steps": 1, "eval_every": 0, "device": "cpu"})
+    run = tmp_path / "run"
+    result = cli("train", write_recipe(recipe), "--out", run)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("warning: the model has BatchNorm layers") == 1
+    assert '"event": "warning"' in (run / "metrics.jsonl").read_text()
