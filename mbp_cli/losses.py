@@ -15,6 +15,8 @@ LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def _class_scores(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten (…, classes) scores and their targets to (items, classes) and (items,)."""
+    if output.dim() == 2 and target.dim() == 1:
+        return output, target  # the common case; torch checks the sizes itself
     if output.dim() < 2:
         raise UsageError(f"the model output has shape {tuple(output.shape)}; a classification "
                        "loss needs class scores in its last dimension")
