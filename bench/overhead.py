@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -98,6 +99,16 @@ def measure(steps: dict[str, Callable], rounds: int, device) -> dict[str, float]
     return {label: statistics.median(values) for label, values in times.items()}
 
 
+def cpu_name() -> str:
+    """The processor's model name where Linux tells it, else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -118,7 +129,7 @@ def main() -> None:
               f"{r['ratio']:>6.3f}")
     result = {
         "benchmark": "overhead", "rounds": args.rounds, "device": str(device),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": cpu_name(), "cores": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "mbp": mbp_cli.__version__, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows,

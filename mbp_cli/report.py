@@ -43,8 +43,8 @@ def start_line(e: Event) -> str:
     """The plain line that opens a run."""
     return (f"training {e['name']} on {e['device']} ({e['dtype']}): target batch "
             f"{e['target_batch']} = micro-batch {e['micro_batch']} × {e['accumulation_steps']} "
-            f"accumulation steps, {e['total_steps']} steps, {e['train_samples']} training samples, "
-            f"{e['parameters']:,} parameters → {e['run_dir']}")
+            f"accumulation steps, {e['total_steps']} steps, {e['train_samples']:,} training "
+            f"samples, {e['parameters']:,} parameters → {e['run_dir']}")
 
 
 def eval_line(e: Event) -> str:
@@ -153,12 +153,12 @@ class RichReporter(PlainReporter):
 
 
 class JsonReporter(PlainReporter):
-    """Every event as one JSON line on stdout; warnings also in words on stderr."""
+    """Every event as one JSON line on stdout; the plain progress lines on stderr."""
 
     def __call__(self, event: Event) -> None:
         print(json.dumps(event), file=self.out, flush=True)
-        if event["event"] == "warning":
-            self.on_warning(event)
+        if event["event"] != "done":
+            super().__call__(event)
 
 
 def make_reporter(*, as_json: bool, quiet: bool, log_every: int) -> Reporter:

@@ -84,6 +84,7 @@ def test_json_lines_on_stdout(cli, write_recipe, tmp_path):
     assert [e["event"] for e in events] == ["start", "step", "step", "eval", "step", "eval",
                                             "done"]
     assert events[-1]["steps"] == 3 and events[-1]["run_dir"] == str(tmp_path / "run")
+    assert "step 3/3" in result.stderr  # people watching still see progress
 
 
 def test_quiet_prints_nothing(cli, write_recipe, tmp_path):
