@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from mbp_cli.units import format_bytes
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 3
 
 
 class MbpError(Exception):
@@ -33,3 +36,20 @@ class RecipeError(UsageError):
         count = len(self.problems)
         header = f"{source} is not a valid recipe ({count} problem{'s' if count != 1 else ''})"
         super().__init__("\n".join([header, *(f"  • {p}" for p in self.problems)]))
+
+
+class DoesNotFitError(MbpError):
+    """Not even a micro-batch of one sample fits the memory budget."""
+
+    exit_code = EXIT_DOES_NOT_FIT
+
+    def __init__(self, needed_bytes: int | None, budget_bytes: int, margin: float) -> None:
+        self.needed_bytes, self.budget_bytes = needed_bytes, budget_bytes
+        usable = budget_bytes * (1 - margin)
+        needed = (f"needs {format_bytes(needed_bytes)}" if needed_bytes is not None
+                  else "ran out of memory")
+        super().__init__(
+            f"the recipe does not fit: a step at micro-batch 1 {needed}, but the budget is "
+            f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin). "
+            "Use a larger budget, a smaller model, or a device with more memory")
+

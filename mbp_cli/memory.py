@@ -1,30 +1,146 @@
-"""Peak memory of a run: the CUDA allocator's figure on a GPU, the process's peak RSS on a CPU."""
+"""Memory of a training step: CUDA's allocator, or live tensor storage tracked op by op."""
 
 from __future__ import annotations
 
+import gc
+import os
 import resource
 import sys
+import weakref
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+BLOCK_BYTES = 512  # CUDA's caching allocator rounds every allocation up to 512-byte blocks
+
+
+class SimulatedOutOfMemoryError(torch.OutOfMemoryError):
+    """Raised by a StorageTracker with a capacity, as CUDA raises when memory runs out."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory (and a smaller step may fit)."""
+    if isinstance(exc, torch.OutOfMemoryError):  # CUDA, and the simulated device
+        return True
+    # The CPU allocator has no exception type of its own: this is its message (c10 CPUAllocator).
+    message = "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(exc, RuntimeError) and message in str(exc)
+
+
+def round_to_block(nbytes: int) -> int:
+    """Bytes an allocation of `nbytes` takes in CUDA's caching allocator."""
+    return -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages, as seen op by op, and their peak.
+
+    Tensors made before the mode was entered (parameters, optimizer state, the batch) are added
+    with `register`. A storage is counted once however many views share it, and uncounted when
+    it is freed. With `capacity_bytes` set it is a simulated device: an op whose output would
+    take live memory past the capacity raises SimulatedOutOfMemoryError.
+    """
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        super().__init__()
+        self.capacity_bytes = capacity_bytes
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def register(self, tensors: Iterable[Any]) -> None:
+        """Count tensors that already exist (anything that is not a tensor is skipped)."""
+        for value in tensors:
+            if isinstance(value, torch.Tensor):
+                self._add(value)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the memory live now."""
+        self.peak_bytes = self.live_bytes
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._sizes:
+            return
+        size = round_to_block(storage.nbytes())
+        self._sizes[storage] = size
+        self.live_bytes += size
+        weakref.finalize(storage, self._free, size)
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _free(self, size: int) -> None:
+        self.live_bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self._add(value)
+        if self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
+            del out  # the failed allocation is not kept
+            raise SimulatedOutOfMemoryError(
+                f"simulated device out of memory: {self.live_bytes:,} bytes live, capacity "
+                f"{self.capacity_bytes:,} bytes (while running {func})")
+        return out
+
+
+def training_state_tensors(model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """Parameters, their gradients and the optimizer's state: what a step keeps between steps."""
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [b for b in model.buffers()]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in tree_leaves(state)
+                    if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Collect garbage (running storage finalizers) and return CUDA's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on the device: CUDA's `mem_get_info`, else the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class PeakMemory:
-    """Reads the peak memory since construction (CUDA) or since the process started (CPU)."""
+    """The run's peak: CUDA's max_memory_allocated, a tracker's peak, or the process's peak RSS."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.is_cuda = device.type == "cuda"
-        if self.is_cuda:
+    def __init__(self, device: torch.device, tracker: StorageTracker | None = None) -> None:
+        self.device, self.tracker = device, tracker
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
     @property
     def source(self) -> str:
         """What the figure measures, for the summary."""
-        return "cuda_max_memory_allocated" if self.is_cuda else "process_peak_rss"
+        if self.device.type == "cuda":
+            return "cuda_max_memory_allocated"
+        return "tracked_tensors" if self.tracker is not None else "process_peak_rss"
 
     def peak_bytes(self) -> int:
         """The peak so far, in bytes."""
-        if self.is_cuda:
+        if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
+        if self.tracker is not None:
+            return self.tracker.peak_bytes
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB

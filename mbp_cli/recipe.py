@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 
 from mbp_cli.errors import RecipeError, UsageError
+from mbp_cli.units import parse_bytes
 
 
 def _spec(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
-          choices: tuple[str, ...] | None = None) -> Any:
+          maximum: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A recipe field with its default and the constraints the loader checks."""
-    meta = {"minimum": minimum, "choices": choices}
+    meta = {"minimum": minimum, "maximum": maximum, "choices": choices}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,14 +37,17 @@ class DataSpec:
     name: str = _spec()
     args: dict[str, Any] = _spec({})
     resize: int | None = _spec(None, minimum=1)  # square side for image datasets
-    eval_fraction: float = _spec(0.1, minimum=0.0)  # held out when a dataset has no test split
+    eval_fraction: float = _spec(0.1, minimum=0.0, maximum=0.9)  # held out if no test split
 
 
 @dataclass(frozen=True)
 class BatchSpec:
     target: int = _spec(minimum=1)
-    micro: int = _spec(minimum=1)
+    micro: int | str = _spec(minimum=1)  # or "auto": the probe picks it
     drop_last: bool = _spec(False)  # drop an epoch's smaller last target batch
+    memory_budget: int | str | None = _spec(None)  # "20GiB"; default: free memory × fraction
+    memory_fraction: float = _spec(0.9, minimum=0.01, maximum=1.0)
+    memory_margin: float = _spec(0.05, minimum=0.0, maximum=0.5)  # kept free below the budget
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,13 @@ def build_recipe(raw: Any, default_name: str, problems: list[str]) -> Recipe:
 
 def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     batch, train = recipe.batch, recipe.train
+    if isinstance(batch.micro, str) and batch.micro != "auto":
+        problems.append(f"batch.micro: expected an integer or 'auto', got {batch.micro!r}")
+    if batch.memory_budget is not None:
+        try:
+            parse_bytes(batch.memory_budget)
+        except ValueError as exc:
+            problems.append(f"batch.memory_budget: {exc}")
     sizes_are_valid = all(isinstance(n, int) and n >= 1 for n in (batch.micro, batch.target))
     if sizes_are_valid and batch.micro > batch.target:
         problems.append(f"batch.micro: {batch.micro} is larger than batch.target {batch.target}")
@@ -300,8 +311,11 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
                  problems: list[str]) -> None:
     minimum, choices = meta.get("minimum"), meta.get("choices")
-    if minimum is not None and value is not None and value < minimum:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if minimum is not None and is_number and value < minimum:
         problems.append(f"{key}: must be at least {minimum:g}, got {value!r}")
+    if meta.get("maximum") is not None and is_number and value > meta["maximum"]:
+        problems.append(f"{key}: must be at most {meta['maximum']:g}, got {value!r}")
     if choices and value not in choices:
         problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}"
                         + suggest(str(value), choices))
@@ -343,3 +357,4 @@ def bundled_recipes() -> list[tuple[Path, str]]:
             shown = path
         found.append((shown, description))
     return found
+

@@ -10,18 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mbp_cli.units import format_bytes
+
 Event = dict[str, Any]
-
-
-def format_bytes(count: float | None) -> str:
-    """1536 → '1.5 KiB'."""
-    if count is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 def _percent(value: float | None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,22 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import mbp_cli
 from mbp_cli import registry
 from mbp_cli.accumulate import accumulate_gradients, to_device
 from mbp_cli.batching import MicroBatchPlan, eval_loader, micro_batch_loader, steps_per_epoch
-from mbp_cli.datasets import build_split, hold_out
 from mbp_cli.errors import UsageError
-from mbp_cli.losses import CLASSIFICATION_LOSSES, LossFn, correct_predictions
+from mbp_cli.losses import CLASSIFICATION_LOSSES, correct_predictions
 from mbp_cli.memory import PeakMemory
 from mbp_cli.recipe import Recipe, dump_recipe
 from mbp_cli.rundir import MetricsLog, save_state_dict, write_atomic, write_json
+from mbp_cli.setup import Setup, build, build_optimizer, has_batch_norm, resolve_device
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -36,65 +33,6 @@ class RunOptions:
 
     run_dir: Path
     max_steps: int | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; any other name must be available here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"train.device: {name!r} is not a device name ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"train.device: {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-@dataclass
-class Setup:
-    """Everything a run builds from its recipe."""
-
-    model: nn.Module
-    train_set: torch.utils.data.Dataset
-    eval_set: torch.utils.data.Dataset | None
-    loss_fn: LossFn
-    device: torch.device
-    dtype: torch.dtype
-
-
-def build(recipe: Recipe, device: torch.device) -> Setup:
-    """Seed every generator, then build data, model and loss as the recipe names them."""
-    random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    data = registry.find_dataset(recipe.data.name)
-    split_args = dict(resize=recipe.data.resize, is_torchvision=data.is_torchvision)
-    train_set = build_split(data.fn, recipe.data.args, train=True, **split_args)
-    eval_set = build_split(data.fn, recipe.data.args, train=False, **split_args)
-    if eval_set is None:
-        train_set, eval_set = hold_out(train_set, recipe.data.eval_fraction, recipe.seed)
-    dtype = DTYPES[recipe.train.dtype]
-    model = registry.find_model(recipe.model.name).fn(**recipe.model.args).to(device, dtype)
-    loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
-    return Setup(model, train_set, eval_set, loss_fn, device, dtype)
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether the model normalizes with batch statistics (then micro-batching is not exact)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    """The recipe's torch.optim class over the model's parameters."""
-    optimizer_class = registry.find_optimizer(recipe.optim.name).fn
-    try:
-        return optimizer_class(model.parameters(), **recipe.optim.args)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"optim.args: {recipe.optim.name} refused them: {exc}") from exc
 
 
 def evaluate(setup: Setup, recipe: Recipe) -> dict[str, float | None]:

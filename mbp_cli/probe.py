@@ -1,0 +1,278 @@
+"""The probe: measure real training steps at growing micro-batches, fit, choose, verify."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+from torch.utils.data import Dataset, default_collate
+
+from mbp_cli import registry
+from mbp_cli.accumulate import to_device
+from mbp_cli.datasets import TensorPairs
+from mbp_cli.errors import DoesNotFitError
+from mbp_cli.losses import LossFn
+from mbp_cli.memory import (
+    StorageTracker,
+    available_bytes,
+    free_cached_memory,
+    is_out_of_memory,
+    training_state_tensors,
+)
+from mbp_cli.recipe import Recipe
+from mbp_cli.setup import DTYPES, Setup, build, build_data, build_model, build_optimizer
+from mbp_cli.sizing import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
+from mbp_cli.units import parse_bytes
+
+BatchMaker = Callable[[int], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The choice and the measurements behind it."""
+
+    device: str
+    backend: str  # cuda | tracked | simulated | estimate
+    budget_bytes: int
+    usable_bytes: int  # the budget less the margin
+    target_batch: int
+    micro_batch: int
+    largest_micro_batch: int  # before preferring an even split
+    accumulation_steps: int
+    fit: Fit
+    predicted_peak_bytes: int
+    verified_peak_bytes: int
+    seconds_per_target_batch: float | None
+    probe_seconds: float
+    measurements: list[Measurement] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json and probe.json."""
+        data = asdict(self)
+        data["fit"] = {"fixed_bytes": round(self.fit.fixed_bytes),
+                       "per_sample_bytes": round(self.fit.per_sample_bytes),
+                       "optimizer_floor_bytes": self.fit.floor_bytes}
+        return data
+
+
+@dataclass
+class StepRunner:
+    """Runs one complete training step at a micro-batch size and reports its peak memory."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    make_batch: BatchMaker
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    capacity_bytes: int | None = None  # the simulated device's
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def measure(self, micro_batch: int) -> Measurement:
+        """Forward, backward and optimizer step (state created) at `micro_batch`; grads cleared."""
+        with self.context():
+            try:
+                return self._measure(micro_batch)
+            except Exception as exc:  # noqa: BLE001 — sorted just below
+                if not is_out_of_memory(exc):
+                    raise
+            # Out of the except block: its traceback no longer holds the failed step's tensors.
+            self.optimizer.zero_grad(set_to_none=True)
+            free_cached_memory(self.device)
+            return Measurement(micro_batch, None)
+
+    def _measure(self, micro_batch: int) -> Measurement:
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs, targets = self.make_batch(micro_batch)
+        inputs = to_device(inputs, self.device, self.dtype)
+        targets = to_device(targets, self.device, self.dtype)
+        is_cuda = self.backend == "cuda"
+        tracker = None if is_cuda else StorageTracker(self.capacity_bytes)
+        if tracker is not None:
+            tracker.register([*training_state_tensors(self.model, self.optimizer), inputs, targets])
+        if is_cuda:
+            free_cached_memory(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        with tracker if tracker is not None else contextlib.nullcontext():
+            loss_sum, _ = self.loss_fn(self.model(inputs), targets)
+            loss_sum.backward()
+            del loss_sum
+            step_bytes = self._peak(tracker)
+            self._reset_peak(tracker)
+            self.optimizer.step()
+            optimizer_bytes = self._peak(tracker)
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = None if self.backend == "estimate" else time.perf_counter() - started
+        return Measurement(micro_batch, max(step_bytes, optimizer_bytes), step_bytes,
+                           optimizer_bytes, seconds)
+
+    def _peak(self, tracker: StorageTracker | None) -> int:
+        if tracker is not None:
+            return tracker.peak_bytes
+        torch.cuda.synchronize(self.device)  # the allocator's figure after the queued work
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def _reset_peak(self, tracker: StorageTracker | None) -> None:
+        if tracker is not None:
+            tracker.reset_peak()
+        else:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def batch_maker(dataset: Dataset) -> BatchMaker:
+    """Real micro-batches of any size from the start of a dataset (wrapping round if short)."""
+
+    def make(size: int) -> tuple[Tensor, Tensor]:
+        indices = [i % len(dataset) for i in range(size)]
+        if isinstance(dataset, TensorPairs):
+            return dataset.__getitems__(indices)
+        return default_collate([dataset[i] for i in indices])
+
+    return make
+
+
+@contextlib.contextmanager
+def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                             device: torch.device) -> Iterator[None]:
+    """Put model, optimizer and every RNG back exactly as they were, and free what was used."""
+
+    def to_cpu(value: Any) -> Any:
+        return value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else value
+
+    model_state = tree_map(to_cpu, model.state_dict())
+    optimizer_state = tree_map(to_cpu, optimizer.state_dict())
+    cpu_rng, python_rng = torch.get_rng_state(), random.getstate()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(cpu_rng)
+        random.setstate(python_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        free_cached_memory(device)
+
+
+def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
+                       margin: float) -> ProbeResult:
+    """Measure at 1, 2, 4, … until the per-sample slope settles or the budget is reached, fit the
+    largest points, predict the largest micro-batch within budget less the margin, prefer an
+    even split of the target batch, then verify that size with a real step, stepping down if
+    it does not fit."""
+    started = time.perf_counter()
+    usable = budget_bytes * (1 - margin)
+    runner.measure(1)  # creates the optimizer state that every later step carries
+    measured: dict[int, Measurement] = {}
+
+    def measure(size: int) -> Measurement:
+        if size not in measured:
+            measured[size] = runner.measure(size)
+        return measured[size]
+
+    smallest = measure(1)
+    if not smallest.fits(usable):
+        raise DoesNotFitError(smallest.peak_bytes, budget_bytes, margin)
+    size = 1
+    while size < target_batch:
+        history = [measured[s] for s in sorted(measured)]
+        if not measured[size].fits(usable) or slope_is_stable(history):
+            break
+        size = min(size * 2, target_batch)
+        measure(size)
+    fit = fit_line(list(measured.values()))
+    best_measured = max(s for s, m in measured.items() if m.fits(usable))
+    largest = max(fit.largest_within(usable, target_batch), best_measured)
+    while not measure(largest).fits(usable):
+        largest = max(best_measured, min(largest - 1, int(largest * 0.95)))
+    chosen = prefer_even_split(largest, target_batch)
+    if not measure(chosen).fits(usable):  # memory that does not grow monotonically
+        chosen = largest
+    verified = measure(chosen)
+    steps = math.ceil(target_batch / chosen)
+    per_target = verified.step_seconds * steps if verified.step_seconds is not None else None
+    return ProbeResult(
+        device=str(runner.device), backend=runner.backend, budget_bytes=int(budget_bytes),
+        usable_bytes=int(usable), target_batch=target_batch, micro_batch=chosen,
+        largest_micro_batch=largest, accumulation_steps=steps, fit=fit,
+        predicted_peak_bytes=round(fit.predict(chosen)), verified_peak_bytes=verified.peak_bytes,
+        seconds_per_target_batch=per_target, probe_seconds=time.perf_counter() - started,
+        measurements=[measured[s] for s in sorted(measured)])
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Where and against what the probe measures."""
+
+    device: torch.device
+    budget_bytes: int | None = None  # default: the recipe's, else free memory × fraction
+    estimate: bool = False  # fake tensors: no memory used, any model size
+    device_memory_bytes: int | None = None  # with estimate: the device being asked about
+    capacity_bytes: int | None = None  # a simulated device of this size
+
+
+def resolve_budget(recipe: Recipe, options: ProbeOptions) -> int:
+    """The memory budget: given, or a fraction of the (asked-about, simulated or free) memory."""
+    if options.budget_bytes is not None:
+        return options.budget_bytes
+    if recipe.batch.memory_budget is not None:
+        return parse_bytes(recipe.batch.memory_budget)
+    memory = options.device_memory_bytes or options.capacity_bytes
+    if memory is None:
+        memory = available_bytes(options.device)
+    return int(memory * recipe.batch.memory_fraction)
+
+
+def backend_for(options: ProbeOptions) -> str:
+    """Which measurement back end answers for these options."""
+    if options.estimate:
+        return "estimate"
+    if options.capacity_bytes is not None:
+        return "simulated"
+    return "cuda" if options.device.type == "cuda" else "tracked"
+
+
+def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
+                options: ProbeOptions) -> ProbeResult:
+    """Probe a built run, leaving its model, optimizer and RNG state exactly as found."""
+    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
+                        setup.device, setup.dtype, backend_for(options), options.capacity_bytes)
+    with preserved_training_state(setup.model, optimizer, setup.device):
+        return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
+                                  recipe.batch.memory_margin)
+
+
+def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
+    """Build the recipe (on fake tensors for an estimate) and probe it."""
+    if not options.estimate:
+        setup = build(recipe, options.device)
+        return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
+    train_set, _ = build_data(recipe)  # one real sample gives the input's shape and type
+    sample_inputs, sample_targets = batch_maker(train_set)(1)
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        model = build_model(recipe, torch.device("cpu"))
+        optimizer = build_optimizer(recipe, model)
+        loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
+
+    def make_fake_batch(size: int) -> tuple[Tensor, Tensor]:
+        return (torch.empty((size, *sample_inputs.shape[1:]), dtype=sample_inputs.dtype),
+                torch.zeros((size, *sample_targets.shape[1:]), dtype=sample_targets.dtype))
+
+    runner = StepRunner(model, optimizer, loss_fn, make_fake_batch, torch.device("cpu"),
+                        DTYPES[recipe.train.dtype], "estimate", context=lambda: fake_mode)
+    return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
+                              recipe.batch.memory_margin)
