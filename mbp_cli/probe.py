@@ -264,7 +264,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     sample_inputs, sample_targets = batch_maker(train_set)(1)
     fake_mode = FakeTensorMode()
     with fake_mode:
-        model = build_model(recipe, torch.device("cpu"))
+        model = build_model(recipe, torch.device("cpu"), is_fake=True)
         optimizer = build_optimizer(recipe, model)
         loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
 

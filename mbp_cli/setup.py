@@ -82,18 +82,16 @@ def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
     return train_set, eval_set
 
 
-def build_model(recipe: Recipe, device: torch.device) -> nn.Module:
-    """The recipe's model, built directly on the device in the training dtype."""
+def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False) -> nn.Module:
+    """The recipe's model in the training dtype on the device."""
     dtype = DTYPES[recipe.train.dtype]
     builder = registry.find_model(recipe.model.name).fn
+    if not is_fake:
+        return builder(**recipe.model.args).to(device, dtype)
+    # Fake parameters cannot be converted after the fact: build them in the training dtype.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
-            model = builder(**recipe.model.args)
+        return builder(**recipe.model.args)
     finally:
         torch.set_default_dtype(default_dtype)
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(t.device != device or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
-        model = model.to(device, dtype)  # a builder that fixed its own device or dtype
-    return model
