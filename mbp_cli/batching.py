@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 
@@ -107,3 +108,30 @@ def eval_loader(dataset: Dataset, micro_batch: int, num_workers: int,
     sampler = torch.utils.data.BatchSampler(
         torch.utils.data.SequentialSampler(dataset), micro_batch, drop_last=False)
     return micro_batch_loader(dataset, sampler, num_workers, pin_memory)
+
+
+class MicroBatchStream:
+    """The micro-batches of every step in order; restarts at a step with a new micro-batch size.
+
+    Each step's target batch is a function of the step number alone, so restarting at step s
+    with another size replays exactly the samples of step s: none lost, none counted twice.
+    """
+
+    def __init__(self, dataset: Dataset, target_batch: int, micro_batch: int, seed: int,
+                 drop_last: bool, total_steps: int, num_workers: int, pin_memory: bool) -> None:
+        self.dataset, self.target_batch, self.seed = dataset, target_batch, seed
+        self.drop_last, self.total_steps = drop_last, total_steps
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.restart(0, micro_batch)
+
+    def restart(self, step: int, micro_batch: int) -> None:
+        """Stream from the start of `step` in micro-batches of `micro_batch`."""
+        self.micro_batch = micro_batch
+        self.plan = MicroBatchPlan(len(self.dataset), self.target_batch, micro_batch, self.seed,
+                                   self.drop_last, step, self.total_steps)
+        self._stream = iter(micro_batch_loader(self.dataset, self.plan, self.num_workers,
+                                               self.pin_memory))
+
+    def pieces(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The micro-batches of `step`, streamed (call once per step, in order)."""
+        return itertools.islice(self._stream, self.plan.micro_batches_per_step(step))

@@ -68,9 +68,17 @@ def train(
     json_: Annotated[bool, typer.Option(
         "--json", help="JSON lines on stdout (one per step and eval, then a summary).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    budget: BudgetOption = None,
+    simulate_memory: Annotated[str | None, typer.Option(
+        "--simulate-memory", help="Train as if the device had only this much memory, e.g. "
+                                  "64MiB: tensors are tracked and allocations past it fail "
+                                  "with out-of-memory (to try sizing and recovery on a CPU).")
+    ] = None,
 ) -> None:
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors():
+        _allocator_settings()
+        from mbp_cli.memory import StorageTracker
         from mbp_cli.registry import load_checked_recipe
         from mbp_cli.report import make_reporter
         from mbp_cli.rundir import default_run_dir, prepare_run_dir
@@ -83,10 +91,79 @@ def train(
         loaded = load_checked_recipe(recipe, overrides)
         run_dir = prepare_run_dir(out or default_run_dir(loaded.name), overwrite)
         reporter = make_reporter(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
+        capacity = _memory_size(simulate_memory, "--simulate-memory")
+        options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
+                             StorageTracker(capacity) if capacity else None)
         try:
-            run_training(loaded, RunOptions(run_dir, max_steps), reporter)
+            run_training(loaded, options, reporter)
         finally:
             reporter.close()
+
+
+def _allocator_settings() -> None:
+    """Expandable segments fragment less when micro-batch sizes change; the user's choice wins."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def _memory_size(value: str | None, option: str) -> int | None:
+    from mbp_cli.errors import UsageError
+    from mbp_cli.units import parse_bytes
+
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from exc
+
+
+BudgetOption = Annotated[str | None, typer.Option(
+    "--budget", help="Memory budget, e.g. 20GiB. Default: batch.memory_budget, else free "
+                     "memory × batch.memory_fraction.")]
+
+
+@app.command()
+def probe(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    budget: BudgetOption = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda, cuda:1 or auto (overrides train.device).")] = None,
+    estimate: Annotated[bool, typer.Option(
+        "--estimate", help="Measure on fake tensors: no memory used, any model size.")] = False,
+    device_memory: Annotated[str | None, typer.Option(
+        "--device-memory", help="With --estimate: the memory of the device asked about, "
+                                "e.g. 24GiB (the budget is this × batch.memory_fraction).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        help="Draw memory against micro-batch with the budget line (PNG; needs matplotlib).")
+    ] = None,
+) -> None:
+    """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
+    with user_errors():
+        _allocator_settings()
+        from mbp_cli.errors import UsageError
+        from mbp_cli.probe import ProbeOptions, probe_recipe
+        from mbp_cli.registry import load_checked_recipe
+        from mbp_cli.report import print_probe
+        from mbp_cli.setup import resolve_device
+
+        overrides = [*(set_ or []), *([f"train.device={device}"] if device else [])]
+        loaded = load_checked_recipe(recipe, overrides)
+        if device_memory and not estimate:
+            raise UsageError("--device-memory goes with --estimate")
+        options = ProbeOptions(
+            device=resolve_device(loaded.train.device) if not estimate else None,
+            budget_bytes=_memory_size(budget, "--budget"), estimate=estimate,
+            device_memory_bytes=_memory_size(device_memory, "--device-memory"))
+        if plot is not None:
+            from mbp_cli.plot import plot_probe, require_pyplot
+
+            require_pyplot()  # before the probe's work, not after
+        result = probe_recipe(loaded, options).to_dict()
+        if plot is not None:
+            plot_probe(result, plot)
+        print_probe(result, as_json=json_)
 
 
 @app.command()

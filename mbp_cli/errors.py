@@ -39,17 +39,17 @@ class RecipeError(UsageError):
 
 
 class DoesNotFitError(MbpError):
-    """Not even a micro-batch of one sample fits the memory budget."""
+    """Not even a micro-batch of one sample fits in memory."""
 
     exit_code = EXIT_DOES_NOT_FIT
 
-    def __init__(self, needed_bytes: int | None, budget_bytes: int, margin: float) -> None:
-        self.needed_bytes, self.budget_bytes = needed_bytes, budget_bytes
-        usable = budget_bytes * (1 - margin)
-        needed = (f"needs {format_bytes(needed_bytes)}" if needed_bytes is not None
-                  else "ran out of memory")
-        super().__init__(
-            f"the recipe does not fit: a step at micro-batch 1 {needed}, but the budget is "
-            f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin). "
-            "Use a larger budget, a smaller model, or a device with more memory")
 
+def does_not_fit(needed_bytes: int | None, budget_bytes: int, margin: float) -> DoesNotFitError:
+    """The probe's error when a step at micro-batch 1 is over the budget less the margin."""
+    usable = budget_bytes * (1 - margin)
+    needed = ("ran out of memory" if needed_bytes is None
+              else f"needs {format_bytes(needed_bytes)}")
+    return DoesNotFitError(
+        f"the recipe does not fit: a step at micro-batch 1 {needed}, but the budget is "
+        f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin). "
+        "Use a larger budget, a smaller model, or a device with more memory")

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, default_collate
 from mbp_cli import registry
 from mbp_cli.accumulate import to_device
 from mbp_cli.datasets import TensorPairs
-from mbp_cli.errors import DoesNotFitError
+from mbp_cli.errors import UsageError, does_not_fit
 from mbp_cli.losses import LossFn
 from mbp_cli.memory import (
     StorageTracker,
@@ -185,7 +185,7 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
 
     smallest = measure(1)
     if not smallest.fits(usable):
-        raise DoesNotFitError(smallest.peak_bytes, budget_bytes, margin)
+        raise does_not_fit(smallest.peak_bytes, budget_bytes, margin)
     size = 1
     while size < target_batch:
         history = [measured[s] for s in sorted(measured)]
@@ -217,7 +217,7 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
 class ProbeOptions:
     """Where and against what the probe measures."""
 
-    device: torch.device
+    device: torch.device | None  # None with estimate
     budget_bytes: int | None = None  # default: the recipe's, else free memory × fraction
     estimate: bool = False  # fake tensors: no memory used, any model size
     device_memory_bytes: int | None = None  # with estimate: the device being asked about
@@ -231,6 +231,8 @@ def resolve_budget(recipe: Recipe, options: ProbeOptions) -> int:
     if recipe.batch.memory_budget is not None:
         return parse_bytes(recipe.batch.memory_budget)
     memory = options.device_memory_bytes or options.capacity_bytes
+    if memory is None and options.estimate:
+        raise UsageError("--estimate needs --device-memory (the device asked about) or --budget")
     if memory is None:
         memory = available_bytes(options.device)
     return int(memory * recipe.batch.memory_fraction)

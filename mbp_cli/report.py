@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, TextIO
 
@@ -62,6 +63,67 @@ def summary_table(s: Event) -> Table:
     return table
 
 
+def probe_line(e: Event) -> str:
+    """The plain line that announces the probe's choice before training."""
+    return (f"probe ({e['backend']}): micro-batch {e['micro_batch']} × {e['accumulation_steps']} "
+            f"accumulation steps; peak {format_bytes(e['verified_peak_bytes'])} measured, "
+            f"{format_bytes(e['predicted_peak_bytes'])} predicted, budget "
+            f"{format_bytes(e['budget_bytes'])}")
+
+
+def oom_line(e: Event) -> str:
+    """The plain line for an out-of-memory retry."""
+    return (f"out of memory at step {e['step']} with micro-batch {e['micro_batch_before']}: "
+            f"redoing the whole target batch with micro-batch {e['micro_batch']}")
+
+
+def probe_table(result: Event) -> Table:
+    """The probe's measurements: micro-batch, peak, share of budget, step time, samples/s."""
+    table = Table(title=f"memory of one training step ({result['backend']}, {result['device']})")
+    for column in ("micro-batch", "peak memory", "of budget", "step time", "samples/s"):
+        table.add_column(column, justify="right")
+    for m in result["measurements"]:
+        peak, seconds = m["peak_bytes"], m["step_seconds"]
+        table.add_row(
+            str(m["micro_batch"]), format_bytes(peak) if peak is not None else "out of memory",
+            _percent(peak / result["budget_bytes"]) if peak is not None else "-",
+            f"{seconds * 1e3:.1f} ms" if seconds is not None else "-",
+            _number(m["micro_batch"] / seconds if seconds else None, ",.0f"))
+    return table
+
+
+def probe_choice_lines(result: Event) -> list[str]:
+    """What the probe chose and why, in words."""
+    fit = result["fit"]
+    per_target = result["seconds_per_target_batch"]
+    lines = [
+        f"budget {format_bytes(result['budget_bytes'])} "
+        f"({format_bytes(result['usable_bytes'])} usable after the margin)",
+        f"fit: {format_bytes(fit['fixed_bytes'])} + {format_bytes(fit['per_sample_bytes'])} "
+        f"per sample (optimizer step floor {format_bytes(fit['optimizer_floor_bytes'])})",
+        f"largest micro-batch that fits: {result['largest_micro_batch']}",
+        f"choice: micro-batch {result['micro_batch']} × {result['accumulation_steps']} "
+        f"accumulation steps for a target batch of {result['target_batch']}",
+        f"peak at the choice: {format_bytes(result['verified_peak_bytes'])} measured, "
+        f"{format_bytes(result['predicted_peak_bytes'])} predicted",
+    ]
+    if per_target is not None:
+        lines.append(f"estimated time per target batch: {per_target:.3f} s")
+    return lines
+
+
+def print_probe(result: Event, *, as_json: bool, out: TextIO | None = None) -> None:
+    """The probe's answer on stdout: one JSON object, or the table and the choice."""
+    out = out or sys.stdout
+    if as_json:
+        print(json.dumps(result), file=out, flush=True)
+        return
+    console = Console(file=out)
+    console.print(probe_table(result))
+    for line in probe_choice_lines(result):
+        console.print(line, highlight=False)
+
+
 class Reporter:
     """Receives run events; the base class shows nothing (--quiet)."""
 
@@ -96,6 +158,12 @@ class PlainReporter(Reporter):
     def on_eval(self, e: Event) -> None:
         self._err(eval_line(e))
 
+    def on_probe(self, e: Event) -> None:
+        self._err(probe_line(e))
+
+    def on_oom(self, e: Event) -> None:
+        self._err(oom_line(e))
+
     def on_done(self, e: Event) -> None:
         Console(file=self.out, width=100).print(summary_table(e))
 
@@ -121,6 +189,7 @@ class RichReporter(PlainReporter):
                        "{task.fields[rate]} samples/s  micro {task.fields[split]}  "
                        "peak {task.fields[peak]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+        self.target_batch = e["target_batch"]
         self.task = self.progress.add_task("train", total=e["total_steps"], epoch=1, loss="-",
                                            rate="-", split=split, peak="-")
         self.progress.start()
@@ -132,6 +201,11 @@ class RichReporter(PlainReporter):
 
     def on_eval(self, e: Event) -> None:
         self.progress.console.print(eval_line(e), highlight=False)
+
+    def on_oom(self, e: Event) -> None:
+        self.progress.console.print(oom_line(e), highlight=False)
+        self.progress.update(self.task, split=f"{e['micro_batch']}×"
+                             f"{math.ceil(self.target_batch / e['micro_batch'])}")
 
     def on_done(self, e: Event) -> None:
         self.close()

@@ -14,7 +14,7 @@ import torch
 
 from mbp_cli.errors import UsageError
 
-RESULT_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "summary.json")
+RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json")
 
 
 def default_run_dir(name: str) -> Path:
