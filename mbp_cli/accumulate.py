@@ -38,21 +38,23 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[tuple[Tensor,
     the number of micro-batches instead would be exact only when every piece held as many items.
     Expects the gradients to be None (`zero_grad(set_to_none=True)`) on entry.
     """
-    loss_sums, item_counts, samples = [], [], 0
+    # Running totals stay on the device (no sync per micro-batch) and in place, so memory
+    # does not grow with the number of micro-batches.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    items = torch.zeros((), device=device, dtype=torch.float64)
+    samples = micro_count = 0
     for inputs, targets in micro_batches:
         inputs, targets = to_device(inputs, device, dtype), to_device(targets, device, dtype)
         micro_sum, micro_items = loss_fn(model(inputs), targets)
         micro_sum.backward()
-        loss_sums.append(micro_sum.detach())  # kept on the device: no sync per micro-batch
-        item_counts.append(micro_items)
+        loss_sum += micro_sum.detach()
+        items += micro_items
         samples += len(targets)
-    if not loss_sums:
-        return StepTotals(float("nan"), 0, 0, 0)
-    totals = torch.stack([torch.stack(loss_sums).double().sum(),
-                          torch.stack(item_counts).double().sum()]).tolist()  # the one sync point
-    loss_sum, item_count = totals[0], int(totals[1])
+        micro_count += 1
+    total_loss, total_items = torch.stack([loss_sum, items]).tolist()  # the one sync point
+    item_count = int(total_items)
     if item_count:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_div_(grads, item_count)
-    mean_loss = loss_sum / item_count if item_count else float("nan")
-    return StepTotals(mean_loss, item_count, samples, len(loss_sums))
+    mean_loss = total_loss / item_count if item_count else float("nan")
+    return StepTotals(mean_loss, item_count, samples, micro_count)
