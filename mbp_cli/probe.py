@@ -167,6 +167,25 @@ def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         free_cached_memory(device)
 
 
+def narrow_down(measure: Callable[[int], Measurement], measured: dict[int, Measurement],
+                predicted: int, usable: float, tries: int = 8) -> int:
+    """The largest size that fits: verify the prediction, and while the largest size known to
+    fit and the smallest known not to are apart, measure where a refit of everything so far
+    points (halfway when it points outside)."""
+    fits = max(s for s, m in measured.items() if m.fits(usable))
+    candidate = max(predicted, fits)
+    for _ in range(tries):
+        if measure(candidate).fits(usable):
+            fits = max(fits, candidate)
+        too_big = [s for s, m in measured.items() if not m.fits(usable) and s > fits]
+        if not too_big or min(too_big) == fits + 1:
+            return fits
+        upper = min(too_big)
+        refit = fit_line(list(measured.values())).largest_within(usable, upper - 1)
+        candidate = refit if fits < refit < upper else (fits + upper) // 2
+    return fits
+
+
 def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
                        margin: float) -> ProbeResult:
     """Measure at 1, 2, 4, … until the per-sample slope settles or the budget is reached, fit the
@@ -194,10 +213,7 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
         size = min(size * 2, target_batch)
         measure(size)
     fit = fit_line(list(measured.values()))
-    best_measured = max(s for s, m in measured.items() if m.fits(usable))
-    largest = max(fit.largest_within(usable, target_batch), best_measured)
-    while not measure(largest).fits(usable):
-        largest = max(best_measured, min(largest - 1, int(largest * 0.95)))
+    largest = narrow_down(measure, measured, fit.largest_within(usable, target_batch), usable)
     chosen = prefer_even_split(largest, target_batch)
     if not measure(chosen).fits(usable):  # memory that does not grow monotonically
         chosen = largest

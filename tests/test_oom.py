@@ -1,0 +1,104 @@
+"""Out of memory mid-run: the target batch is redone smaller, nothing lost or counted twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mbp_cli.memory import StorageTracker
+from mbp_cli.recipe import load_recipe
+from mbp_cli.train import RunOptions, train
+from tests.conftest import small_recipe
+
+
+def fp64_recipe(micro: int | str, steps: int = 6) -> dict:
+    return small_recipe(batch={"target": 64, "micro": micro},
+                        optim={"name": "SGD", "args": {"lr": 0.1, "momentum": 0.9}},
+                        train={"steps": steps, "eval_every": 0, "device": "cpu",
+                               "dtype": "float64"})
+
+
+def run(write_recipe, tmp_path, name, recipe, tracker=None, on_event=None):
+    out = tmp_path / name
+    out.mkdir()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if on_event:
+            on_event(event)
+
+    summary = train(load_recipe(write_recipe(recipe, f"{name}.yaml")),
+                    RunOptions(out, simulated_memory=tracker), emit)
+    return summary, events, torch.load(out / "model.pt", weights_only=True), out
+
+
+def test_memory_shrinking_mid_run_is_survived_exactly(write_recipe, tmp_path):
+    """After step 2 the device has room for micro-batches of 8 only (32 and 16 fail)."""
+    tracker = StorageTracker()
+
+    def shrink_device(event):
+        if event["event"] == "step" and event["step"] == 2:
+            tracker.capacity_bytes = 500_000
+
+    summary, events, params, out = run(write_recipe, tmp_path, "oom", fp64_recipe(32), tracker,
+                                       shrink_device)
+    ooms = [e for e in events if e["event"] == "oom"]
+    assert [(e["step"], e["micro_batch_before"], e["micro_batch"]) for e in ooms] == [
+        (3, 32, 16), (3, 16, 8)]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]  # one optimizer step per batch
+    assert all(e["samples"] == 64 for e in steps) and summary["samples_seen"] == 6 * 64
+    assert [e["micro_batches"] for e in steps] == [2, 2, 8, 8, 8, 8]
+    assert summary["oom_retries"] == 2 and summary["micro_batch"] == 8
+    assert '"event": "oom"' in (out / "metrics.jsonl").read_text()
+
+    _, _, expected, _ = run(write_recipe, tmp_path, "fixed", fp64_recipe(8))
+    for name, value in expected.items():
+        assert torch.allclose(params[name], value, rtol=1e-10, atol=1e-12), name
+
+
+def test_a_non_memory_error_is_raised_not_retried(write_recipe, tmp_path, monkeypatch):
+    (tmp_path / "flaky.py").write_text(
+        "import torch\nfrom mbp_cli.models import small_cnn\n"
+        "class Flaky(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.net, self.calls = small_cnn(width=8), 0\n"
+        "    def forward(self, x):\n        self.calls += 1\n"
+        "        if self.calls == 5:\n            raise RuntimeError('a bug in the model')\n"
+        "        return self.net(x)\n"
+        "CALLS = []\n"
+        "def flaky():\n    model = Flaky()\n    CALLS.append(model)\n    return model\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = fp64_recipe(32)
+    recipe["model"] = {"name": "flaky:flaky"}
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        run(write_recipe, tmp_path, "flaky", recipe, StorageTracker())
+    import flaky
+
+    assert flaky.CALLS[0].calls == 5  # step 3's first micro-batch, and no second try
+
+
+def test_out_of_memory_at_micro_batch_1_is_exit_3(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(fp64_recipe(32)), "--out", tmp_path / "run",
+                 "--simulate-memory", "40KiB")
+    assert result.exit_code == 3
+    assert "out of memory during training even with a micro-batch of 1" in result.stderr
+    assert result.stderr.count("out of memory at step 1") == 5  # 32 → 16 → 8 → 4 → 2 → 1
+
+
+def test_auto_micro_batch_probes_first_and_saves_the_choice(cli, write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("train", write_recipe(fp64_recipe("auto", steps=2)), "--out", run_dir,
+                 "--simulate-memory", "600KiB", "--json")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events][:2] == ["probe", "start"]
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert probe["backend"] == "simulated" and probe["budget_bytes"] == int(600 * 1024 * 0.9)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["micro_batch"] == probe["micro_batch"] < 64
+    assert summary["oom_retries"] == 0 and summary["peak_memory_bytes"] <= 600 * 1024
+    assert "probe (simulated): micro-batch" in result.stderr

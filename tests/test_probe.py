@@ -1,0 +1,202 @@
+"""The probe: sizing arithmetic, choices that fit, state left alone, and the CLI answer."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mbp_cli.probe import ProbeOptions, StepRunner, batch_maker, probe_recipe, probe_setup
+from mbp_cli.recipe import load_recipe
+from mbp_cli.setup import build, build_optimizer
+from mbp_cli.sizing import Measurement, fit_line, prefer_even_split, slope_is_stable
+from tests.conftest import REPO, small_recipe
+
+CPU = torch.device("cpu")
+MiB = 2**20
+
+
+@pytest.mark.parametrize(("largest", "target", "expected"), [
+    (130, 512, 128), (125, 500, 125), (130, 509, 128), (512, 512, 512), (1, 7, 1), (3, 7, 3)])
+def test_prefer_even_split(largest, target, expected):
+    chosen = prefer_even_split(largest, target)
+    assert chosen == expected and chosen <= largest
+    assert -(-target // chosen) == -(-target // largest)  # no extra micro-batch
+
+
+def test_fit_uses_the_largest_points_and_keeps_the_optimizer_floor():
+    def step(m: int) -> Measurement:  # 1000 + 10/sample, but small sizes hit a 5000-byte floor
+        return Measurement(m, max(1000 + 10 * m, 5000), 1000 + 10 * m, 5000)
+
+    measured = [step(m) for m in (1, 2, 4, 8, 64, 128, 256)]
+    fit = fit_line(measured)
+    assert (fit.fixed_bytes, fit.per_sample_bytes, fit.floor_bytes) == (1000, 10, 5000)
+    assert fit.predict(1) == 5000 and fit.predict(1000) == 11000
+    assert fit.largest_within(3000, target_batch=10_000) == 0  # the floor does not fit
+    assert fit.largest_within(11_000, target_batch=10_000) == 1000
+    assert fit.largest_within(11_000, target_batch=300) == 300
+    assert slope_is_stable(measured) and not slope_is_stable(measured[:2])
+
+
+def digits_setup(write_recipe, **sections):
+    recipe = load_recipe(write_recipe(small_recipe(**sections)))
+    setup = build(recipe, CPU)
+    return recipe, setup, build_optimizer(recipe, setup.model)
+
+
+def measure(setup, optimizer, size: int) -> int:
+    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
+                        CPU, setup.dtype, "tracked")
+    runner.measure(1)
+    return runner.measure(size).peak_bytes
+
+
+@pytest.mark.parametrize("budget_mib", [3, 6, 12])
+def test_the_choice_fits_and_one_more_sample_would_not(write_recipe, budget_mib):
+    recipe, setup, optimizer = digits_setup(
+        write_recipe, batch={"target": 1024, "micro": "auto", "memory_margin": 0.05})
+    result = probe_setup(recipe, setup, optimizer,
+                         ProbeOptions(CPU, budget_bytes=budget_mib * MiB))
+    usable = budget_mib * MiB * 0.95
+    assert result.usable_bytes == int(usable)
+    assert measure(setup, optimizer, result.micro_batch) <= usable
+    assert measure(setup, optimizer, result.largest_micro_batch) <= usable
+    assert measure(setup, optimizer, result.largest_micro_batch + 1) > usable * 0.99
+    assert result.accumulation_steps == -(-1024 // result.micro_batch)
+    assert abs(result.predicted_peak_bytes - result.verified_peak_bytes) <= 0.02 * usable
+
+
+def test_probing_leaves_model_optimizer_and_rng_as_they_were(write_recipe):
+    recipe, setup, optimizer = digits_setup(
+        write_recipe, optim={"name": "Adam", "args": {"lr": 0.01}})
+    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
+                        CPU, setup.dtype, "tracked")
+    runner.measure(4)  # a trained step: Adam has state to disturb
+    params = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    state = {k: {n: t.clone() for n, t in per_param.items()}
+             for k, per_param in optimizer.state_dict()["state"].items()}
+    torch.manual_seed(123)
+    random.seed(123)
+    probe_setup(recipe, setup, optimizer, ProbeOptions(CPU, budget_bytes=4 * MiB))
+    assert all(torch.equal(params[k], v) for k, v in setup.model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k][n], after[k][n]) for k in state for n in state[k])
+    assert all(p.grad is None for p in setup.model.parameters())
+    expected_draw = (torch.manual_seed(123), torch.rand(3))[1]
+    torch.manual_seed(123)
+    random.seed(123)
+    probe_setup(recipe, setup, optimizer, ProbeOptions(CPU, budget_bytes=4 * MiB))
+    assert torch.equal(torch.rand(3), expected_draw) and random.random() == random.Random(
+        123).random()
+
+
+def test_a_simulated_device_that_fails_above_its_capacity(write_recipe):
+    """Steps past the capacity raise out-of-memory; the probe lands on the largest that runs."""
+    recipe, setup, optimizer = digits_setup(
+        write_recipe, batch={"target": 1024, "micro": "auto", "memory_margin": 0.0})
+    capacity = 5 * MiB
+    result = probe_setup(recipe, setup, optimizer, ProbeOptions(
+        CPU, budget_bytes=capacity, capacity_bytes=capacity))
+    assert result.backend == "simulated"
+    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
+                        CPU, setup.dtype, "simulated", capacity_bytes=capacity)
+    runner.measure(1)
+    assert runner.measure(result.largest_micro_batch).peak_bytes <= capacity
+    assert runner.measure(result.largest_micro_batch + 1).peak_bytes is None  # out of memory
+    assert any(m.peak_bytes is None for m in result.measurements)
+
+
+def test_estimate_matches_the_tracked_probe(write_recipe):
+    recipe = load_recipe(write_recipe(small_recipe(batch={"target": 256, "micro": "auto"})))
+    tracked = probe_recipe(recipe, ProbeOptions(CPU, budget_bytes=4 * MiB))
+    estimated = probe_recipe(recipe, ProbeOptions(None, budget_bytes=4 * MiB, estimate=True))
+    assert estimated.micro_batch == tracked.micro_batch
+    assert [m.peak_bytes for m in estimated.measurements] == [
+        m.peak_bytes for m in tracked.measurements]
+    assert all(m.step_seconds is None for m in estimated.measurements)
+
+
+def test_probe_json_for_scripts(cli, write_recipe):
+    result = cli("probe", write_recipe(small_recipe()), "--budget", "6MiB", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert {"device", "budget_bytes", "micro_batch", "accumulation_steps", "target_batch",
+            "fit", "measurements"} <= set(answer)
+    assert answer["budget_bytes"] == 6 * MiB and answer["target_batch"] == 50
+    assert set(answer["fit"]) >= {"fixed_bytes", "per_sample_bytes"}
+    assert all({"micro_batch", "peak_bytes", "step_seconds"} <= set(m)
+               for m in answer["measurements"])
+
+
+def test_probe_table_for_people(cli, write_recipe):
+    result = cli("probe", write_recipe(small_recipe()), "--budget", "6MiB")
+    assert result.exit_code == 0
+    assert "micro-batch" in result.stdout and "of budget" in result.stdout
+    assert "choice: micro-batch 50 × 1 accumulation steps" in result.stdout
+
+
+def test_nothing_fits_is_exit_3(cli, write_recipe):
+    result = cli("probe", write_recipe(small_recipe()), "--budget", "20KiB")
+    assert result.exit_code == 3
+    assert "does not fit: a step at micro-batch 1 needs" in result.stderr
+    assert "budget is 20.0 KiB" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget", "lots"], "--budget: 'lots' is not a memory size"),
+    (["--device-memory", "8GiB"], "--device-memory goes with --estimate"),
+    (["--estimate"], "--estimate needs --device-memory"),
+])
+def test_probe_usage_errors(cli, write_recipe, args, message):
+    result = cli("probe", write_recipe(small_recipe()), *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_plot_is_drawn(cli, write_recipe, tmp_path):
+    png = tmp_path / "probe.png"
+    result = cli("probe", write_recipe(small_recipe()), "--budget", "6MiB", "--plot", png)
+    assert result.exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(cli, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    result = cli("probe", write_recipe(small_recipe()), "--plot", tmp_path / "p.png")
+    assert result.exit_code == 2 and "pip install 'mbp[plot]'" in result.stderr
+
+
+@pytest.mark.slow
+def test_probe_of_the_readme_recipe_answers_in_seconds():
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mbp_cli", "probe", "recipes/digits.yaml",
+                           "--budget", "64MiB", "--json"], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert time.perf_counter() - started < 10
+    assert json.loads(done.stdout)["micro_batch"] >= 1
+
+
+@pytest.mark.slow
+def test_resnet50_estimate_for_an_80gib_gpu_in_bounded_time_and_memory(tmp_path):
+    recipe = tmp_path / "resnet50.yaml"
+    recipe.write_text(
+        "model: {name: resnet50}\n"
+        "data: {name: FakeData, args: {size: 8, image_size: [3, 224, 224], num_classes: 1000}}\n"
+        "batch: {target: 1024, micro: auto}\noptim: {name: SGD, args: {lr: 0.1, momentum: 0.9}}\n"
+        "train: {epochs: 1}\n")
+    code = ("import resource, subprocess, sys, json, time; t = time.perf_counter(); "
+            "out = subprocess.run([sys.executable, '-m', 'mbp_cli', 'probe', sys.argv[1], "
+            "'--estimate', '--device-memory', '80GiB', '--json'], capture_output=True, "
+            "text=True, check=True).stdout; print(json.dumps({'seconds': time.perf_counter() - t,"
+            " 'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+            "'answer': json.loads(out)}))")
+    report = json.loads(subprocess.run([sys.executable, "-c", code, str(recipe)], cwd=REPO,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert report["seconds"] < 60 and report["rss"] < 2 * 2**30
+    answer = report["answer"]
+    assert answer["backend"] == "estimate" and 256 <= answer["micro_batch"] <= 1024
+    assert answer["verified_peak_bytes"] <= answer["usable_bytes"]
