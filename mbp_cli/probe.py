@@ -83,7 +83,7 @@ class StepRunner:
         with self.context():
             try:
                 return self._measure(micro_batch)
-            except Exception as exc:  # noqa: BLE001 — sorted just below
+            except Exception as exc:  # sorted just below: only out-of-memory is handled
                 if not is_out_of_memory(exc):
                     raise
             # Out of the except block: its traceback no longer holds the failed step's tensors.

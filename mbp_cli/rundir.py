@@ -69,7 +69,7 @@ class MetricsLog:
     """metrics.jsonl, one JSON object a line, flushed so a crash keeps what came before."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
+        self.handle = open(path, "a", encoding="utf-8")  # closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""

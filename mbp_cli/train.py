@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import mbp_cli
 from mbp_cli import registry
@@ -70,11 +71,12 @@ def evaluate(setup: Setup, recipe: Recipe, micro_batch: int) -> dict[str, float 
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
 
 
-def run_step(setup: Setup, pieces, step: int) -> StepTotals | None:  # noqa: ANN001
+def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
+             step: int) -> StepTotals | None:
     """One target batch's gradient, or None when it ran out of memory (gradients cleared)."""
     try:
         return accumulate_gradients(setup.model, pieces, setup.loss_fn, setup.device, setup.dtype)
-    except Exception as exc:  # noqa: BLE001 — sorted just below
+    except Exception as exc:  # sorted just below: only out-of-memory is handled
         if not is_out_of_memory(exc):
             if step > 0 or not isinstance(exc, RuntimeError | IndexError | ValueError):
                 raise
