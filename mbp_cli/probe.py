@@ -114,8 +114,9 @@ class StepRunner:
             optimizer_bytes = self._peak(tracker)
             self.optimizer.zero_grad(set_to_none=True)
         seconds = None if self.backend == "estimate" else time.perf_counter() - started
+        reserved = int(torch.cuda.max_memory_reserved(self.device)) if is_cuda else None
         return Measurement(micro_batch, max(step_bytes, optimizer_bytes), step_bytes,
-                           optimizer_bytes, seconds)
+                           optimizer_bytes, seconds, reserved)
 
     def _peak(self, tracker: StorageTracker | None) -> int:
         if tracker is not None:

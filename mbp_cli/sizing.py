@@ -15,6 +15,7 @@ class Measurement:
     step_bytes: int | None = None  # peak of forward + backward (grows with the micro-batch)
     optimizer_bytes: int | None = None  # peak of the optimizer step (does not grow)
     step_seconds: float | None = None
+    reserved_bytes: int | None = None  # CUDA's max_memory_reserved: allocated plus cache
 
     def fits(self, usable_bytes: float) -> bool:
         """Whether this step ran and stayed within `usable_bytes`."""
