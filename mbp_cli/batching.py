@@ -86,8 +86,8 @@ def _tensor_stream(dataset: TensorPairs, batch_sampler: Iterable[list[int]],
         yield (inputs.pin_memory(), targets.pin_memory()) if pin_memory else (inputs, targets)
 
 
-def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]],
-                       num_workers: int, pin_memory: bool) -> Iterable[tuple[Tensor, Tensor]]:
+def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], num_workers: int,
+                       pin_memory: bool, seed: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
     """Stream micro-batches: a DataLoader, pinning host memory when the device is CUDA.
 
     Tensors already in memory with no workers asked for are indexed directly: the DataLoader
@@ -99,6 +99,8 @@ def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]],
         dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
         # TensorPairs hands back a whole micro-batch already stacked.
         collate_fn=_as_batch if isinstance(dataset, TensorPairs) else None,
+        # Its own generator for worker seeds: the global RNG stays as a resumed run needs it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -118,11 +120,12 @@ class MicroBatchStream:
     """
 
     def __init__(self, dataset: Dataset, target_batch: int, micro_batch: int, seed: int,
-                 drop_last: bool, total_steps: int, num_workers: int, pin_memory: bool) -> None:
+                 drop_last: bool, total_steps: int, num_workers: int, pin_memory: bool,
+                 start_step: int = 0) -> None:
         self.dataset, self.target_batch, self.seed = dataset, target_batch, seed
         self.drop_last, self.total_steps = drop_last, total_steps
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.restart(0, micro_batch)
+        self.restart(start_step, micro_batch)
 
     def restart(self, step: int, micro_batch: int) -> None:
         """Stream from the start of `step` in micro-batches of `micro_batch`."""
@@ -130,7 +133,7 @@ class MicroBatchStream:
         self.plan = MicroBatchPlan(len(self.dataset), self.target_batch, micro_batch, self.seed,
                                    self.drop_last, step, self.total_steps)
         self._stream = iter(micro_batch_loader(self.dataset, self.plan, self.num_workers,
-                                               self.pin_memory))
+                                               self.pin_memory, seed=self.seed + step))
 
     def pieces(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The micro-batches of `step`, streamed (call once per step, in order)."""

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,8 +31,9 @@ def user_errors() -> Iterator[None]:
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
-        typer.echo(f"error: {exc}", err=True)
-        typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
+        typer.echo(f"{exc.label}: {exc}", err=True)
+        if exc.label == "error":
+            typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -53,10 +54,35 @@ def root(
     """mbp: micro-batched training at a target batch, with exact loss normalization."""
 
 
+def _recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -> Any:
+    """The run folder's saved recipe with the overrides; refuse changes unsafe for a resume."""
+    from mbp_cli.errors import UsageError
+    from mbp_cli.recipe import SAFE_TO_CHANGE_ON_RESUME, recipe_differences
+    from mbp_cli.registry import load_checked_recipe
+
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
+    original = load_checked_recipe(saved)
+    wanted = load_checked_recipe(recipe or saved, overrides)
+    unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
+              if key not in SAFE_TO_CHANGE_ON_RESUME]
+    if unsafe:
+        listed = "\n".join(f"  • {key}: {old!r} → {new!r}" for key, old, new in unsafe)
+        raise UsageError(
+            f"cannot resume {run_dir} with a different recipe; these keys differ:\n{listed}\n"
+            f"Only {', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume")
+    return wanted
+
+
 @app.command()
 def train(
-    recipe: RecipeArg,
+    recipe: Annotated[Path | None, typer.Argument(
+        help="A recipe YAML file (with --resume: optional, checked against the saved one).",
+        show_default=False)] = None,
     set_: SetOption = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the run in this folder from its newest good checkpoint.")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Run folder. Default: runs/<name>-<timestamp>.")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -78,6 +104,7 @@ def train(
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors():
         _allocator_settings()
+        from mbp_cli.errors import UsageError
         from mbp_cli.memory import StorageTracker
         from mbp_cli.registry import load_checked_recipe
         from mbp_cli.report import make_reporter
@@ -88,12 +115,20 @@ def train(
         overrides = list(set_ or [])
         if device:
             overrides.append(f"train.device={device}")
-        loaded = load_checked_recipe(recipe, overrides)
-        run_dir = prepare_run_dir(out or default_run_dir(loaded.name), overwrite)
+        if resume is not None:
+            if out is not None and out.resolve() != resume.resolve():
+                raise UsageError("--resume continues in its own folder; leave out --out")
+            loaded, run_dir = _recipe_to_resume(resume, recipe, overrides), resume
+        elif recipe is not None:
+            loaded = load_checked_recipe(recipe, overrides)
+            run_dir = prepare_run_dir(out or default_run_dir(loaded.name), overwrite)
+        else:
+            raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         reporter = make_reporter(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
         capacity = _memory_size(simulate_memory, "--simulate-memory")
         options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
-                             StorageTracker(capacity) if capacity else None)
+                             StorageTracker(capacity) if capacity else None,
+                             resume=resume is not None)
         try:
             run_training(loaded, options, reporter)
         finally:

@@ -94,6 +94,26 @@ def image_transform(resize: int | None) -> Callable[[Any], Tensor]:
     return transforms.Compose([*steps, transforms.ToTensor()])
 
 
+class ReadableDataset(Dataset):
+    """A dataset whose unreadable samples (a corrupt image, a missing file) stop the run with
+    a message naming the sample, not a traceback from deep inside a loader."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        self.dataset, self.name = dataset, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError) as exc:
+            where = getattr(self.dataset, "samples", None)
+            path = f" ({where[index][0]})" if where and index < len(where) else ""
+            raise UsageError(f"dataset {self.name}: cannot read sample {index}{path}: "
+                             f"{exc}") from exc
+
+
 def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train: bool,
                 resize: int | None, is_torchvision: bool) -> Dataset | None:
     """One split of a dataset, or None when the builder has no notion of splits."""
@@ -107,11 +127,12 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
         kwargs["split"] = "train" if train else "test"
     elif not train:
         return None
+    name = getattr(builder, "__name__", str(builder))
     try:
-        return builder(**kwargs)
+        dataset = builder(**kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        name = getattr(builder, "__name__", str(builder))
         raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
+    return dataset if isinstance(dataset, TensorPairs) else ReadableDataset(dataset, name)
 
 
 def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

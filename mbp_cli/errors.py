@@ -8,12 +8,14 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 3
+EXIT_NONFINITE = 4
 
 
 class MbpError(Exception):
     """A known failure: the CLI prints its message on one line and exits with `exit_code`."""
 
     exit_code = EXIT_RUNTIME
+    label = "error"  # how the CLI introduces the message
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
@@ -53,3 +55,15 @@ def does_not_fit(needed_bytes: int | None, budget_bytes: int, margin: float) -> 
         f"the recipe does not fit: a step at micro-batch 1 {needed}, but the budget is "
         f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin). "
         "Use a larger budget, a smaller model, or a device with more memory")
+
+
+class NonFiniteLossError(MbpError):
+    """The loss became NaN or infinite (train.on_nonfinite: stop)."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class StoppedError(MbpError):
+    """Stopped by SIGINT or SIGTERM after a checkpoint; exit 130 or 143."""
+
+    label = "stopped"

@@ -1,4 +1,4 @@
-"""Built-in models: small, exact (no BatchNorm, no dropout) and quick on a CPU."""
+"""Built-in models: small, exact (no BatchNorm; dropout only if asked) and quick on a CPU."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> n
     )
 
 
-def mlp(in_features: int = 64, hidden: int = 64, out_features: int = 10,
-        depth: int = 2) -> nn.Module:
+def mlp(in_features: int = 64, hidden: int = 64, out_features: int = 10, depth: int = 2,
+        dropout: float = 0.0) -> nn.Module:
     """A multilayer perceptron on flattened inputs, `depth` hidden layers of `hidden` units."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Dropout(dropout)] if dropout else []
         width = hidden
     layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)

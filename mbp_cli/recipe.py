@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class TrainSpec:
     device: str = _spec("auto")
     dtype: str = _spec("float32", choices=("float32", "float64"))
     num_workers: int = _spec(0, minimum=0)
+    checkpoint_every: int = _spec(50, minimum=0)  # steps; 0: only at the end
+    keep_checkpoints: int = _spec(2, minimum=1)
+    on_nonfinite: str = _spec("stop", choices=("stop", "skip"))  # a NaN or infinite loss
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,8 @@ def build_recipe(raw: Any, default_name: str, problems: list[str]) -> Recipe:
     _unknown_keys(raw, TOP_LEVEL_KEYS, "", problems)
     name = _typed(raw.get("name", default_name), str, "name", problems) or default_name
     seed = _typed(raw.get("seed", 0), int, "seed", problems)
+    if isinstance(seed, int) and not 0 <= seed < 2**63:
+        problems.append(f"seed: must be from 0 to 2**63 - 1, got {seed}")
     sections = {}
     for key, cls in SECTIONS.items():
         value = raw.get(key)
@@ -232,6 +238,9 @@ def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
                  problems: list[str]) -> None:
     minimum, choices = meta.get("minimum"), meta.get("choices")
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if is_number and not math.isfinite(value):
+        problems.append(f"{key}: must be a finite number, got {value!r}")
+        return
     if minimum is not None and is_number and value < minimum:
         problems.append(f"{key}: must be at least {minimum:g}, got {value!r}")
     if meta.get("maximum") is not None and is_number and value > meta["maximum"]:
@@ -262,6 +271,26 @@ def _kind(value: Any) -> str:
     return {list: "a list", dict: "a mapping", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number", type(None): "null"}.get(type(value),
                                                                           type(value).__name__)
+
+
+SAFE_TO_CHANGE_ON_RESUME = (
+    "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
+)
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key path, old value, new value) for every leaf that differs between two recipes."""
+
+    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items()
+                    for k, v in leaves(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    before, after = leaves(old.to_dict()), leaves(new.to_dict())
+    return [(key, before.get(key), after.get(key)) for key in sorted(before | after)
+            if before.get(key) != after.get(key)]
 
 
 def bundled_recipes() -> list[tuple[Path, str]]:

@@ -161,6 +161,10 @@ class PlainReporter(Reporter):
     def on_probe(self, e: Event) -> None:
         self._err(probe_line(e))
 
+    def on_resume(self, e: Event) -> None:
+        self._err(f"resuming at step {e['step']} from {e['checkpoint']}" if e["checkpoint"]
+                  else "no good checkpoint to resume from: starting from step 0")
+
     def on_oom(self, e: Event) -> None:
         self._err(oom_line(e))
 
@@ -190,7 +194,8 @@ class RichReporter(PlainReporter):
                        "peak {task.fields[peak]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
         self.target_batch = e["target_batch"]
-        self.task = self.progress.add_task("train", total=e["total_steps"], epoch=1, loss="-",
+        self.task = self.progress.add_task("train", total=e["total_steps"],
+                                           completed=e["start_step"], epoch=1, loss="-",
                                            rate="-", split=split, peak="-")
         self.progress.start()
 

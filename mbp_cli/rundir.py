@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 
 from mbp_cli.errors import UsageError
 
-RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json")
+RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
+                "checkpoints")
 
 
 def default_run_dir(name: str) -> Path:
@@ -33,7 +35,10 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         for name in held:
-            (path / name).unlink()
+            if (path / name).is_dir():
+                shutil.rmtree(path / name)
+            else:
+                (path / name).unlink()
     except OSError as exc:
         raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
     return path
@@ -48,9 +53,18 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, value: Any) -> None:

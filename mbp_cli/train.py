@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -15,10 +16,11 @@ from torch import Tensor
 
 import mbp_cli
 from mbp_cli import registry
-from mbp_cli.accumulate import StepTotals, accumulate_gradients, to_device
-from mbp_cli.batching import MicroBatchStream, eval_loader, steps_per_epoch
-from mbp_cli.errors import DoesNotFitError, UsageError
-from mbp_cli.losses import CLASSIFICATION_LOSSES, correct_predictions
+from mbp_cli.accumulate import StepTotals, accumulate_gradients
+from mbp_cli.batching import MicroBatchStream, steps_per_epoch
+from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore, save_checkpoint
+from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
+from mbp_cli.evaluate import evaluate
 from mbp_cli.memory import (
     PeakMemory,
     StorageTracker,
@@ -30,6 +32,7 @@ from mbp_cli.probe import ProbeOptions, probe_setup
 from mbp_cli.recipe import Recipe, dump_recipe
 from mbp_cli.rundir import MetricsLog, save_state_dict, write_atomic, write_json
 from mbp_cli.setup import Setup, build, build_optimizer, has_batch_norm, resolve_device
+from mbp_cli.stopping import StopRequest, graceful_stop
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -43,32 +46,7 @@ class RunOptions:
     max_steps: int | None = None
     budget_bytes: int | None = None  # for `batch.micro: auto`
     simulated_memory: StorageTracker | None = None  # a simulated device of tracker's capacity
-
-
-def evaluate(setup: Setup, recipe: Recipe, micro_batch: int) -> dict[str, float | None]:
-    """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad."""
-    if setup.eval_set is None or len(setup.eval_set) == 0:
-        return {}
-    pin = setup.device.type == "cuda"
-    loader = eval_loader(setup.eval_set, micro_batch, recipe.train.num_workers, pin)
-    ignore_index = recipe.loss.args.get("ignore_index", -100)
-    is_classification = recipe.loss.name in CLASSIFICATION_LOSSES
-    loss_sum, items, right, counted = 0.0, 0, 0, 0
-    setup.model.eval()
-    with torch.no_grad():
-        for inputs, targets in loader:
-            inputs = to_device(inputs, setup.device, setup.dtype)
-            targets = to_device(targets, setup.device, setup.dtype)
-            output = setup.model(inputs)
-            micro_sum, micro_items = setup.loss_fn(output, targets)
-            loss_sum += float(micro_sum)
-            items += int(micro_items)
-            if is_classification:
-                r, c = correct_predictions(output, targets, ignore_index)
-                right, counted = right + r, counted + c
-    setup.model.train()
-    accuracy = right / counted if is_classification and counted else None
-    return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
+    resume: bool = False  # continue from the run folder's newest good checkpoint
 
 
 def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
@@ -105,6 +83,27 @@ def choose_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Opti
     return result.micro_batch
 
 
+def resume_state(options: RunOptions, setup: Setup, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, emit: EventSink) -> LoopState | None:
+    """Restore the newest good checkpoint (None: start over); keep metrics up to its step."""
+    path, state, notes = newest_good_checkpoint(options.run_dir)
+    for note in notes:
+        emit({"event": "warning", "message": note})
+    loop = restore(state, setup.model, optimizer, scheduler) if state is not None else None
+    step = loop.step if loop is not None else 0
+    metrics = options.run_dir / "metrics.jsonl"
+    if metrics.exists():  # drop what the lost steps logged: they will be logged again
+        kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                if '"step": ' not in line or _logged_step(line) <= step]
+        write_atomic(metrics, "".join(kept).encode())
+    emit({"event": "resume", "step": step, "checkpoint": str(path) if path else None})
+    return loop
+
+
+def _logged_step(line: str) -> int:
+    return int(json.loads(line).get("step", 0))
+
+
 def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any]:
     """Train the recipe into `options.run_dir` and return the summary; events go to `emit`."""
     started = time.perf_counter()
@@ -122,6 +121,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     scheduler = registry.build_schedule(optimizer, recipe.schedule, total_steps)
 
     run_dir = options.run_dir
+    loop = resume_state(options, setup, optimizer, scheduler, emit) if options.resume else None
     write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     simulated = options.simulated_memory
@@ -133,68 +133,76 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
         metrics.write(event)
         emit(event)
 
-    micro = choose_micro_batch(recipe, setup, optimizer, options, record)
-    stream = MicroBatchStream(setup.train_set, target, micro, recipe.seed, recipe.batch.drop_last,
-                              total_steps, recipe.train.num_workers, device.type == "cuda")
+    if loop is None:
+        loop = LoopState(choose_micro_batch(recipe, setup, optimizer, options, record))
+    stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
+                              recipe.batch.drop_last, total_steps, recipe.train.num_workers,
+                              device.type == "cuda", start_step=loop.step)
     emit({"event": "start", "name": recipe.name, "device": str(device),
-          "dtype": recipe.train.dtype, "target_batch": target, "micro_batch": micro,
-          "accumulation_steps": math.ceil(target / micro), "total_steps": total_steps,
-          "steps_per_epoch": per_epoch, "train_samples": len(setup.train_set),
+          "dtype": recipe.train.dtype, "target_batch": target, "micro_batch": loop.micro_batch,
+          "accumulation_steps": math.ceil(target / loop.micro_batch),
+          "total_steps": total_steps, "start_step": loop.step, "steps_per_epoch": per_epoch,
+          "train_samples": len(setup.train_set),
           "eval_samples": len(setup.eval_set) if setup.eval_set is not None else 0,
           "parameters": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)})
-    if has_batch_norm(model) and micro < target:
+    if has_batch_norm(model) and loop.micro_batch < target:
         record({"event": "warning", "message": (
             "the model has BatchNorm layers: their statistics are computed per micro-batch of "
-            f"{micro}, so training is not exactly equal to full batches of {target}")})
+            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target}")})
 
-    samples_seen, last_loss, train_seconds, oom_retries = 0, float("nan"), 0.0, 0
-    eval_result: dict[str, float | None] = {}
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, model, optimizer, scheduler, loop,
+                               recipe.train.keep_checkpoints)
+
     model.train()
-    step = 0
-    with simulated if simulated is not None else contextlib.nullcontext():
+    with graceful_stop() as stop, (simulated or contextlib.nullcontext()):
         try:
-            while step < total_steps:
+            while loop.step < total_steps:
                 step_started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
-                totals = run_step(setup, stream.pieces(step), step)
+                totals = run_step(setup, stream.pieces(loop.step), loop.step)
                 if totals is None:  # out of memory: redo this whole target batch, smaller
-                    if stream.micro_batch == 1:
-                        raise DoesNotFitError("out of memory during training even with a "
-                                              "micro-batch of 1")
-                    oom_retries += 1
-                    record({"event": "oom", "step": step + 1, "micro_batch_before":
-                            stream.micro_batch, "micro_batch": stream.micro_batch // 2})
-                    stream.restart(step, stream.micro_batch // 2)
+                    shrink_micro_batch(loop, stream, record)
                     continue
-                optimizer.step()
+                if not math.isfinite(totals.loss):
+                    handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, record)
+                else:
+                    optimizer.step()
+                    loop.last_loss = totals.loss
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_seconds = time.perf_counter() - step_started
-                train_seconds += step_seconds
-                samples_seen += totals.samples
-                last_loss = totals.loss
-                step += 1
-                record({"event": "step", "step": step, "total_steps": total_steps,
-                        "epoch": (step - 1) // per_epoch + 1, "loss": totals.loss, "lr": lr,
-                        "samples": totals.samples, "items": totals.items,
+                loop.step += 1
+                loop.train_seconds += step_seconds
+                loop.samples_seen += totals.samples
+                record({"event": "step", "step": loop.step, "total_steps": total_steps,
+                        "epoch": (loop.step - 1) // per_epoch + 1, "loss": totals.loss,
+                        "lr": lr, "samples": totals.samples, "items": totals.items,
                         "micro_batches": totals.micro_batches, "step_seconds": step_seconds,
                         "samples_per_second": totals.samples / step_seconds,
                         "peak_memory_bytes": memory.peak_bytes()})
-                if step == total_steps or (recipe.train.eval_every
-                                           and step % recipe.train.eval_every == 0):
-                    eval_result = evaluate(setup, recipe, stream.micro_batch)
-                    if eval_result:
-                        record({"event": "eval", "step": step, **eval_result})
+                every = recipe.train.eval_every
+                if loop.step == total_steps or (every and loop.step % every == 0):
+                    loop.eval_result = evaluate(setup, recipe, stream.micro_batch)
+                    if loop.eval_result:
+                        record({"event": "eval", "step": loop.step, **loop.eval_result})
+                every = recipe.train.checkpoint_every
+                if loop.step == total_steps or (every and loop.step % every == 0):
+                    checkpoint()
+                if stop.is_set:
+                    stop_now(stop, loop, checkpoint, record)
         finally:
             metrics.close()
 
     save_state_dict(run_dir / "model.pt", model.state_dict())
     summary = {
-        "name": recipe.name, "steps": total_steps, "samples_seen": samples_seen,
-        "final_train_loss": last_loss, **eval_result, "target_batch": target,
-        "micro_batch": stream.micro_batch, "accumulation_steps": math.ceil(
-            target / stream.micro_batch), "oom_retries": oom_retries,
-        "samples_per_second": samples_seen / train_seconds if train_seconds else None,
+        "name": recipe.name, "steps": total_steps, "samples_seen": loop.samples_seen,
+        "final_train_loss": loop.last_loss, **loop.eval_result, "target_batch": target,
+        "micro_batch": loop.micro_batch,
+        "accumulation_steps": math.ceil(target / loop.micro_batch),
+        "oom_retries": loop.oom_retries, "skipped_steps": loop.skipped_steps,
+        "samples_per_second": (loop.samples_seen / loop.train_seconds
+                               if loop.train_seconds else None),
         "peak_memory_bytes": memory.peak_bytes(), "peak_memory_source": memory.source,
         "wall_seconds": time.perf_counter() - started, "device": str(device),
         "versions": {"mbp": mbp_cli.__version__, "torch": torch.__version__},
@@ -203,3 +211,43 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     write_json(run_dir / "summary.json", summary)
     emit({"event": "done", **summary})
     return summary
+
+
+def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, record: EventSink) -> None:
+    """After an out-of-memory step: halve the micro-batch and restart this step's batch."""
+    if loop.micro_batch == 1:
+        raise DoesNotFitError("out of memory during training even with a micro-batch of 1")
+    loop.oom_retries += 1
+    record({"event": "oom", "step": loop.step + 1, "micro_batch_before": loop.micro_batch,
+            "micro_batch": loop.micro_batch // 2})
+    loop.micro_batch //= 2
+    stream.restart(loop.step, loop.micro_batch)
+
+
+def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
+                     optimizer: torch.optim.Optimizer, checkpoint: Callable[[], Path],
+                     record: EventSink) -> None:
+    """A NaN or infinite loss: stop with a checkpoint of the last good state, or skip the batch."""
+    optimizer.zero_grad(set_to_none=True)  # the update is dropped either way
+    step = loop.step + 1
+    if recipe.train.on_nonfinite == "skip":
+        loop.skipped_steps += 1
+        record({"event": "warning", "message": f"the loss at step {step} is {totals.loss}: "
+                "this target batch's update is skipped (train.on_nonfinite: skip)"})
+        return
+    path = checkpoint()
+    raise NonFiniteLossError(
+        f"the loss at step {step} is {totals.loss}; stopped before updating the model. The last "
+        f"good state (after step {loop.step}) is in {path}. Lower optim.args.lr, or set "
+        "train.on_nonfinite: skip to drop such batches")
+
+
+def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path],
+             record: EventSink) -> None:
+    """After a stop signal: checkpoint the finished target batch and end with 130 or 143."""
+    path = checkpoint()
+    record({"event": "stopped", "step": loop.step, "signal": stop.signal.name,
+            "checkpoint": str(path)})
+    raise StoppedError(f"by {stop.signal.name} after step {loop.step}; checkpoint "
+                       f"{path}. Resume with: mbp train --resume {path.parent.parent}",
+                       exit_code=stop.exit_code)

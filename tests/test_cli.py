@@ -51,7 +51,8 @@ def test_train_writes_the_run_folder(cli, write_recipe, tmp_path):
     result = cli("train", write_recipe(small_recipe()), "--out", run, "--set", "optim.args.lr=0.05")
     assert result.exit_code == 0, result.output
     assert {p.name for p in run.iterdir()} == {"recipe.yaml", "metrics.jsonl", "model.pt",
-                                              "summary.json"}
+                                              "summary.json", "checkpoints"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003.pt"]
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["optim"]["args"]["lr"] == 0.05  # the override is what was saved
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -109,12 +110,15 @@ def test_unavailable_device_is_refused(cli, write_recipe, tmp_path):
 def test_a_run_folder_with_results_is_not_overwritten(cli, write_recipe, tmp_path):
     recipe, run = write_recipe(small_recipe()), tmp_path / "run"
     assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    def files():
+        return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    before = files()
     result = cli("train", recipe, "--out", run, "--set", "seed=1")
     assert result.exit_code == 2
     assert f"run folder {run} already holds results" in result.stderr
     assert "--overwrite" in result.stderr
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert files() == before
     (run / "notes.txt").write_text("mine")
     assert cli("train", recipe, "--out", run, "--overwrite", "--set", "seed=1").exit_code == 0
     assert (run / "model.pt").read_bytes() != before["model.pt"]

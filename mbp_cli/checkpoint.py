@@ -1,0 +1,125 @@
+"""Checkpoints at target-batch boundaries: written atomically, pruned, found again after a crash."""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbp_cli.errors import MbpError
+from mbp_cli.rundir import write_atomic
+
+FORMAT = "mbp-checkpoint-1"
+FOLDER = "checkpoints"
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step, besides model and optimizer."""
+
+    micro_batch: int
+    step: int = 0  # optimizer steps done; the next target batch is a function of it
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+    last_loss: float = float("nan")
+    oom_retries: int = 0
+    skipped_steps: int = 0
+    eval_result: dict[str, float | None] = field(default_factory=dict)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """run_dir/checkpoints/step-000120.pt"""
+    return run_dir / FOLDER / f"step-{step:06d}.pt"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random generator a step can draw from: Python's, torch's CPU and CUDA, numpy's."""
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        name, keys, position, has_gauss, cached = numpy.random.get_state()
+        states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), position, has_gauss,
+                           cached)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put every random generator back where `rng_states` found it."""
+    random.setstate(_as_tuples(states["python"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy
+
+        name, keys, position, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((name, keys.numpy().astype("uint32"), position, has_gauss,
+                                cached))
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants tuples; a checkpoint may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, loop: LoopState, keep: int) -> Path:
+    """Write the state after `loop.step` steps atomically; keep only the newest `keep`."""
+    path = checkpoint_path(run_dir, loop.step)
+    path.parent.mkdir(exist_ok=True)
+    state = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": rng_states()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        write_atomic(path, buffer.getvalue())
+    except OSError as exc:
+        raise MbpError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous "
+                       "checkpoint is intact") from exc
+    for old in sorted(path.parent.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint, or raise ValueError saying why it is not usable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or garbled file fails in many ways
+        raise ValueError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError("not an mbp checkpoint")
+    return state
+
+
+def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None,
+                                                    list[str]]:
+    """The newest checkpoint that loads, its state, and a note for each newer one that did not."""
+    notes = []
+    folder = run_dir / FOLDER
+    for stale in folder.glob(".*.tmp"):  # a write cut short by a crash
+        stale.unlink(missing_ok=True)
+    for path in sorted(folder.glob("step-*.pt"), reverse=True):
+        try:
+            return path, load_checkpoint(path), notes
+        except ValueError as exc:
+            notes.append(f"checkpoint {path} is corrupt or truncated ({exc}); trying the one "
+                         "before it")
+    return None, None, notes
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any) -> LoopState:
+    """Load a checkpoint's state into the run and return the loop state to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_states(state["rng"])
+    return LoopState(**state["loop"])

@@ -1,0 +1,198 @@
+"""Checkpoints, exact resume after a real kill, graceful stops and non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, small_recipe
+
+# Dropout draws from the RNG in every step: only a resume that restores it is bitwise equal.
+RECIPE = small_recipe(
+    name="resume", model={"name": "mlp", "args": {"hidden": 128, "dropout": 0.2}},
+    batch={"target": 100, "micro": 3},
+    optim={"name": "AdamW", "args": {"lr": 1.0e-3}}, schedule={"name": "cosine",
+                                                            "warmup_steps": 5},
+    train={"steps": 120, "eval_every": 25, "checkpoint_every": 10, "keep_checkpoints": 3,
+           "device": "cpu"})
+
+
+def write(tmp_path: Path, recipe: dict = RECIPE) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def mbp(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mbp_cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, **kwargs)
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mbp_cli", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def parameters(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def one_go(tmp_path_factory) -> Path:
+    """The same run done without interruption, as the reference."""
+    tmp_path = tmp_path_factory.mktemp("one-go")
+    done = mbp("train", write(tmp_path), "--out", tmp_path / "run", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_killed_with_sigkill_then_resumed_ends_bitwise_equal(tmp_path, one_go):
+    run = tmp_path / "run"
+    process = start("train", write(tmp_path), "--out", run, "--quiet")
+    wait_for(run / "checkpoints" / "step-000030.pt", process)
+    process.send_signal(signal.SIGKILL)  # at whatever moment the run is at
+    assert process.wait() == -signal.SIGKILL
+    assert not (run / "model.pt").exists()
+    resumed = mbp("train", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    assert_bitwise_equal(parameters(run), parameters(one_go))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"event": "step"' in line]
+    assert steps == list(range(1, 121))  # each step logged once, lost steps logged again
+    assert len(list((run / "checkpoints").glob("step-*.pt"))) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_finishes_the_batch_checkpoints_and_says_how_to_resume(
+        tmp_path, one_go, sig, code):
+    run = tmp_path / "run"
+    process = start("train", write(tmp_path), "--out", run, "--quiet")
+    wait_for(run / "checkpoints" / "step-000020.pt", process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert f"stopped: by {sig.name} after step" in stderr
+    assert f"Resume with: mbp train --resume {run}" in stderr
+    stopped_at = int(stderr.split("after step ")[1].split(";")[0])
+    assert (run / "checkpoints" / f"step-{stopped_at:06d}.pt").exists()
+    resumed = mbp("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(parameters(run), parameters(one_go))
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_one_before_is_used(cli, tmp_path):
+    recipe = write(tmp_path, small_recipe(train={"steps": 6, "checkpoint_every": 2,
+                                                 "keep_checkpoints": 3, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "4").exit_code == 0
+    newest = run / "checkpoints" / "step-000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    (run / "model.pt").unlink()
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 0, result.output
+    assert f"warning: checkpoint {newest} is corrupt or truncated" in result.stderr
+    assert "resuming at step 2 from" in result.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_resume_refuses_a_changed_recipe_but_takes_more_steps(cli, tmp_path):
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
+    refused = cli("train", "--resume", run, "--set", "optim.args.lr=0.5",
+                  "--set", "batch.target=40")
+    assert refused.exit_code == 2
+    assert "these keys differ:\n  • batch.target: 50 → 40\n  • optim.args.lr: 0.1 → 0.5" \
+        in refused.stderr
+    longer = cli("train", "--resume", run, "--set", "train.steps=4", "--json")
+    assert longer.exit_code == 0, longer.output
+    steps = [json.loads(line) for line in longer.stdout.splitlines()]
+    assert [e["step"] for e in steps if e["event"] == "step"] == [3, 4]
+
+
+def test_resume_without_a_checkpoint_starts_over_and_needs_a_run_folder(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "nothing to resume" in cli("train", "--resume", run).stderr
+    (run / "recipe.yaml").write_text(yaml.safe_dump(small_recipe(train={"steps": 2,
+                                                                        "device": "cpu"})))
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 0 and "starting from step 0" in result.stderr
+    assert cli("train").exit_code == 2
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_loss_that_becomes_nonfinite(cli, tmp_path, policy):
+    recipe = write(tmp_path, small_recipe(
+        optim={"name": "SGD", "args": {"lr": 1.0e+6}},  # diverges within a few steps
+        train={"steps": 8, "eval_every": 0, "device": "cpu", "on_nonfinite": policy}))
+    run = tmp_path / "run"
+    result = cli("train", recipe, "--out", run, "--json")
+    steps = [json.loads(line) for line in result.stdout.splitlines()
+             if '"event": "step"' in line]
+    if policy == "stop":
+        assert result.exit_code == 4
+        bad_step = int(result.stderr.split("the loss at step ")[1].split(" ")[0])
+        assert f"The last good state (after step {bad_step - 1})" in result.stderr
+        assert (run / "checkpoints" / f"step-{bad_step - 1:06d}.pt").exists()
+        assert len(steps) == bad_step - 1
+    else:
+        assert result.exit_code == 0
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["skipped_steps"] >= 1 and len(steps) == 8
+        assert "update is skipped" in result.stderr
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cli, tmp_path,
+                                                                       monkeypatch):
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+    real_fsync, writes = os.fsync, []
+
+    def fsync_that_fills_the_disk(fd):
+        writes.append(fd)
+        if len(writes) == 5:  # the second checkpoint (two fsyncs per atomic write)
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk)
+    result = cli("train", recipe, "--out", run, "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 1
+    assert "cannot write checkpoint" in result.stderr and "No space left" in result.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002.pt"]
+    assert cli("train", "--resume", run, "--quiet").exit_code == 0
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = cli("train", write(tmp_path), "--out", blocker / "run")
+    assert result.exit_code == 2 and "cannot prepare run folder" in result.stderr
