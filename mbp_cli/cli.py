@@ -108,7 +108,8 @@ def train(
         from mbp_cli.memory import StorageTracker
         from mbp_cli.registry import load_checked_recipe
         from mbp_cli.report import make_reporter
-        from mbp_cli.rundir import default_run_dir, prepare_run_dir
+        from mbp_cli.rundir import check_run_dir, default_run_dir
+        from mbp_cli.setup import resolve_device
         from mbp_cli.train import RunOptions
         from mbp_cli.train import train as run_training
 
@@ -121,14 +122,16 @@ def train(
             loaded, run_dir = _recipe_to_resume(resume, recipe, overrides), resume
         elif recipe is not None:
             loaded = load_checked_recipe(recipe, overrides)
-            run_dir = prepare_run_dir(out or default_run_dir(loaded.name), overwrite)
+            run_dir = out or default_run_dir(loaded.name)
+            check_run_dir(run_dir, overwrite)  # refuse early; the run makes the folder
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
+        resolve_device(loaded.train.device)  # a device that is not here, before any work
         reporter = make_reporter(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
         capacity = _memory_size(simulate_memory, "--simulate-memory")
         options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
                              StorageTracker(capacity) if capacity else None,
-                             resume=resume is not None)
+                             resume=resume is not None, overwrite=overwrite)
         try:
             run_training(loaded, options, reporter)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+DEVICE_NAME = r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?"
 SECTIONS: dict[str, type] = {
     "model": ModelSpec, "data": DataSpec, "batch": BatchSpec, "optim": OptimSpec,
     "schedule": ScheduleSpec, "loss": LossSpec, "train": TrainSpec,
@@ -175,6 +177,9 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     sizes_are_valid = all(isinstance(n, int) and n >= 1 for n in (batch.micro, batch.target))
     if sizes_are_valid and batch.micro > batch.target:
         problems.append(f"batch.micro: {batch.micro} is larger than batch.target {batch.target}")
+    if isinstance(train.device, str) and not re.fullmatch(DEVICE_NAME, train.device):
+        problems.append(f"train.device: {train.device!r} is not a device name such as auto, "
+                        "cpu, cuda, cuda:1 or mps")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
 
@@ -258,9 +263,12 @@ def _unknown_keys(mapping: dict, known: tuple[str, ...] | list[str], prefix: str
 
 
 def suggest(word: str, options: typing.Iterable[str], prefix: str = "") -> str:
-    """'; did you mean X?' for the option nearest to `word`, or nothing."""
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{match[0]}?" if match else ""
+    """'; did you mean X?' for the option nearest to `word` (case aside), or nothing."""
+    by_lower = {option.lower(): option for option in options}
+    if word.lower() in by_lower:
+        return f"; did you mean {prefix}{by_lower[word.lower()]}?"
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{by_lower[match[0]]}?" if match else ""
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

@@ -24,14 +24,20 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    """Create the run folder; refuse one holding results unless `overwrite` removes just those."""
+def check_run_dir(path: Path, overwrite: bool) -> list[str]:
+    """The result files in the way; refuse them unless `overwrite`. Changes nothing."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
     held = [name for name in RESULT_FILES if (path / name).exists()]
     if held and not overwrite:
         raise UsageError(f"run folder {path} already holds results ({', '.join(held)}); "
                          "pass --overwrite to replace them, or choose another --out")
+    return held
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> Path:
+    """Create the run folder; with `overwrite`, remove mbp's earlier results (only those)."""
+    held = check_run_dir(path, overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
         for name in held:

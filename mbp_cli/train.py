@@ -30,7 +30,13 @@ from mbp_cli.memory import (
 )
 from mbp_cli.probe import ProbeOptions, probe_setup
 from mbp_cli.recipe import Recipe, dump_recipe
-from mbp_cli.rundir import MetricsLog, save_state_dict, write_atomic, write_json
+from mbp_cli.rundir import (
+    MetricsLog,
+    prepare_run_dir,
+    save_state_dict,
+    write_atomic,
+    write_json,
+)
 from mbp_cli.setup import Setup, build, build_optimizer, has_batch_norm, resolve_device
 from mbp_cli.stopping import StopRequest, graceful_stop
 
@@ -47,6 +53,7 @@ class RunOptions:
     budget_bytes: int | None = None  # for `batch.micro: auto`
     simulated_memory: StorageTracker | None = None  # a simulated device of tracker's capacity
     resume: bool = False  # continue from the run folder's newest good checkpoint
+    overwrite: bool = False  # replace the results of an earlier run in run_dir
 
 
 def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
@@ -121,7 +128,11 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     scheduler = registry.build_schedule(optimizer, recipe.schedule, total_steps)
 
     run_dir = options.run_dir
-    loop = resume_state(options, setup, optimizer, scheduler, emit) if options.resume else None
+    if options.resume:
+        loop = resume_state(options, setup, optimizer, scheduler, emit)
+    else:  # only now, with everything built, is the folder made (and old results removed)
+        loop = None
+        prepare_run_dir(run_dir, options.overwrite)
     write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     simulated = options.simulated_memory
