@@ -63,7 +63,7 @@ def test_drop_last_skips_the_smaller_batch(write_recipe, tmp_path):
     recipe["batch"]["drop_last"] = True
     loaded = load_recipe(write_recipe(recipe))
     events = []
-    train(loaded, RunOptions(tmp_path), emit=events.append)
+    train(loaded, RunOptions(tmp_path / "run"), emit=events.append)
     assert [e["samples"] for e in events if e["event"] == "step"] == [20, 20, 20, 20]
 
 
@@ -74,7 +74,7 @@ def test_only_micro_batches_reach_the_model(write_recipe, tmp_path, monkeypatch)
     sizes: list[int] = []
     setup.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     monkeypatch.setattr("mbp_cli.train.build", lambda recipe, device: setup)
-    train(loaded, RunOptions(tmp_path), emit=lambda event: None)
+    train(loaded, RunOptions(tmp_path / "run"), emit=lambda event: None)
     assert max(sizes) == 16 and sum(sizes[:19]) == 300  # 18 × 16 + 12, then the next batch
 
 
@@ -82,7 +82,7 @@ def test_epochs_count_steps_over_the_training_split(write_recipe, tmp_path):
     loaded = load_recipe(write_recipe(small_recipe(train={"epochs": 1, "eval_every": 0,
                                                           "device": "cpu"})))
     events = []
-    summary = train(loaded, RunOptions(tmp_path), emit=events.append)
+    summary = train(loaded, RunOptions(tmp_path / "run"), emit=events.append)
     assert summary["samples_seen"] == 1438 and summary["steps"] == 29  # ⌈1438 / 50⌉
 
 
@@ -102,23 +102,23 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
                                 "resize": 16, "eval_fraction": 0.25},
                           batch={"target": 9, "micro": 4}, train={"steps": 2, "device": "cpu"})
     loaded = load_recipe(write_recipe(recipe))
-    summary = train(loaded, RunOptions(tmp_path), emit=lambda event: None)
+    summary = train(loaded, RunOptions(tmp_path / "run"), emit=lambda event: None)
     assert summary["samples_seen"] == 18 and summary["eval_accuracy"] is not None
 
 
 @pytest.mark.slow
 def test_the_readme_recipe_reaches_95_percent(tmp_path):
     """`mbp train recipes/digits.yaml`, the README's first command, as a user runs it."""
-    summary = train(load_recipe(REPO / "recipes" / "digits.yaml"), RunOptions(tmp_path),
+    summary = train(load_recipe(REPO / "recipes" / "digits.yaml"), RunOptions(tmp_path / "run"),
                     emit=lambda event: None)
     assert summary["eval_accuracy"] >= 0.95
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 200
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 200
 
 
 @pytest.mark.slow
 def test_the_tiny_lm_recipe_learns(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "tiny-lm.yaml")
     events = []
-    summary = train(recipe, RunOptions(tmp_path, max_steps=60), emit=events.append)
+    summary = train(recipe, RunOptions(tmp_path / "run", max_steps=60), emit=events.append)
     first_loss = next(e["loss"] for e in events if e["event"] == "step")
     assert summary["final_train_loss"] < first_loss / 4
