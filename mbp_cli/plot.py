@@ -16,8 +16,8 @@ def require_pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install 'mbp[plot]' "
-                         "(or pip install matplotlib)") from exc
+        raise UsageError("--plot needs matplotlib: pip install matplotlib "
+                         "(make install includes it)") from exc
     return plt
 
 
