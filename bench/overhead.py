@@ -1,42 +1,51 @@
-"""Time per target batch: mbp's loop against a minimal hand-written accumulation loop.
+"""Overhead: time per target batch of mbp's loop against a minimal hand-written accumulation loop,
+Accelerate and Lightning; same model, same micro-batch, same data in memory, on the CPU.
 
-Same model, same micro-batch, same data in memory; the contenders take turns round by round
-so that machine noise falls on both alike. Prints a table and writes bench/results/overhead-*.json.
+mbp, the hand loop and Accelerate take turns round by round (medians). Lightning runs its own
+loop, so it is timed per optimizer step by a callback, in a block of its own.
 
-    python bench/overhead.py [--rounds 25] [--device cpu]
+    python bench/overhead.py [--rounds 40] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import interleaved_medians, markdown_table, quiet_peers, write_result
 
-import mbp_cli
 from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.datasets import TensorPairs, digits
 from mbp_cli.losses import cross_entropy
 from mbp_cli.models import mlp, small_cnn
 
-RESULTS = Path(__file__).parent / "results"
+CASES = [("small_cnn", 512, 32), ("small_cnn", 512, 8), ("mlp", 1024, 64)]
 
 
-def hand_loop(model, optimizer, data: TensorPairs, batches, micro: int, device) -> Callable:
-    """The loop a careful user writes by hand: sum-reduced loss over the batch's sample count."""
+def build(name: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = (small_cnn() if name == "small_cnn" else mlp(hidden=256, depth=3)).to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def target_batches(data: TensorPairs, target: int):
+    plan = MicroBatchPlan(len(data), target, target, 0, True, 0, 10**6)
+    return (torch.as_tensor(plan.target_batch_at(s)) for s in itertools.count())
+
+
+def hand_loop(name, data, target, micro, device) -> Callable[[], None]:
+    """The loop a careful user writes: sum-reduced loss over the batch's sample count."""
+    model, optimizer = build(name, device)
+    batches = target_batches(data, target)
 
     def step() -> None:
-        indices = torch.as_tensor(next(batches))
+        indices = next(batches)
         for start in range(0, len(indices), micro):
             piece = indices[start:start + micro]
             x, y = data.inputs[piece].to(device), data.targets[piece].to(device)
@@ -47,13 +56,12 @@ def hand_loop(model, optimizer, data: TensorPairs, batches, micro: int, device) 
     return step
 
 
-def mbp_loop(model, optimizer, data: TensorPairs, target: int, micro: int, device) -> Callable:
-    """mbp's path: seeded plan, DataLoader of micro-batches, accumulate_gradients, one step."""
-    plan = MicroBatchPlan(len(data), target, micro, seed=0, drop_last=True, start_step=0,
-                          stop_step=10**6)
+def mbp_loop(name, data, target, micro, device) -> Callable[[], None]:
+    """mbp's path: seeded plan, micro-batch stream, accumulate_gradients, one step."""
+    model, optimizer = build(name, device)
+    plan = MicroBatchPlan(len(data), target, micro, 0, True, 0, 10**6)
     stream = iter(micro_batch_loader(data, plan, num_workers=0, pin_memory=False))
-    loss_fn = cross_entropy()
-    steps = itertools.count()
+    loss_fn, steps = cross_entropy(), itertools.count()
 
     def step() -> None:
         pieces = itertools.islice(stream, plan.micro_batches_per_step(next(steps)))
@@ -64,80 +72,102 @@ def mbp_loop(model, optimizer, data: TensorPairs, target: int, micro: int, devic
     return step
 
 
-def contenders(name: str, target: int, micro: int, device) -> dict[str, Callable]:
-    data = digits()
-    built = {}
-    for label in ("hand loop", "mbp"):
-        torch.manual_seed(0)
-        model = (small_cnn() if name == "small_cnn" else mlp(hidden=256, depth=3)).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        if label == "hand loop":
-            plan = MicroBatchPlan(len(data), target, micro, 0, True, 0, 10**6)
-            batches = (plan.target_batch_at(s) for s in itertools.count())
-            built[label] = hand_loop(model, optimizer, data, batches, micro, device)
-        else:
-            built[label] = mbp_loop(model, optimizer, data, target, micro, device)
-    return built
+def accelerate_loop(name, data, target, micro, device) -> Callable[[], None]:
+    """Accelerate's documented pattern: accumulate(), backward(), step() every micro-batch."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    plugin = GradientAccumulationPlugin(num_steps=target // micro, sync_with_dataloader=False)
+    accelerator = Accelerator(cpu=device.type == "cpu", gradient_accumulation_plugin=plugin)
+    model, optimizer = accelerator.prepare(*build(name, device))
+    batches = target_batches(data, target)
+
+    def step() -> None:
+        indices = next(batches)
+        for start in range(0, len(indices), micro):
+            piece = indices[start:start + micro]
+            with accelerator.accumulate(model):
+                x, y = data.inputs[piece].to(device), data.targets[piece].to(device)
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
-def measure(steps: dict[str, Callable], rounds: int, device) -> dict[str, float]:
-    """Median seconds per target batch of each contender, interleaved round by round."""
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    for step in steps.values():  # warm-up
-        step()
-    order = list(steps.items())
-    for round_index in range(rounds):
-        # Alternate who goes first: caches and clocks favour neither.
-        for label, step in order if round_index % 2 == 0 else order[::-1]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[label].append(time.perf_counter() - started)
-    return {label: statistics.median(values) for label, values in times.items()}
+def lightning_step_seconds(name, data, target, micro, device, steps: int) -> float:
+    """Median seconds per optimizer step of a Lightning Trainer with accumulate_grad_batches."""
+    import lightning as L
 
+    accumulate = target // micro
+    net, _ = build(name, device)
 
-def cpu_name() -> str:
-    """The processor's model name where Linux tells it, else the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, index):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, index) -> None:
+            if (index + 1) % accumulate == 0:
+                self.marks.append(time.perf_counter())
+
+    timer = StepTimer()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.inputs, data.targets), batch_size=micro,
+        shuffle=True, drop_last=True)
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps + 2,
+                        accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(Module(), loader)
+    gaps = [b - a for a, b in itertools.pairwise(timer.marks[1:])]  # the first includes warm-up
+    return statistics.median(gaps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    quiet_peers()
     device = torch.device(args.device)
+    data = digits()
     rows = []
-    for model_name, target, micro in [("small_cnn", 512, 32), ("small_cnn", 512, 8),
-                                      ("mlp", 1024, 64)]:
-        medians = measure(contenders(model_name, target, micro, device), args.rounds, device)
+    for model_name, target, micro in CASES:
+        contenders = {"hand loop": hand_loop, "mbp": mbp_loop, "Accelerate": accelerate_loop}
+        medians = interleaved_medians(
+            {label: make(model_name, data, target, micro, device)
+             for label, make in contenders.items()}, args.rounds, device)
+        medians["Lightning"] = lightning_step_seconds(model_name, data, target, micro, device,
+                                                      args.rounds)
+        hand = medians["hand loop"]
         rows.append({"model": model_name, "target_batch": target, "micro_batch": micro,
-                     "hand_loop_seconds": medians["hand loop"], "mbp_seconds": medians["mbp"],
-                     "ratio": medians["mbp"] / medians["hand loop"]})
-    print(f"{'model':<10} {'target':>6} {'micro':>5} {'hand loop':>10} {'mbp':>10} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['model']:<10} {r['target_batch']:>6} {r['micro_batch']:>5} "
-              f"{r['hand_loop_seconds'] * 1e3:>8.1f}ms {r['mbp_seconds'] * 1e3:>8.1f}ms "
-              f"{r['ratio']:>6.3f}")
-    result = {
-        "benchmark": "overhead", "rounds": args.rounds, "device": str(device),
-        "machine": cpu_name(), "cores": os.cpu_count(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "mbp": mbp_cli.__version__, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"overhead-{device.type}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+                     "seconds": medians,
+                     "ratio_to_hand_loop": {k: v / hand for k, v in medians.items()}})
+        print(model_name, target, micro, {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()})
+    labels = ["hand loop", "mbp", "Accelerate", "Lightning"]
+    table = markdown_table(
+        ["model", "target / micro", *(f"{label} (ms)" for label in labels),
+         "mbp / hand", "Accelerate / hand", "Lightning / hand"],
+        [[r["model"], f"{r['target_batch']} / {r['micro_batch']}",
+          *(f"{r['seconds'][label] * 1e3:.1f}" for label in labels),
+          *(f"{r['ratio_to_hand_loop'][label]:.3f}" for label in labels[1:])] for r in rows])
+    print(table)
+    write_result(f"overhead-{device.type}", {"rounds": args.rounds, "device": str(device),
+                                             "rows": rows, "table": table})
 
 
 if __name__ == "__main__":
