@@ -46,15 +46,16 @@ class DoesNotFitError(MbpError):
     exit_code = EXIT_DOES_NOT_FIT
 
 
-def does_not_fit(needed_bytes: int | None, budget_bytes: int, margin: float) -> DoesNotFitError:
-    """The probe's error when a step at micro-batch 1 is over the budget less the margin."""
+def does_not_fit(micro_batch: int, needed_bytes: int | None, budget_bytes: int,
+                 margin: float) -> DoesNotFitError:
+    """The probe's error when a step at the smallest micro-batch is over the budget."""
     usable = budget_bytes * (1 - margin)
     needed = ("ran out of memory" if needed_bytes is None
               else f"needs {format_bytes(needed_bytes)}")
     return DoesNotFitError(
-        f"the recipe does not fit: a step at micro-batch 1 {needed}, but the budget is "
-        f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin). "
-        "Use a larger budget, a smaller model, or a device with more memory")
+        f"the recipe does not fit: a step at micro-batch {micro_batch} {needed}, but the budget "
+        f"is {format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} "
+        "margin). Use a larger budget, a smaller model, or a device with more memory")
 
 
 class NonFiniteLossError(MbpError):

@@ -29,7 +29,15 @@ from mbp_cli.memory import (
     training_state_tensors,
 )
 from mbp_cli.recipe import Recipe
-from mbp_cli.setup import DTYPES, Setup, build, build_data, build_model, build_optimizer
+from mbp_cli.setup import (
+    DTYPES,
+    Setup,
+    build,
+    build_data,
+    build_model,
+    build_optimizer,
+    smallest_micro_batch,
+)
 from mbp_cli.sizing import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.units import parse_bytes
 
@@ -188,14 +196,15 @@ def narrow_down(measure: Callable[[int], Measurement], measured: dict[int, Measu
 
 
 def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
-                       margin: float) -> ProbeResult:
+                       margin: float, smallest_size: int = 1) -> ProbeResult:
     """Measure at 1, 2, 4, … until the per-sample slope settles or the budget is reached, fit the
     largest points, predict the largest micro-batch within budget less the margin, prefer an
     even split of the target batch, then verify that size with a real step, stepping down if
     it does not fit."""
     started = time.perf_counter()
     usable = budget_bytes * (1 - margin)
-    runner.measure(1)  # creates the optimizer state that every later step carries
+    smallest_size = min(smallest_size, target_batch)
+    runner.measure(smallest_size)  # creates the optimizer state that every later step carries
     measured: dict[int, Measurement] = {}
 
     def measure(size: int) -> Measurement:
@@ -203,10 +212,10 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
             measured[size] = runner.measure(size)
         return measured[size]
 
-    smallest = measure(1)
+    smallest = measure(smallest_size)
     if not smallest.fits(usable):
-        raise does_not_fit(smallest.peak_bytes, budget_bytes, margin)
-    size = 1
+        raise does_not_fit(smallest_size, smallest.peak_bytes, budget_bytes, margin)
+    size = smallest_size
     while size < target_batch:
         history = [measured[s] for s in sorted(measured)]
         if not measured[size].fits(usable) or slope_is_stable(history):
@@ -271,7 +280,7 @@ def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
                         setup.device, setup.dtype, backend_for(options), options.capacity_bytes)
     with preserved_training_state(setup.model, optimizer, setup.device):
         return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
-                                  recipe.batch.memory_margin)
+                                  recipe.batch.memory_margin, smallest_micro_batch(setup.model))
 
 
 def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
@@ -294,4 +303,4 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     runner = StepRunner(model, optimizer, loss_fn, make_fake_batch, torch.device("cpu"),
                         DTYPES[recipe.train.dtype], "estimate", context=lambda: fake_mode)
     return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
-                              recipe.batch.memory_margin)
+                              recipe.batch.memory_margin, smallest_micro_batch(model))

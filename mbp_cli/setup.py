@@ -62,6 +62,11 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def smallest_micro_batch(model: nn.Module) -> int:
+    """BatchNorm needs two samples to normalize a 1×1 feature map in training; others need one."""
+    return 2 if has_batch_norm(model) else 1
+
+
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The recipe's torch.optim class over the model's parameters."""
     optimizer_class = registry.find_optimizer(recipe.optim.name).fn

@@ -37,7 +37,14 @@ from mbp_cli.rundir import (
     write_atomic,
     write_json,
 )
-from mbp_cli.setup import Setup, build, build_optimizer, has_batch_norm, resolve_device
+from mbp_cli.setup import (
+    Setup,
+    build,
+    build_optimizer,
+    has_batch_norm,
+    resolve_device,
+    smallest_micro_batch,
+)
 from mbp_cli.stopping import StopRequest, graceful_stop
 
 Event = dict[str, Any]
@@ -173,7 +180,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
                 lr = optimizer.param_groups[0]["lr"]
                 totals = run_step(setup, stream.pieces(loop.step), loop.step)
                 if totals is None:  # out of memory: redo this whole target batch, smaller
-                    shrink_micro_batch(loop, stream, record)
+                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), record)
                     continue
                 if not math.isfinite(totals.loss):
                     handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, record)
@@ -224,14 +231,17 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     return summary
 
 
-def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, record: EventSink) -> None:
+def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
+                       record: EventSink) -> None:
     """After an out-of-memory step: halve the micro-batch and restart this step's batch."""
-    if loop.micro_batch == 1:
-        raise DoesNotFitError("out of memory during training even with a micro-batch of 1")
+    if loop.micro_batch <= smallest:
+        raise DoesNotFitError("out of memory during training even with a micro-batch of "
+                              f"{loop.micro_batch}")
+    smaller = max(smallest, loop.micro_batch // 2)
     loop.oom_retries += 1
     record({"event": "oom", "step": loop.step + 1, "micro_batch_before": loop.micro_batch,
-            "micro_batch": loop.micro_batch // 2})
-    loop.micro_batch //= 2
+            "micro_batch": smaller})
+    loop.micro_batch = smaller
     stream.restart(loop.step, loop.micro_batch)
 
 

@@ -200,3 +200,14 @@ def test_resnet50_estimate_for_an_80gib_gpu_in_bounded_time_and_memory(tmp_path)
     answer = report["answer"]
     assert answer["backend"] == "estimate" and 256 <= answer["micro_batch"] <= 1024
     assert answer["verified_peak_bytes"] <= answer["usable_bytes"]
+
+
+def test_batch_norm_models_are_probed_from_two_samples(write_recipe):
+    """BatchNorm cannot train on one sample of a 1×1 feature map (ResNet-18 on 32×32 images)."""
+    recipe = load_recipe(write_recipe(small_recipe(
+        model={"name": "resnet18", "args": {"num_classes": 10}},
+        data={"name": "FakeData", "args": {"size": 16, "image_size": [3, 32, 32]}},
+        batch={"target": 64, "micro": "auto"})))
+    result = probe_recipe(recipe, ProbeOptions(CPU, budget_bytes=160 * MiB))
+    assert result.measurements[0].micro_batch == 2
+    assert 2 <= result.micro_batch <= 64

@@ -1,0 +1,104 @@
+"""Probe accuracy: time to answer, and the largest micro-batch it finds against the true largest
+that fits the same budget (bisection over real tracked steps; memory grows with the batch), for
+four models. Also the fake-tensor estimate's answer and time.
+
+    python bench/probe_accuracy.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from common import markdown_table, write_result
+
+from mbp_cli.probe import (
+    ProbeOptions,
+    StepRunner,
+    batch_maker,
+    preserved_training_state,
+    probe_recipe,
+    probe_setup,
+)
+from mbp_cli.recipe import build_recipe
+from mbp_cli.setup import build, build_optimizer, smallest_micro_batch
+
+CPU = torch.device("cpu")
+MiB = 2**20
+SGD = {"name": "SGD", "args": {"lr": 0.1, "momentum": 0.9}}
+CASES = [
+    ("small_cnn, digits 8×8", 8 * MiB, {"name": "small_cnn"}, {"name": "digits"}),
+    ("mlp, digits 8×8", 2 * MiB, {"name": "mlp", "args": {"hidden": 256, "depth": 3}},
+     {"name": "digits"}),
+    ("tiny_lm, tokens ≤ 24", 6 * MiB, {"name": "tiny_lm"}, {"name": "synthetic_tokens"}),
+    ("resnet18, 3×32×32", 160 * MiB, {"name": "resnet18", "args": {"num_classes": 10}},
+     {"name": "FakeData", "args": {"size": 64, "image_size": [3, 32, 32]}}),
+]
+
+
+def recipe_for(model: dict, data: dict):
+    problems: list[str] = []
+    recipe = build_recipe({"model": model, "data": data, "optim": SGD,
+                           "batch": {"target": 1024, "micro": "auto"},
+                           "train": {"steps": 1, "device": "cpu"}}, "probe-bench", problems)
+    assert not problems, problems
+    return recipe
+
+
+def true_largest(recipe, budget: int) -> tuple[int, int]:
+    """The largest micro-batch whose real step fits, by bisection; and the steps it took."""
+    setup = build(recipe, CPU)
+    optimizer = build_optimizer(recipe, setup.model)
+    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
+                        CPU, setup.dtype, "tracked")
+    usable = budget * (1 - recipe.batch.memory_margin)
+    measured = 0
+    smallest = smallest_micro_batch(setup.model)
+    with preserved_training_state(setup.model, optimizer, CPU):
+        runner.measure(smallest)
+        fits, too_big = smallest, recipe.batch.target + 1
+        while too_big - fits > 1:
+            middle = (fits + too_big) // 2
+            measured += 1
+            if runner.measure(middle).fits(usable):
+                fits = middle
+            else:
+                too_big = middle
+    return fits, measured
+
+
+def main() -> None:
+    rows = []
+    for name, budget, model, data in CASES:
+        recipe = recipe_for(model, data)
+        setup = build(recipe, CPU)
+        optimizer = build_optimizer(recipe, setup.model)
+        started = time.perf_counter()
+        found = probe_setup(recipe, setup, optimizer, ProbeOptions(CPU, budget_bytes=budget))
+        probe_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        estimate = probe_recipe(recipe, ProbeOptions(None, budget_bytes=budget, estimate=True))
+        estimate_seconds = time.perf_counter() - started
+        truth, bisection_steps = true_largest(recipe, budget)
+        rows.append({
+            "case": name, "budget_bytes": budget, "true_largest": truth,
+            "bisection_steps": bisection_steps, "probe_largest": found.largest_micro_batch,
+            "probe_choice": found.micro_batch, "probe_steps": len(found.measurements) + 1,
+            "probe_seconds": probe_seconds, "estimate_largest": estimate.largest_micro_batch,
+            "estimate_seconds": estimate_seconds,
+            "predicted_peak_bytes": found.predicted_peak_bytes,
+            "verified_peak_bytes": found.verified_peak_bytes})
+        print(rows[-1])
+    table = markdown_table(
+        ["model", "budget", "true largest", "probe: largest", "probe: choice", "probe time",
+         "real steps", "estimate: largest", "estimate time"],
+        [[r["case"], f"{r['budget_bytes'] // MiB} MiB", r["true_largest"], r["probe_largest"],
+          r["probe_choice"], f"{r['probe_seconds']:.1f} s", r["probe_steps"],
+          r["estimate_largest"], f"{r['estimate_seconds']:.1f} s"] for r in rows])
+    print(table)
+    write_result("probe-accuracy", {"device": "cpu", "backend": "tracked", "margin": 0.05,
+                                    "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()
