@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCHMARKS := exactness overhead memory_flatness probe_accuracy paper_claim
 
 .PHONY: install train test test-fast lint bench clean
 
@@ -25,8 +27,13 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check mbp_cli tests bench
 
-bench: install
-	$(BIN)/python bench/overhead.py
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+# Every benchmark, each writing bench/results/<name>.json (and .png where it plots).
+bench: $(BENCH_STAMP)
+	for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

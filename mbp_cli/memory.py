@@ -82,11 +82,11 @@ class StorageTracker(TorchDispatchMode):
             if isinstance(value, torch.Tensor):
                 self._add(value)
         if self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
+            message = (f"simulated device out of memory: {self.live_bytes:,} bytes needed, "
+                       f"capacity {self.capacity_bytes:,} bytes (while running {func})")
             # Drop every reference to the failed output: the traceback keeps this frame alive.
             out = value = None
-            raise SimulatedOutOfMemoryError(
-                f"simulated device out of memory: {self.live_bytes:,} bytes live, capacity "
-                f"{self.capacity_bytes:,} bytes (while running {func})")
+            raise SimulatedOutOfMemoryError(message)
         return out
 
 
