@@ -62,9 +62,9 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], rounds: int,
-                        device: torch.device) -> dict[str, float]:
-    """Median seconds of each contender's call, contenders taking turns round by round."""
+def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each contender's call, round by round, contenders taking turns."""
     times: dict[str, list[float]] = {label: [] for label in steps}
     for step in steps.values():  # warm-up
         step()
@@ -79,7 +79,13 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], rounds: int,
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[label].append(time.perf_counter() - started)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], label: str, baseline: str) -> float:
+    """Median over rounds of label's time / baseline's time in the same round: the machine's
+    drift between rounds falls out, as both ran back to back."""
+    return statistics.median(a / b for a, b in zip(times[label], times[baseline], strict=True))
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -1,8 +1,9 @@
 """Overhead: time per target batch of mbp's loop against a minimal hand-written accumulation loop,
 Accelerate and Lightning; same model, same micro-batch, same data in memory, on the CPU.
 
-mbp, the hand loop and Accelerate take turns round by round (medians). Lightning runs its own
-loop, so it is timed per optimizer step by a callback, in a block of its own.
+mbp, the hand loop and Accelerate take turns round by round; a ratio is the median of the
+per-round ratios (back-to-back runs share the machine's state). Lightning runs its own loop, so
+it is timed per optimizer step by a callback, in a block of its own, and its ratio is of medians.
 
     python bench/overhead.py [--rounds 40] [--device cpu]
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import interleaved_medians, markdown_table, quiet_peers, write_result
+from common import interleaved_times, markdown_table, paired_ratio, quiet_peers, write_result
 
 from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
@@ -148,15 +149,16 @@ def main() -> None:
     rows = []
     for model_name, target, micro in CASES:
         contenders = {"hand loop": hand_loop, "mbp": mbp_loop, "Accelerate": accelerate_loop}
-        medians = interleaved_medians(
+        times = interleaved_times(
             {label: make(model_name, data, target, micro, device)
              for label, make in contenders.items()}, args.rounds, device)
+        medians = {label: statistics.median(values) for label, values in times.items()}
+        ratios = {label: paired_ratio(times, label, "hand loop") for label in times}
         medians["Lightning"] = lightning_step_seconds(model_name, data, target, micro, device,
                                                       args.rounds)
-        hand = medians["hand loop"]
+        ratios["Lightning"] = medians["Lightning"] / medians["hand loop"]  # not paired
         rows.append({"model": model_name, "target_batch": target, "micro_batch": micro,
-                     "seconds": medians,
-                     "ratio_to_hand_loop": {k: v / hand for k, v in medians.items()}})
+                     "seconds": medians, "ratio_to_hand_loop": ratios})
         print(model_name, target, micro, {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()})
     labels = ["hand loop", "mbp", "Accelerate", "Lightning"]
     table = markdown_table(

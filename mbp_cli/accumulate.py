@@ -41,7 +41,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[tuple[Tensor,
     # Running totals stay on the device (no sync per micro-batch) and in place, so memory
     # does not grow with the number of micro-batches.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    items = torch.zeros((), device=device, dtype=torch.float64)
+    items = torch.zeros((), device=device, dtype=torch.int64)
     samples = micro_count = 0
     for inputs, targets in micro_batches:
         inputs, targets = to_device(inputs, device, dtype), to_device(targets, device, dtype)
@@ -51,7 +51,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[tuple[Tensor,
         items += micro_items
         samples += len(targets)
         micro_count += 1
-    total_loss, total_items = torch.stack([loss_sum, items]).tolist()  # the one sync point
+    total_loss, total_items = torch.stack([loss_sum, items.double()]).tolist()  # the one sync
     item_count = int(total_items)
     if item_count:
         grads = [p.grad for p in model.parameters() if p.grad is not None]

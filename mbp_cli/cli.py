@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -54,27 +54,6 @@ def root(
     """mbp: micro-batched training at a target batch, with exact loss normalization."""
 
 
-def _recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -> Any:
-    """The run folder's saved recipe with the overrides; refuse changes unsafe for a resume."""
-    from mbp_cli.errors import UsageError
-    from mbp_cli.recipe import SAFE_TO_CHANGE_ON_RESUME, recipe_differences
-    from mbp_cli.registry import load_checked_recipe
-
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
-    original = load_checked_recipe(saved)
-    wanted = load_checked_recipe(recipe or saved, overrides)
-    unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
-              if key not in SAFE_TO_CHANGE_ON_RESUME]
-    if unsafe:
-        listed = "\n".join(f"  • {key}: {old!r} → {new!r}" for key, old, new in unsafe)
-        raise UsageError(
-            f"cannot resume {run_dir} with a different recipe; these keys differ:\n{listed}\n"
-            f"Only {', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume")
-    return wanted
-
-
 @app.command()
 def train(
     recipe: Annotated[Path | None, typer.Argument(
@@ -108,6 +87,7 @@ def train(
         from mbp_cli.memory import StorageTracker
         from mbp_cli.registry import load_checked_recipe
         from mbp_cli.report import make_reporter
+        from mbp_cli.resume import recipe_to_resume
         from mbp_cli.rundir import check_run_dir, default_run_dir
         from mbp_cli.setup import resolve_device
         from mbp_cli.train import RunOptions
@@ -119,7 +99,7 @@ def train(
         if resume is not None:
             if out is not None and out.resolve() != resume.resolve():
                 raise UsageError("--resume continues in its own folder; leave out --out")
-            loaded, run_dir = _recipe_to_resume(resume, recipe, overrides), resume
+            loaded, run_dir = recipe_to_resume(resume, recipe, overrides), resume
         elif recipe is not None:
             loaded = load_checked_recipe(recipe, overrides)
             run_dir = out or default_run_dir(loaded.name)

@@ -281,26 +281,6 @@ def _kind(value: Any) -> str:
                                                                           type(value).__name__)
 
 
-SAFE_TO_CHANGE_ON_RESUME = (
-    "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
-)
-
-
-def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
-    """(key path, old value, new value) for every leaf that differs between two recipes."""
-
-    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict) and value:
-            return {k: v for key, item in value.items()
-                    for k, v in leaves(item, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): value}
-
-    before, after = leaves(old.to_dict()), leaves(new.to_dict())
-    return [(key, before.get(key), after.get(key)) for key in sorted(before | after)
-            if before.get(key) != after.get(key)]
-
-
 def bundled_recipes() -> list[tuple[Path, str]]:
     """The recipes shipped beside the package, each with the first comment line of its file."""
     folder = Path(__file__).resolve().parent.parent / "recipes"

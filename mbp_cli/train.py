@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +17,7 @@ import mbp_cli
 from mbp_cli import registry
 from mbp_cli.accumulate import StepTotals, accumulate_gradients
 from mbp_cli.batching import MicroBatchStream, steps_per_epoch
-from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore, save_checkpoint
+from mbp_cli.checkpoint import LoopState, save_checkpoint
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.memory import (
@@ -30,6 +29,7 @@ from mbp_cli.memory import (
 )
 from mbp_cli.probe import ProbeOptions, probe_setup
 from mbp_cli.recipe import Recipe, dump_recipe
+from mbp_cli.resume import resume_state
 from mbp_cli.rundir import (
     MetricsLog,
     prepare_run_dir,
@@ -97,27 +97,6 @@ def choose_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Opti
     return result.micro_batch
 
 
-def resume_state(options: RunOptions, setup: Setup, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, emit: EventSink) -> LoopState | None:
-    """Restore the newest good checkpoint (None: start over); keep metrics up to its step."""
-    path, state, notes = newest_good_checkpoint(options.run_dir)
-    for note in notes:
-        emit({"event": "warning", "message": note})
-    loop = restore(state, setup.model, optimizer, scheduler) if state is not None else None
-    step = loop.step if loop is not None else 0
-    metrics = options.run_dir / "metrics.jsonl"
-    if metrics.exists():  # drop what the lost steps logged: they will be logged again
-        kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                if '"step": ' not in line or _logged_step(line) <= step]
-        write_atomic(metrics, "".join(kept).encode())
-    emit({"event": "resume", "step": step, "checkpoint": str(path) if path else None})
-    return loop
-
-
-def _logged_step(line: str) -> int:
-    return int(json.loads(line).get("step", 0))
-
-
 def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any]:
     """Train the recipe into `options.run_dir` and return the summary; events go to `emit`."""
     started = time.perf_counter()
@@ -136,7 +115,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
 
     run_dir = options.run_dir
     if options.resume:
-        loop = resume_state(options, setup, optimizer, scheduler, emit)
+        loop = resume_state(run_dir, setup.model, optimizer, scheduler, emit)
     else:  # only now, with everything built, is the folder made (and old results removed)
         loop = None
         prepare_run_dir(run_dir, options.overwrite)

@@ -1,0 +1,82 @@
+"""Resuming a run: the saved recipe and what may change, the newest good checkpoint, metrics
+trimmed to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
+from mbp_cli.errors import UsageError
+from mbp_cli.recipe import Recipe
+from mbp_cli.registry import load_checked_recipe
+from mbp_cli.rundir import write_atomic
+
+SAFE_TO_CHANGE_ON_RESUME = (
+    "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
+)
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key path, old value, new value) for every leaf that differs between two recipes."""
+
+    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items()
+                    for k, v in leaves(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    before, after = leaves(old.to_dict()), leaves(new.to_dict())
+    return [(key, before.get(key), after.get(key)) for key in sorted(before | after)
+            if before.get(key) != after.get(key)]
+
+
+def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -> Recipe:
+    """The run folder's saved recipe with the overrides; refuse changes unsafe for a resume."""
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
+    original = load_checked_recipe(saved)
+    wanted = load_checked_recipe(recipe or saved, overrides)
+    unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
+              if key not in SAFE_TO_CHANGE_ON_RESUME]
+    if unsafe:
+        listed = "\n".join(f"  • {key}: {old!r} → {new!r}" for key, old, new in unsafe)
+        raise UsageError(
+            f"cannot resume {run_dir} with a different recipe; these keys differ:\n{listed}\n"
+            f"Only {', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume")
+    return wanted
+
+
+def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, emit: Callable[[dict[str, Any]], None]) -> LoopState | None:
+    """Restore the newest good checkpoint (None: start over); keep metrics up to its step."""
+    path, state, notes = newest_good_checkpoint(run_dir)
+    for note in notes:
+        emit({"event": "warning", "message": note})
+    loop = restore(state, model, optimizer, scheduler) if state is not None else None
+    step = loop.step if loop is not None else 0
+    trim_metrics(run_dir / "metrics.jsonl", step)
+    emit({"event": "resume", "step": step, "checkpoint": str(path) if path else None})
+    return loop
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step`: later ones will be logged again, and a line cut short
+    by a kill is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept).encode())
