@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mbp_cli.units import format_bytes
 
-EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 3
