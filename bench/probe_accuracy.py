@@ -1,6 +1,7 @@
 """Probe accuracy: time to answer, and the largest micro-batch it finds against the true largest
-that fits the same budget (bisection over real tracked steps; memory grows with the batch), for
-four models. Also the fake-tensor estimate's answer and time.
+that fits the same budget (every size measured with a real tracked step, from the smallest to
+twice the first that does not fit), for four models. Also the fake-tensor estimate's answer and
+time.
 
     python bench/probe_accuracy.py
 """
@@ -40,25 +41,26 @@ def recipe_for(model: dict, data: dict):
 
 
 def true_largest(recipe, budget: int) -> tuple[int, int]:
-    """The largest micro-batch whose real step fits, by bisection; and the steps it took."""
+    """The largest micro-batch whose real step fits: every size from the smallest up to twice
+    the boundary (or the target batch) is measured, so no assumption about growth is made.
+    Returns it and the number of sizes measured."""
     setup = build(recipe, CPU)
     optimizer = build_optimizer(recipe, setup.model)
     runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
                         CPU, setup.dtype, "tracked")
     usable = budget * (1 - recipe.batch.memory_margin)
-    measured = 0
     smallest = smallest_micro_batch(setup.model)
+    largest, size, first_too_big = 0, smallest, None
     with preserved_training_state(setup.model, optimizer, CPU):
         runner.measure(smallest)
-        fits, too_big = smallest, recipe.batch.target + 1
-        while too_big - fits > 1:
-            middle = (fits + too_big) // 2
-            measured += 1
-            if runner.measure(middle).fits(usable):
-                fits = middle
-            else:
-                too_big = middle
-    return fits, measured
+        while size <= recipe.batch.target and (first_too_big is None
+                                               or size <= 2 * first_too_big):
+            if runner.measure(size).fits(usable):
+                largest = size
+            elif first_too_big is None:
+                first_too_big = size
+            size += 1
+    return largest, size - smallest
 
 
 def main() -> None:
@@ -73,10 +75,10 @@ def main() -> None:
         started = time.perf_counter()
         estimate = probe_recipe(recipe, ProbeOptions(None, budget_bytes=budget, estimate=True))
         estimate_seconds = time.perf_counter() - started
-        truth, bisection_steps = true_largest(recipe, budget)
+        truth, sizes_scanned = true_largest(recipe, budget)
         rows.append({
             "case": name, "budget_bytes": budget, "true_largest": truth,
-            "bisection_steps": bisection_steps, "probe_largest": found.largest_micro_batch,
+            "sizes_scanned": sizes_scanned, "probe_largest": found.largest_micro_batch,
             "probe_choice": found.micro_batch, "probe_steps": len(found.measurements) + 1,
             "probe_seconds": probe_seconds, "estimate_largest": estimate.largest_micro_batch,
             "estimate_seconds": estimate_seconds,
