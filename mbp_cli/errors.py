@@ -17,6 +17,10 @@ class MbpError(Exception):
     label = "error"  # how the CLI introduces the message
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
+        if message.startswith("Caught ") and "DataLoader worker" in message:
+            # Raised in a DataLoader worker: torch re-raises it with the worker's traceback
+            # in the message, whose last line is ours.
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code

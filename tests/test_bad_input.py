@@ -92,7 +92,8 @@ def test_a_missing_dataset_root_without_download(cli, write_recipe, tmp_path):
     assert "download=True" in result.stderr
 
 
-def test_an_unreadable_image_is_named(cli, write_recipe, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named(cli, write_recipe, tmp_path, workers):
     folder = tmp_path / "images" / "cats"
     folder.mkdir(parents=True)
     for i in range(4):
@@ -102,10 +103,11 @@ def test_an_unreadable_image_is_named(cli, write_recipe, tmp_path):
                                                                 "num_classes": 2}},
                           data={"name": "ImageFolder", "args": {"root": str(tmp_path / "images")},
                                 "eval_fraction": 0.0},
-                          batch={"target": 5, "micro": 5})
+                          batch={"target": 5, "micro": 5},
+                          train={"steps": 1, "num_workers": workers, "device": "cpu"})
     result = cli("train", write_recipe(recipe), "--out", tmp_path / "run")
     assert result.exit_code == 2
-    assert "dataset ImageFolder: cannot read sample 4" in result.stderr
+    assert "error: dataset ImageFolder: cannot read sample 4" in result.stderr
     assert "4.png" in result.stderr and "Traceback" not in result.output
 
 
