@@ -65,6 +65,8 @@ def summary_table(s: Event) -> Table:
 
 def probe_line(e: Event) -> str:
     """The plain line that announces the probe's choice before training."""
+    if "reused" in e:
+        return f"micro-batch {e['micro_batch']}, as probed before ({e['reused']})"
     return (f"probe ({e['backend']}): micro-batch {e['micro_batch']} × {e['accumulation_steps']} "
             f"accumulation steps; peak {format_bytes(e['verified_peak_bytes'])} measured, "
             f"{format_bytes(e['predicted_peak_bytes'])} predicted, budget "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -83,9 +84,15 @@ def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
 
 def choose_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
                        options: RunOptions, record: EventSink) -> int:
-    """The recipe's micro-batch, or for `auto` the probe's choice (saved as probe.json)."""
+    """The recipe's micro-batch, or for `auto` the probe's choice (saved as probe.json, and
+    taken from there when a run resumes)."""
     if recipe.batch.micro != "auto":
         return recipe.batch.micro
+    saved = options.run_dir / "probe.json"
+    if options.resume and saved.exists():
+        micro_batch = int(json.loads(saved.read_text())["micro_batch"])
+        record({"event": "probe", "reused": str(saved), "micro_batch": micro_batch})
+        return micro_batch
     capacity = options.simulated_memory.capacity_bytes if options.simulated_memory else None
     result = probe_setup(recipe, setup, optimizer, ProbeOptions(
         setup.device, budget_bytes=options.budget_bytes, capacity_bytes=capacity))

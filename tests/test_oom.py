@@ -102,3 +102,20 @@ def test_auto_micro_batch_probes_first_and_saves_the_choice(cli, write_recipe, t
     assert summary["micro_batch"] == probe["micro_batch"] < 64
     assert summary["oom_retries"] == 0 and summary["peak_memory_bytes"] <= 600 * 1024
     assert "probe (simulated): micro-batch" in result.stderr
+
+
+def test_a_resumed_auto_run_reuses_its_probe(cli, write_recipe, tmp_path):
+    """Even a run killed before its first checkpoint does not probe again on resume."""
+    run_dir = tmp_path / "run"
+    first = cli("train", write_recipe(fp64_recipe("auto", steps=2)), "--out", run_dir,
+                "--simulate-memory", "600KiB", "--quiet")
+    assert first.exit_code == 0
+    chosen = json.loads((run_dir / "probe.json").read_text())["micro_batch"]
+    for path in (run_dir / "checkpoints").iterdir():
+        path.unlink()  # as if killed before the first checkpoint
+    resumed = cli("train", "--resume", run_dir, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    probe = next(e for e in events if e["event"] == "probe")
+    assert probe["reused"] == str(run_dir / "probe.json") and probe["micro_batch"] == chosen
+    assert events[-1]["micro_batch"] == chosen

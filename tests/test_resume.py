@@ -106,6 +106,22 @@ def test_a_stop_signal_finishes_the_batch_checkpoints_and_says_how_to_resume(
     assert_bitwise_equal(parameters(run), parameters(one_go))
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_the_checkpoint_stays_good(tmp_path, one_go):
+    run = tmp_path / "run"
+    process = start("train", write(tmp_path), "--out", run, "--quiet")
+    wait_for(run / "checkpoints" / "step-000020.pt", process)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    resumed = mbp("train", "--resume", run, "--quiet")  # whatever checkpoint is newest loads
+    assert resumed.returncode == 0, resumed.stderr
+    assert "corrupt" not in resumed.stderr
+    assert_bitwise_equal(parameters(run), parameters(one_go))
+
+
 def test_a_corrupt_checkpoint_is_named_and_the_one_before_is_used(cli, tmp_path):
     recipe = write(tmp_path, small_recipe(train={"steps": 6, "checkpoint_every": 2,
                                                  "keep_checkpoints": 3, "device": "cpu"}))
