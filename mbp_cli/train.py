@@ -185,13 +185,11 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
                         "micro_batches": totals.micro_batches, "step_seconds": step_seconds,
                         "samples_per_second": totals.samples / step_seconds,
                         "peak_memory_bytes": memory.peak_bytes()})
-                every = recipe.train.eval_every
-                if loop.step == total_steps or (every and loop.step % every == 0):
+                if is_due(loop.step, recipe.train.eval_every, total_steps):
                     loop.eval_result = evaluate(setup, recipe, stream.micro_batch)
                     if loop.eval_result:
                         record({"event": "eval", "step": loop.step, **loop.eval_result})
-                every = recipe.train.checkpoint_every
-                if loop.step == total_steps or (every and loop.step % every == 0):
+                if is_due(loop.step, recipe.train.checkpoint_every, total_steps):
                     checkpoint()
                 if stop.is_set:
                     stop_now(stop, loop, checkpoint, record)
@@ -199,7 +197,23 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
             metrics.close()
 
     save_state_dict(run_dir / "model.pt", model.state_dict())
-    summary = {
+    summary = summarize(recipe, loop, total_steps, memory, time.perf_counter() - started,
+                        device, run_dir)
+    write_json(run_dir / "summary.json", summary)
+    emit({"event": "done", **summary})
+    return summary
+
+
+def is_due(step: int, every: int, total_steps: int) -> bool:
+    """Whether something done every `every` steps (0: never) and at the end is due now."""
+    return step == total_steps or bool(every and step % every == 0)
+
+
+def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMemory,
+              wall_seconds: float, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    """summary.json: what the run did, how fast, in how much memory, with which versions."""
+    target = recipe.batch.target
+    return {
         "name": recipe.name, "steps": total_steps, "samples_seen": loop.samples_seen,
         "final_train_loss": loop.last_loss, **loop.eval_result, "target_batch": target,
         "micro_batch": loop.micro_batch,
@@ -208,13 +222,10 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
         "samples_per_second": (loop.samples_seen / loop.train_seconds
                                if loop.train_seconds else None),
         "peak_memory_bytes": memory.peak_bytes(), "peak_memory_source": memory.source,
-        "wall_seconds": time.perf_counter() - started, "device": str(device),
+        "wall_seconds": wall_seconds, "device": str(device),
         "versions": {"mbp": mbp_cli.__version__, "torch": torch.__version__},
         "run_dir": str(run_dir),
     }
-    write_json(run_dir / "summary.json", summary)
-    emit({"event": "done", **summary})
-    return summary
 
 
 def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
