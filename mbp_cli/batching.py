@@ -57,7 +57,7 @@ class MicroBatchPlan(torch.utils.data.Sampler):
 
     def micro_batches_per_step(self, step: int) -> int:
         """How many micro-batches step `step` streams."""
-        epoch, position = divmod(step, self.steps_per_epoch)
+        position = step % self.steps_per_epoch
         size = min(self.target_batch, self.num_samples - position * self.target_batch)
         return math.ceil(size / self.micro_batch)
 

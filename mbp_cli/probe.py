@@ -14,9 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mbp_cli import registry
 from mbp_cli.errors import UsageError, does_not_fit
-from mbp_cli.memory import (
-    available_bytes,
-)
+from mbp_cli.memory import available_bytes
 from mbp_cli.recipe import Recipe
 from mbp_cli.setup import (
     DTYPES,
@@ -163,8 +161,7 @@ def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
     runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
                         setup.device, setup.dtype, backend_for(options), options.capacity_bytes)
     with preserved_training_state(setup.model, optimizer, setup.device):
-        return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
-                                  recipe.batch.memory_margin, smallest_micro_batch(setup.model))
+        return _probe(recipe, options, runner)
 
 
 def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
@@ -186,5 +183,9 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
 
     runner = StepRunner(model, optimizer, loss_fn, make_fake_batch, torch.device("cpu"),
                         DTYPES[recipe.train.dtype], "estimate", context=lambda: fake_mode)
+    return _probe(recipe, options, runner)
+
+
+def _probe(recipe: Recipe, options: ProbeOptions, runner: StepRunner) -> ProbeResult:
     return choose_micro_batch(runner, recipe.batch.target, resolve_budget(recipe, options),
-                              recipe.batch.memory_margin, smallest_micro_batch(model))
+                              recipe.batch.memory_margin, smallest_micro_batch(runner.model))

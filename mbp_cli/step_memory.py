@@ -4,7 +4,6 @@ the model, optimizer and RNG put back afterwards."""
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset, default_collate
 
 from mbp_cli.accumulate import to_device
+from mbp_cli.checkpoint import restore_rng_states, rng_states
 from mbp_cli.datasets import TensorPairs
 from mbp_cli.losses import LossFn
 from mbp_cli.memory import (
@@ -118,16 +118,12 @@ def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     model_state = tree_map(to_cpu, model.state_dict())
     optimizer_state = tree_map(to_cpu, optimizer.state_dict())
-    cpu_rng, python_rng = torch.get_rng_state(), random.getstate()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    rng = rng_states()
     try:
         yield
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         optimizer.zero_grad(set_to_none=True)
-        torch.set_rng_state(cpu_rng)
-        random.setstate(python_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        restore_rng_states(rng)
         free_cached_memory(device)
