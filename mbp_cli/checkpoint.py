@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from mbp_cli.errors import MbpError
-from mbp_cli.rundir import write_atomic
+from mbp_cli.rundir import save_state_dict
 
 FORMAT = "mbp-checkpoint-1"
 FOLDER = "checkpoints"
@@ -76,13 +75,10 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     path.parent.mkdir(exist_ok=True)
     state = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": rng_states()}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     try:
-        write_atomic(path, buffer.getvalue())
-    except OSError as exc:
-        raise MbpError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous "
-                       "checkpoint is intact") from exc
+        save_state_dict(path, state, what="checkpoint")
+    except MbpError as exc:
+        raise MbpError(f"{exc}; the previous checkpoint is intact") from exc
     for old in sorted(path.parent.glob("step-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import MbpError, UsageError
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints")
@@ -50,18 +50,26 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a reader sees the old content or the new, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomic(path: Path, data: bytes, what: str = "file") -> None:
+    """Write a file so that a reader sees the old content or the new, never a torn one.
+
+    A write that fails (a full disk, a folder that cannot be written) leaves the old file as it
+    was and is an MbpError naming `what` and the path.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_folder(path.parent)  # the rename itself survives a power cut
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise MbpError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -78,23 +86,30 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
-def save_state_dict(path: Path, state: dict[str, Any]) -> None:
+def save_state_dict(path: Path, state: dict[str, Any], what: str = "model") -> None:
     """Atomically save a state_dict with torch.save."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), what)
 
 
 class MetricsLog:
     """metrics.jsonl, one JSON object a line, flushed so a crash keeps what came before."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = open(path, "a", encoding="utf-8")  # closed by close()
+        self.path = path
+        try:
+            self.handle = open(path, "a", encoding="utf-8")  # closed by close()
+        except OSError as exc:
+            raise MbpError(f"cannot write metrics {path}: {exc.strerror or exc}") from exc
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+        except OSError as exc:
+            raise MbpError(f"cannot write metrics {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         """Close the file."""

@@ -126,7 +126,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     else:  # only now, with everything built, is the folder made (and old results removed)
         loop = None
         prepare_run_dir(run_dir, options.overwrite)
-    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode())
+    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode(), what="recipe")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     simulated = options.simulated_memory
     if simulated is not None:

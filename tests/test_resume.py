@@ -207,6 +207,25 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cli, tmp_
     assert cli("train", "--resume", run, "--quiet").exit_code == 0
 
 
+def test_a_full_disk_while_saving_the_model_is_a_clear_error(cli, tmp_path, monkeypatch):
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    real_fsync = os.fsync
+
+    def fsync_that_fills_the_disk_for_the_model(fd):
+        if ".model.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk_for_the_model)
+    result = cli("train", recipe, "--out", tmp_path / "run", "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 1
+    assert f"error: cannot write model {tmp_path / 'run' / 'model.pt'}: No space left" \
+        in result.stderr
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no half-written file left behind
+
+
 def test_an_unwritable_output_folder_is_a_clear_error(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
