@@ -93,9 +93,7 @@ def train(
         from mbp_cli.train import RunOptions
         from mbp_cli.train import train as run_training
 
-        overrides = list(set_ or [])
-        if device:
-            overrides.append(f"train.device={device}")
+        overrides = _overrides(set_, device)
         if resume is not None:
             if out is not None and out.resolve() != resume.resolve():
                 raise UsageError("--resume continues in its own folder; leave out --out")
@@ -116,6 +114,11 @@ def train(
             run_training(loaded, options, reporter)
         finally:
             reporter.close()
+
+
+def _overrides(set_: list[str] | None, device: str | None) -> list[str]:
+    """The --set overrides, with --device as the override of train.device."""
+    return [*(set_ or []), *([f"train.device={device}"] if device else [])]
 
 
 def _allocator_settings() -> None:
@@ -166,8 +169,7 @@ def probe(
         from mbp_cli.report import print_probe
         from mbp_cli.setup import resolve_device
 
-        overrides = [*(set_ or []), *([f"train.device={device}"] if device else [])]
-        loaded = load_checked_recipe(recipe, overrides)
+        loaded = load_checked_recipe(recipe, _overrides(set_, device))
         if device_memory and not estimate:
             raise UsageError("--device-memory goes with --estimate")
         options = ProbeOptions(

@@ -94,7 +94,7 @@ def training_state_tensors(model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     """Parameters, their gradients and the optimizer's state: what a step keeps between steps."""
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [b for b in model.buffers()]
+    tensors += list(model.buffers())
     if optimizer is not None:
         tensors += [v for state in optimizer.state.values() for v in tree_leaves(state)
                     if isinstance(v, torch.Tensor)]
