@@ -82,7 +82,7 @@ def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
     return None
 
 
-def choose_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
+def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
                        options: RunOptions, record: EventSink) -> int:
     """The recipe's micro-batch, or for `auto` the probe's choice (saved as probe.json, and
     taken from there when a run resumes)."""
@@ -138,7 +138,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
         emit(event)
 
     if loop is None:
-        loop = LoopState(choose_micro_batch(recipe, setup, optimizer, options, record))
+        loop = LoopState(starting_micro_batch(recipe, setup, optimizer, options, record))
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, total_steps, recipe.train.num_workers,
                               device.type == "cuda", start_step=loop.step)
