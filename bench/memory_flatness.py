@@ -19,7 +19,7 @@ from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.datasets import synthetic
 from mbp_cli.losses import cross_entropy
-from mbp_cli.memory import StorageTracker, training_state_tensors
+from mbp_cli.memory.tracker import StorageTracker, training_state_tensors
 from mbp_cli.models import small_cnn
 
 TARGETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]

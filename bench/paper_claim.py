@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import RESULTS, markdown_table, write_result
 
 from mbp_cli.datasets import digits
-from mbp_cli.memory import SimulatedOutOfMemoryError, StorageTracker, training_state_tensors
+from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, training_state_tensors
 from mbp_cli.models import small_cnn
 from mbp_cli.recipe import load_recipe
 from mbp_cli.train import RunOptions, train

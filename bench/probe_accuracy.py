@@ -13,10 +13,10 @@ import time
 import torch
 from common import markdown_table, write_result
 
-from mbp_cli.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.build import build, build_optimizer, smallest_micro_batch
+from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.memory.step import StepRunner, batch_maker, preserved_training_state
 from mbp_cli.recipe import build_recipe
-from mbp_cli.setup import build, build_optimizer, smallest_micro_batch
-from mbp_cli.step_memory import StepRunner, batch_maker, preserved_training_state
 
 CPU = torch.device("cpu")
 MiB = 2**20

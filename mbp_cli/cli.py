@@ -83,13 +83,13 @@ def train(
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors():
         _allocator_settings()
+        from mbp_cli.build import resolve_device
         from mbp_cli.errors import UsageError
-        from mbp_cli.memory import StorageTracker
-        from mbp_cli.registry import load_checked_recipe
+        from mbp_cli.memory.tracker import StorageTracker
+        from mbp_cli.recipe import load_recipe
         from mbp_cli.report import make_reporter
         from mbp_cli.resume import recipe_to_resume
         from mbp_cli.rundir import check_run_dir, default_run_dir
-        from mbp_cli.setup import resolve_device
         from mbp_cli.train import RunOptions
         from mbp_cli.train import train as run_training
 
@@ -99,7 +99,7 @@ def train(
                 raise UsageError("--resume continues in its own folder; leave out --out")
             loaded, run_dir = recipe_to_resume(resume, recipe, overrides), resume
         elif recipe is not None:
-            loaded = load_checked_recipe(recipe, overrides)
+            loaded = load_recipe(recipe, overrides)
             run_dir = out or default_run_dir(loaded.name)
             check_run_dir(run_dir, overwrite)  # refuse early; the run makes the folder
         else:
@@ -163,13 +163,13 @@ def probe(
     """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
     with user_errors():
         _allocator_settings()
+        from mbp_cli.build import resolve_device
         from mbp_cli.errors import UsageError
-        from mbp_cli.probe import ProbeOptions, probe_recipe
-        from mbp_cli.registry import load_checked_recipe
+        from mbp_cli.memory.probe import ProbeOptions, probe_recipe
+        from mbp_cli.recipe import load_recipe
         from mbp_cli.report import print_probe
-        from mbp_cli.setup import resolve_device
 
-        loaded = load_checked_recipe(recipe, _overrides(set_, device))
+        loaded = load_recipe(recipe, _overrides(set_, device))
         if device_memory and not estimate:
             raise UsageError("--device-memory goes with --estimate")
         options = ProbeOptions(
@@ -190,9 +190,9 @@ def probe(
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe and its builder arguments without training: exit 0 if valid, 2 if not."""
     with user_errors():
-        from mbp_cli.registry import load_checked_recipe
+        from mbp_cli.recipe import load_recipe
 
-        loaded = load_checked_recipe(recipe, list(set_ or []))
+        loaded = load_recipe(recipe, list(set_ or []))
         typer.echo(f"{recipe}: valid recipe {loaded.name!r}")
 
 

@@ -6,9 +6,9 @@ import torch
 
 from mbp_cli.accumulate import to_device
 from mbp_cli.batching import eval_loader
+from mbp_cli.build import Setup
 from mbp_cli.losses import CLASSIFICATION_LOSSES, correct_predictions
 from mbp_cli.recipe import Recipe
-from mbp_cli.setup import Setup
 
 
 def evaluate(setup: Setup, recipe: Recipe, micro_batch: int) -> dict[str, float | None]:

@@ -1,4 +1,4 @@
-"""The recipe: frozen dataclasses and load_recipe(), the only way in (stdlib and yaml only)."""
+"""The recipe: frozen dataclasses and load_recipe(), the one way to read and check a recipe."""
 
 from __future__ import annotations
 
@@ -112,8 +112,12 @@ TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file; raise RecipeError listing every problem."""
+    """Read, override and validate a recipe file, builder arguments checked against their
+    signatures (nothing downloaded); raise RecipeError listing every problem at once."""
+    from mbp_cli.arguments import recipe_problems  # imports torch: only once the YAML is read
+
     recipe, problems = read_recipe(path, overrides)
+    problems += recipe_problems(recipe)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe

@@ -12,8 +12,7 @@ import torch
 
 from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
 from mbp_cli.errors import UsageError
-from mbp_cli.recipe import Recipe
-from mbp_cli.registry import load_checked_recipe
+from mbp_cli.recipe import Recipe, load_recipe
 from mbp_cli.rundir import write_atomic
 
 SAFE_TO_CHANGE_ON_RESUME = (
@@ -41,8 +40,8 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
-    original = load_checked_recipe(saved)
-    wanted = load_checked_recipe(recipe or saved, overrides)
+    original = load_recipe(saved)
+    wanted = load_recipe(recipe or saved, overrides)
     unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
               if key not in SAFE_TO_CHANGE_ON_RESUME]
     if unsafe:

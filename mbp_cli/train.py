@@ -15,20 +15,28 @@ import torch
 from torch import Tensor
 
 import mbp_cli
-from mbp_cli import registry
 from mbp_cli.accumulate import StepTotals, accumulate_gradients
 from mbp_cli.batching import MicroBatchStream, steps_per_epoch
+from mbp_cli.build import (
+    Setup,
+    build,
+    build_optimizer,
+    build_schedule,
+    has_batch_norm,
+    resolve_device,
+    smallest_micro_batch,
+)
 from mbp_cli.checkpoint import LoopState, save_checkpoint
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.evaluate import evaluate
-from mbp_cli.memory import (
+from mbp_cli.memory.probe import ProbeOptions, probe_setup
+from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
     free_cached_memory,
     is_out_of_memory,
     training_state_tensors,
 )
-from mbp_cli.probe import ProbeOptions, probe_setup
 from mbp_cli.recipe import Recipe, dump_recipe
 from mbp_cli.resume import resume_state
 from mbp_cli.rundir import (
@@ -37,14 +45,6 @@ from mbp_cli.rundir import (
     save_state_dict,
     write_atomic,
     write_json,
-)
-from mbp_cli.setup import (
-    Setup,
-    build,
-    build_optimizer,
-    has_batch_norm,
-    resolve_device,
-    smallest_micro_batch,
 )
 from mbp_cli.stopping import StopRequest, graceful_stop
 
@@ -118,7 +118,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
     if options.max_steps is not None:
         total_steps = min(total_steps, options.max_steps)
-    scheduler = registry.build_schedule(optimizer, recipe.schedule, total_steps)
+    scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
 
     run_dir = options.run_dir
     if options.resume:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mbp_cli.probe import ProbeOptions, probe_recipe
+from mbp_cli.memory.probe import ProbeOptions, probe_recipe
 from mbp_cli.recipe import load_recipe
 from tests.conftest import small_recipe
 

@@ -7,10 +7,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mbp_cli.losses import cross_entropy
-from mbp_cli.memory import SimulatedOutOfMemoryError, StorageTracker, is_out_of_memory
+from mbp_cli.memory.step import StepRunner
+from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, is_out_of_memory
 from mbp_cli.models import small_cnn, tiny_lm
 from mbp_cli.recipe import load_recipe
-from mbp_cli.step_memory import StepRunner
 from mbp_cli.train import RunOptions, train
 from tests.conftest import small_recipe
 

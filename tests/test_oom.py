@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mbp_cli.memory import StorageTracker
+from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.recipe import load_recipe
 from mbp_cli.train import RunOptions, train
 from tests.conftest import small_recipe

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from mbp_cli.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.build import build, build_optimizer
+from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
+from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.memory.step import StepRunner, batch_maker
 from mbp_cli.recipe import load_recipe
-from mbp_cli.setup import build, build_optimizer
-from mbp_cli.sizing import Measurement, fit_line, prefer_even_split, slope_is_stable
-from mbp_cli.step_memory import StepRunner, batch_maker
 from tests.conftest import REPO, small_recipe
 
 CPU = torch.device("cpu")

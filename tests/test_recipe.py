@@ -6,20 +6,19 @@ import pytest
 
 from mbp_cli.errors import RecipeError, UsageError
 from mbp_cli.recipe import bundled_recipes, dump_recipe, load_recipe
-from mbp_cli.registry import load_checked_recipe
 from tests.conftest import REPO, small_recipe
 
 
 def problems_of(path, overrides=()) -> list[str]:
     with pytest.raises(RecipeError) as caught:
-        load_checked_recipe(path, overrides)
+        load_recipe(path, overrides)
     return caught.value.problems
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")),
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_bundled_recipe_is_valid(path):
-    recipe = load_checked_recipe(path)  # builder arguments checked too, nothing downloaded
+    recipe = load_recipe(path)  # builder arguments checked too, nothing downloaded
     assert recipe.batch.micro == "auto" or recipe.batch.micro <= recipe.batch.target
 
 
@@ -115,7 +114,7 @@ def test_overrides_are_checked_like_the_file(write_recipe):
 
 
 def test_shorthand_names_expand_and_take_overrides(write_recipe):
-    recipe = load_checked_recipe(write_recipe(small_recipe(loss="nll")),
+    recipe = load_recipe(write_recipe(small_recipe(loss="nll")),
                                  ["loss.args.ignore_index=3"])
     assert (recipe.loss.name, recipe.loss.args) == ("nll", {"ignore_index": 3})
 

@@ -1,7 +1,8 @@
-"""A run's parts built from its recipe: device, data, model, loss, optimizer (real or fake)."""
+"""A run built from its recipe: device, data, model, loss, optimizer (real or fake), schedule."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from mbp_cli import registry
 from mbp_cli.datasets import build_split, hold_out
 from mbp_cli.errors import UsageError
 from mbp_cli.losses import LossFn
-from mbp_cli.recipe import Recipe
+from mbp_cli.recipe import Recipe, ScheduleSpec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -100,3 +101,21 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False) 
         return builder(**recipe.model.args)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant, cosine or linear decay to `final_lr_fraction`."""
+
+    def factor(step: int) -> float:
+        if spec.name == "none":
+            return 1.0
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.name == "cosine" else 1 - progress
+        return spec.final_lr_fraction + (1 - spec.final_lr_fraction) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

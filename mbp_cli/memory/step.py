@@ -15,16 +15,16 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset, default_collate
 
 from mbp_cli.accumulate import to_device
-from mbp_cli.checkpoint import restore_rng_states, rng_states
 from mbp_cli.datasets import TensorPairs
 from mbp_cli.losses import LossFn
-from mbp_cli.memory import (
+from mbp_cli.memory.fit import Measurement
+from mbp_cli.memory.tracker import (
     StorageTracker,
     free_cached_memory,
     is_out_of_memory,
     training_state_tensors,
 )
-from mbp_cli.sizing import Measurement
+from mbp_cli.rng import restore_rng_states, rng_states
 
 BatchMaker = Callable[[int], tuple[Tensor, Tensor]]
 

@@ -13,10 +13,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mbp_cli import registry
-from mbp_cli.errors import UsageError, does_not_fit
-from mbp_cli.memory import available_bytes
-from mbp_cli.recipe import Recipe
-from mbp_cli.setup import (
+from mbp_cli.build import (
     DTYPES,
     Setup,
     build,
@@ -25,8 +22,11 @@ from mbp_cli.setup import (
     build_optimizer,
     smallest_micro_batch,
 )
-from mbp_cli.sizing import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
-from mbp_cli.step_memory import StepRunner, batch_maker, preserved_training_state
+from mbp_cli.errors import UsageError, does_not_fit
+from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
+from mbp_cli.memory.step import StepRunner, batch_maker, preserved_training_state
+from mbp_cli.memory.tracker import available_bytes
+from mbp_cli.recipe import Recipe
 from mbp_cli.units import parse_bytes
 
 

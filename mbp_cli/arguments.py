@@ -1,0 +1,83 @@
+"""Builder arguments checked against each builder's signature when a recipe loads."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from typing import Any
+
+import torch
+
+from mbp_cli.recipe import Recipe, suggest
+from mbp_cli.registry import (
+    Builder,
+    LookupFailed,
+    find_dataset,
+    find_loss,
+    find_model,
+    find_optimizer,
+)
+
+
+def argument_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:
+    """Arguments the builder's signature does not take, or required ones the recipe leaves out."""
+    try:
+        params = inspect.signature(builder.fn).parameters
+    except (TypeError, ValueError):
+        return []  # a builtin without a signature: torch will judge the arguments
+    problems = []
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in args:
+        if key in builder.injected:
+            problems.append(f"{path}.{key}: mbp sets this argument itself; leave it out")
+        elif key not in params and not takes_any:
+            problems.append(f"{path}.{key}: {builder.label} has no argument {key!r}"
+                            + suggest(key, named))
+    for name, p in params.items():
+        is_required = p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if is_required and name not in args and name not in builder.injected:
+            problems.append(f"{path}: {builder.label} needs the argument {name!r}")
+    if builder.is_torchvision and takes_any and not problems and "weights" not in args:
+        problems += _trial_build_problems(builder, args, path)
+    return problems
+
+
+def _trial_build_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:
+    """Build a torchvision model on the meta device: checks its **kwargs, allocates nothing."""
+    if inspect.isclass(builder.fn):
+        return []  # a dataset class: building one reads files, so only its signature is checked
+    try:
+        with torch.device("meta"):
+            builder.fn(**args)
+    except TypeError as exc:
+        unknown = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'",
+                            str(exc))
+        model_class = unknown and getattr(importlib.import_module("torchvision.models"),
+                                          unknown[1], None)
+        if model_class is None:
+            return [f"{path}: {builder.label} refuses these arguments: {exc}"]
+        named = list(inspect.signature(model_class).parameters)
+        return [f"{path}.{unknown[2]}: {builder.label} has no argument {unknown[2]!r}"
+                + suggest(unknown[2], named)]
+    except (ValueError, AssertionError) as exc:
+        return [f"{path}: {builder.label} refuses these arguments: {exc}"]
+    return []
+
+
+def recipe_problems(recipe: Recipe) -> list[str]:
+    """Look up every named builder of a recipe and check its arguments against its signature."""
+    problems = []
+    sections = [("model", recipe.model, find_model), ("data", recipe.data, find_dataset),
+                ("optim", recipe.optim, find_optimizer), ("loss", recipe.loss, find_loss)]
+    for path, spec, find in sections:
+        if not isinstance(spec.name, str) or not isinstance(spec.args, dict):
+            continue  # already reported by the recipe loader
+        try:
+            builder = find(spec.name)
+        except LookupFailed as exc:
+            problems.append(f"{path}.name: {exc}")
+            continue
+        problems += argument_problems(builder, spec.args, f"{path}.args")
+    return problems
