@@ -23,6 +23,7 @@ from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.datasets import digits, synthetic_tokens
 from mbp_cli.losses import cross_entropy
 from mbp_cli.models import small_cnn, tiny_lm
+from mbp_cli.step import MicroStep
 
 CPU = torch.device("cpu")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,7 +43,7 @@ def full_batch(model, x, y, loss: Loss, micro: int) -> torch.Tensor:
 
 
 def with_mbp(model, x, y, loss: Loss, micro: int) -> torch.Tensor:
-    accumulate_gradients(model, pieces(x, y, micro), cross_entropy(), CPU, torch.float64)
+    accumulate_gradients(MicroStep(model, cross_entropy(), CPU, torch.float64), pieces(x, y, micro))
     return flat_grad(model)
 
 

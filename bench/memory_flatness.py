@@ -21,6 +21,7 @@ from mbp_cli.datasets import synthetic
 from mbp_cli.losses import cross_entropy
 from mbp_cli.memory.tracker import StorageTracker, training_state_tensors
 from mbp_cli.models import small_cnn
+from mbp_cli.step import MicroStep
 
 TARGETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 MICRO = 32
@@ -42,7 +43,7 @@ def step_peak(target: int, micro: int, device: torch.device) -> int:
     else:
         torch.cuda.reset_peak_memory_stats(device)
     with tracker if tracker is not None else contextlib.nullcontext():
-        accumulate_gradients(model, pieces, cross_entropy(), device, torch.float32)
+        accumulate_gradients(MicroStep(model, cross_entropy(), device, torch.float32), pieces)
         optimizer.step()
     if tracker is not None:
         return tracker.peak_bytes

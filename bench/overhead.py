@@ -25,6 +25,7 @@ from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.datasets import TensorPairs, digits
 from mbp_cli.losses import cross_entropy
 from mbp_cli.models import mlp, small_cnn
+from mbp_cli.step import MicroStep
 
 CASES = [("small_cnn", 512, 32), ("small_cnn", 512, 8), ("mlp", 1024, 64)]
 
@@ -62,11 +63,11 @@ def mbp_loop(name, data, target, micro, device) -> Callable[[], None]:
     model, optimizer = build(name, device)
     plan = MicroBatchPlan(len(data), target, micro, 0, True, 0, 10**6)
     stream = iter(micro_batch_loader(data, plan, num_workers=0, pin_memory=False))
-    loss_fn, steps = cross_entropy(), itertools.count()
+    micro_step, steps = MicroStep(model, cross_entropy(), device, torch.float32), itertools.count()
 
     def step() -> None:
         pieces = itertools.islice(stream, plan.micro_batches_per_step(next(steps)))
-        accumulate_gradients(model, pieces, loss_fn, device, torch.float32)
+        accumulate_gradients(micro_step, pieces)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

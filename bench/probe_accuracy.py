@@ -46,8 +46,7 @@ def true_largest(recipe, budget: int) -> tuple[int, int]:
     Returns it and the number of sizes measured."""
     setup = build(recipe, CPU)
     optimizer = build_optimizer(recipe, setup.model)
-    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
-                        CPU, setup.dtype, "tracked")
+    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set), "tracked")
     usable = budget * (1 - recipe.batch.memory_margin)
     smallest = smallest_micro_batch(setup.model)
     largest, size, first_too_big = 0, smallest, None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mbp_cli.recipe import Recipe, suggest
+from mbp_cli.recipe import Recipe, recipe_folders, suggest
 from mbp_cli.registry import (
     Builder,
     LookupFailed,
@@ -23,7 +23,7 @@ from mbp_cli.registry import (
 def argument_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:
     """Arguments the builder's signature does not take, or required ones the recipe leaves out."""
     try:
-        params = inspect.signature(builder.fn).parameters
+        params = inspect.signature(builder.signature_of or builder.fn).parameters
     except (TypeError, ValueError):
         return []  # a builtin without a signature: torch will judge the arguments
     problems = []
@@ -75,7 +75,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         if not isinstance(spec.name, str) or not isinstance(spec.args, dict):
             continue  # already reported by the recipe loader
         try:
-            builder = find(spec.name)
+            builder = find(spec.name, recipe_folders(recipe))
         except LookupFailed as exc:
             problems.append(f"{path}.name: {exc}")
             continue

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mbp_cli.datasets import TensorPairs
+from mbp_cli.errors import UsageError
+from mbp_cli.step import describe
+
+Collate = Callable[[list[Any]], Any]
 
 
 def steps_per_epoch(num_samples: int, target_batch: int, drop_last: bool) -> int:
@@ -59,7 +64,7 @@ class MicroBatchPlan(torch.utils.data.Sampler):
         """How many micro-batches step `step` streams."""
         position = step % self.steps_per_epoch
         size = min(self.target_batch, self.num_samples - position * self.target_batch)
-        return math.ceil(size / self.micro_batch)
+        return accumulation_steps(size, self.micro_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, batches = None, []
@@ -87,7 +92,8 @@ def _tensor_stream(dataset: TensorPairs, batch_sampler: Iterable[list[int]],
 
 
 def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], num_workers: int,
-                       pin_memory: bool, seed: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
+                       pin_memory: bool, seed: int = 0,
+                       collate: Collate | None = None) -> Iterable[Any]:
     """Stream micro-batches: a DataLoader, pinning host memory when the device is CUDA.
 
     Tensors already in memory with no workers asked for are indexed directly: the DataLoader
@@ -98,18 +104,37 @@ def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], num
     return DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
         # TensorPairs hands back a whole micro-batch already stacked.
-        collate_fn=_as_batch if isinstance(dataset, TensorPairs) else None,
+        collate_fn=_as_batch if isinstance(dataset, TensorPairs) else collate_samples(collate),
         # Its own generator for worker seeds: the global RNG stays as a resumed run needs it.
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def eval_loader(dataset: Dataset, micro_batch: int, num_workers: int,
-                pin_memory: bool) -> Iterable[tuple[Tensor, Tensor]]:
+def eval_loader(dataset: Dataset, micro_batch: int, num_workers: int, pin_memory: bool,
+                collate: Collate | None = None) -> Iterable[Any]:
     """Sequential micro-batches over a held-out split."""
     sampler = torch.utils.data.BatchSampler(
         torch.utils.data.SequentialSampler(dataset), micro_batch, drop_last=False)
-    return micro_batch_loader(dataset, sampler, num_workers, pin_memory)
+    return micro_batch_loader(dataset, sampler, num_workers, pin_memory, collate=collate)
+
+
+def collate_samples(collate: Collate | None) -> Collate:
+    """The recipe's collate, or torch's default with a message for samples it cannot stack."""
+    return collate or _default_collate
+
+
+def _default_collate(samples: list[Any]) -> Any:
+    try:
+        return default_collate(samples)
+    except (TypeError, RuntimeError) as exc:
+        raise UsageError(f"cannot make a batch of the samples ({exc}); a sample is "
+                         f"{describe(samples[0])}. Return tensors of one shape from the dataset "
+                         "(data.transforms for images), or pad them with data.collate") from exc
+
+
+def accumulation_steps(target_batch: int, micro_batch: int) -> int:
+    """Micro-batches in a full target batch (the last one may be smaller)."""
+    return math.ceil(target_batch / micro_batch)
 
 
 class MicroBatchStream:
@@ -121,20 +146,25 @@ class MicroBatchStream:
 
     def __init__(self, dataset: Dataset, target_batch: int, micro_batch: int, seed: int,
                  drop_last: bool, total_steps: int, num_workers: int, pin_memory: bool,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, collate: Collate | None = None) -> None:
         self.dataset, self.target_batch, self.seed = dataset, target_batch, seed
         self.drop_last, self.total_steps = drop_last, total_steps
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers, self.pin_memory, self.collate = num_workers, pin_memory, collate
         self.restart(start_step, micro_batch)
+
+    @property
+    def micro_batch(self) -> int:
+        """The micro-batch size streamed now."""
+        return self.plan.micro_batch
 
     def restart(self, step: int, micro_batch: int) -> None:
         """Stream from the start of `step` in micro-batches of `micro_batch`."""
-        self.micro_batch = micro_batch
         self.plan = MicroBatchPlan(len(self.dataset), self.target_batch, micro_batch, self.seed,
                                    self.drop_last, step, self.total_steps)
         self._stream = iter(micro_batch_loader(self.dataset, self.plan, self.num_workers,
-                                               self.pin_memory, seed=self.seed + step))
+                                               self.pin_memory, seed=self.seed + step,
+                                               collate=self.collate))
 
-    def pieces(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def pieces(self, step: int) -> Iterator[Any]:
         """The micro-batches of `step`, streamed (call once per step, in order)."""
         return itertools.islice(self._stream, self.plan.micro_batches_per_step(step))

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from mbp_cli import registry
-from mbp_cli.datasets import build_split, hold_out
-from mbp_cli.errors import UsageError
+from mbp_cli.datasets import build_split, hold_out, image_transform
+from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import LossFn
-from mbp_cli.recipe import Recipe, ScheduleSpec
+from mbp_cli.pretrained import build_pretrained, weights_transforms
+from mbp_cli.recipe import Recipe, ScheduleSpec, recipe_folders
+from mbp_cli.step import MicroStep
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -46,6 +52,8 @@ class Setup:
     loss_fn: LossFn
     device: torch.device
     dtype: torch.dtype
+    micro_step: MicroStep
+    collate: Callable[[list[Any]], Any] | None = None  # data.collate, else torch's default
 
 
 def build(recipe: Recipe, device: torch.device) -> Setup:
@@ -54,8 +62,37 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     torch.manual_seed(recipe.seed)
     train_set, eval_set = build_data(recipe)
     model = build_model(recipe, device)
-    loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
-    return Setup(model, train_set, eval_set, loss_fn, device, DTYPES[recipe.train.dtype])
+    loss_fn = build_loss(recipe)
+    dtype = DTYPES[recipe.train.dtype]
+    return Setup(model, train_set, eval_set, loss_fn, device, dtype,
+                 build_micro_step(recipe, model, loss_fn, device, dtype), build_collate(recipe))
+
+
+def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: torch.device,
+                     dtype: torch.dtype) -> MicroStep:
+    """The micro-step with the recipe's output and target keys."""
+    return MicroStep(model, loss_fn, device, dtype, output_key=recipe.model.output,
+                     target_key=recipe.data.target)
+
+
+def build_loss(recipe: Recipe) -> LossFn:
+    """The recipe's loss as (sum, count)."""
+    builder = registry.find_loss(recipe.loss.name, recipe_folders(recipe))
+    with users_code(f"loss {recipe.loss.name}") if builder.is_users else nullcontext():
+        return builder.fn(**recipe.loss.args)
+
+
+def build_collate(recipe: Recipe) -> Callable[[list[Any]], Any] | None:
+    """data.collate, its errors shown as the user's own; None for torch's default."""
+    if recipe.data.collate is None:
+        return None
+    collate = registry.import_path(recipe.data.collate, recipe_folders(recipe))
+    return functools.partial(_users_collate, collate, recipe.data.collate)
+
+
+def _users_collate(collate: Callable[[list[Any]], Any], name: str, samples: list[Any]) -> Any:
+    with users_code(f"data.collate {name}"):
+        return collate(samples)
 
 
 def has_batch_norm(model: nn.Module) -> bool:
@@ -78,27 +115,69 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
-    """The training split and the held-out split (the dataset's own, or a seeded fraction)."""
-    data = registry.find_dataset(recipe.data.name)
-    split_args = dict(resize=recipe.data.resize, is_torchvision=data.is_torchvision)
-    train_set = build_split(data.fn, recipe.data.args, train=True, **split_args)
-    eval_set = build_split(data.fn, recipe.data.args, train=False, **split_args)
+    """The training split and the held-out split (the dataset's own, or a seeded fraction),
+    each with its transforms."""
+    spec = recipe.data
+    data = registry.find_dataset(spec.name, recipe_folders(recipe))
+    train_tf, eval_tf = split_transforms(recipe, data.is_torchvision)
+
+    def split(train: bool, transform: Any) -> Dataset | None:
+        return build_split(data.fn, spec.args, train=train, transform=transform,
+                           is_users=data.is_users)
+
+    train_set, eval_set = split(True, train_tf), split(False, eval_tf)
     if eval_set is None:
-        train_set, eval_set = hold_out(train_set, recipe.data.eval_fraction, recipe.seed)
+        eval_source = split(True, eval_tf) if eval_tf is not train_tf else None
+        train_set, eval_set = hold_out(train_set, spec.eval_fraction, recipe.seed, eval_source)
     return train_set, eval_set
 
 
+def split_transforms(recipe: Recipe, is_torchvision: bool) -> tuple[Any, Any]:
+    """(training, held-out) image transforms: the recipe's, else the pretrained weights' own,
+    else resize and normalize; None for datasets that are not images."""
+    spec = recipe.data
+    asked = spec.transforms is not None or spec.eval_transforms is not None
+    if not (is_torchvision or asked or spec.resize or spec.normalize):
+        return None, None
+    preset = None
+    if recipe.model.name in _torchvision_models() and "weights" in recipe.model.args:
+        preset = weights_transforms(recipe.model.name, recipe.model.args)
+    if preset is not None and not asked:
+        return preset, preset
+    train_tf = image_transform(spec.transforms, resize=spec.resize, normalize=spec.normalize)
+    if spec.eval_transforms is None and not spec.transforms:
+        return train_tf, train_tf
+    return train_tf, image_transform(spec.eval_transforms, resize=spec.resize,
+                                     normalize=spec.normalize)
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision.models
+
+    return torchvision.models.list_models()
+
+
 def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False) -> nn.Module:
-    """The recipe's model in the training dtype on the device."""
+    """The recipe's model in the training dtype on the device (pretrained weights loaded and
+    the head replaced where the recipe asks)."""
     dtype = DTYPES[recipe.train.dtype]
-    builder = registry.find_model(recipe.model.name).fn
+    spec = recipe.model
+    builder = registry.find_model(spec.name, recipe_folders(recipe))
+    if builder.is_torchvision and spec.args.get("weights") is not None and not is_fake:
+        return build_pretrained(spec.name, spec.args, spec.head).to(device, dtype)
+    # Fake parameters take no pretrained weights: the estimate needs only their shapes.
+    args = {k: v for k, v in spec.args.items() if not (is_fake and k == "weights")}
+    make = functools.partial(builder.fn, **args)
+    guard = users_code(f"model {spec.name}") if builder.is_users else nullcontext()
     if not is_fake:
-        return builder(**recipe.model.args).to(device, dtype)
+        with guard:
+            return make().to(device, dtype)
     # Fake parameters cannot be converted after the fact: build them in the training dtype.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return builder(**recipe.model.args)
+        with guard:
+            return make()
     finally:
         torch.set_default_dtype(default_dtype)
 

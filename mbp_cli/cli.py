@@ -31,6 +31,8 @@ def user_errors() -> Iterator[None]:
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
+        if getattr(exc, "details", ""):
+            typer.echo(exc.details.rstrip(), err=True)  # the user's own code: its traceback
         typer.echo(f"{exc.label}: {exc}", err=True)
         if exc.label == "error":
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)

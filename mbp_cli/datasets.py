@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import UsageError, users_code
 
 
 class TensorPairs(Dataset):
@@ -86,25 +86,51 @@ BUILTIN_DATASETS: dict[str, Callable[..., Dataset]] = {
 INJECTED_DATASET_ARGS = ("train", "split", "transform")
 
 
-def image_transform(resize: int | None) -> Callable[[Any], Tensor]:
-    """PIL images (or tensors) to float tensors, resized to a square side when asked."""
-    from torchvision import transforms
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    steps = [transforms.Resize((resize, resize))] if resize else []
-    return transforms.Compose([*steps, transforms.ToTensor()])
+
+def transform_steps(specs: list[Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """`[RandomHorizontalFlip, {RandomResizedCrop: {size: 224}}]` as (name, args) pairs."""
+    steps = []
+    for spec in specs or []:
+        if isinstance(spec, str):
+            steps.append((spec, {}))
+        elif isinstance(spec, dict) and len(spec) == 1:
+            name, args = next(iter(spec.items()))
+            steps.append((str(name), args if isinstance(args, dict) else {}))
+        else:
+            raise UsageError(f"a transform is a name or {{Name: {{args}}}}, got {spec!r}")
+    return steps
+
+
+def image_transform(steps: list[Any] | None, *, resize: int | None,
+                    normalize: str | None) -> Callable[[Any], Tensor]:
+    """PIL images (or tensors) to float tensors: resized to a square side when asked, then the
+    recipe's torchvision `transforms.v2` steps, then normalized when asked."""
+    from torchvision.transforms import v2
+
+    pipeline = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    pipeline += [v2.Resize((resize, resize))] if resize else []
+    pipeline += [getattr(v2, name)(**args) for name, args in transform_steps(steps)]
+    if normalize == "imagenet":
+        pipeline.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    return v2.Compose(pipeline)
 
 
 class ReadableDataset(Dataset):
     """A dataset whose unreadable samples (a corrupt image, a missing file) stop the run with
     a message naming the sample, not a traceback from deep inside a loader."""
 
-    def __init__(self, dataset: Dataset, name: str) -> None:
-        self.dataset, self.name = dataset, name
+    def __init__(self, dataset: Dataset, name: str, is_users: bool) -> None:
+        self.dataset, self.name, self.is_users = dataset, name, is_users
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
+        if self.is_users:
+            with users_code(f"dataset {self.name}, sample {index},"):
+                return self.dataset[index]
         try:
             return self.dataset[index]
         except (OSError, ValueError) as exc:
@@ -115,12 +141,12 @@ class ReadableDataset(Dataset):
 
 
 def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train: bool,
-                resize: int | None, is_torchvision: bool) -> Dataset | None:
+                transform: Callable[[Any], Any] | None, is_users: bool) -> Dataset | None:
     """One split of a dataset, or None when the builder has no notion of splits."""
     params = inspect.signature(builder).parameters
     kwargs = dict(args)
-    if is_torchvision and "transform" in params:
-        kwargs["transform"] = image_transform(resize)
+    if transform is not None and "transform" in params:
+        kwargs["transform"] = transform
     if "train" in params:
         kwargs["train"] = train
     elif "split" in params:
@@ -128,15 +154,21 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
     elif not train:
         return None
     name = getattr(builder, "__name__", str(builder))
-    try:
-        dataset = builder(**kwargs)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
-    return dataset if isinstance(dataset, TensorPairs) else ReadableDataset(dataset, name)
+    if is_users:
+        with users_code(f"dataset {name}"):
+            dataset = builder(**kwargs)
+    else:
+        try:
+            dataset = builder(**kwargs)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
+    return dataset if isinstance(dataset, TensorPairs) else ReadableDataset(dataset, name, is_users)
 
 
-def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Split off a seeded `fraction` of a dataset that has no test split of its own."""
+def hold_out(dataset: Dataset, fraction: float, seed: int,
+             eval_source: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
+    """Split off a seeded `fraction` of a dataset that has no test split of its own (taken
+    from `eval_source`, the same data with the held-out transforms, where given)."""
     count = int(len(dataset) * fraction)
     if count == 0:
         return dataset, None
@@ -145,4 +177,4 @@ def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dat
     if isinstance(dataset, TensorPairs):
         return (TensorPairs(dataset.inputs[kept], dataset.targets[kept]),
                 TensorPairs(dataset.inputs[held], dataset.targets[held]))
-    return Subset(dataset, kept.tolist()), Subset(dataset, held.tolist())
+    return Subset(dataset, kept.tolist()), Subset(eval_source or dataset, held.tolist())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+from collections.abc import Iterator
+
 from mbp_cli.units import format_bytes
 
 EXIT_RUNTIME = 1
@@ -71,3 +75,25 @@ class StoppedError(MbpError):
     """Stopped by SIGINT or SIGTERM after a checkpoint; exit 130 or 143."""
 
     label = "stopped"
+
+
+class UserCodeError(UsageError):
+    """Your own code (a model or dataset constructor, a dataset, a collate) raised: the CLI
+    shows its traceback, since the fix is in that code, then this message."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        # Re-raised from a DataLoader worker, the message holds the worker's traceback.
+        self.details = details or (message if "DataLoader worker" in message else "")
+        super().__init__(message)
+
+
+@contextlib.contextmanager
+def users_code(what: str) -> Iterator[None]:
+    """Run the user's code; an exception it raises becomes a UserCodeError naming `what`."""
+    try:
+        yield
+    except MbpError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(f"{what} raised {type(exc).__name__}: {exc}",
+                            traceback.format_exc()) from exc

@@ -4,34 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from mbp_cli.accumulate import to_device
 from mbp_cli.batching import eval_loader
 from mbp_cli.build import Setup
-from mbp_cli.losses import CLASSIFICATION_LOSSES, correct_predictions
-from mbp_cli.recipe import Recipe
 
 
-def evaluate(setup: Setup, recipe: Recipe, micro_batch: int) -> dict[str, float | None]:
-    """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad."""
+def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, float | None]:
+    """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad,
+    through the same micro-step as training."""
     if setup.eval_set is None or len(setup.eval_set) == 0:
         return {}
-    pin = setup.device.type == "cuda"
-    loader = eval_loader(setup.eval_set, micro_batch, recipe.train.num_workers, pin)
-    ignore_index = recipe.loss.args.get("ignore_index", -100)
-    is_classification = recipe.loss.name in CLASSIFICATION_LOSSES
-    loss_sum, items, right, counted = 0.0, 0, 0, 0
+    loader = eval_loader(setup.eval_set, micro_batch, num_workers, setup.device.type == "cuda",
+                         setup.collate)
+    correct = getattr(setup.loss_fn, "correct", None)  # classification losses count hits
+    totals = torch.zeros(4, device=setup.device, dtype=torch.float64)  # loss, items, right, all
     setup.model.eval()
     with torch.no_grad():
-        for inputs, targets in loader:
-            inputs = to_device(inputs, setup.device, setup.dtype)
-            targets = to_device(targets, setup.device, setup.dtype)
-            output = setup.model(inputs)
-            micro_sum, micro_items = setup.loss_fn(output, targets)
-            loss_sum += float(micro_sum)
-            items += int(micro_items)
-            if is_classification:
-                r, c = correct_predictions(output, targets, ignore_index)
-                right, counted = right + r, counted + c
+        for batch in loader:
+            result = setup.micro_step(batch)
+            totals[0] += result.loss_sum
+            totals[1] += result.items
+            if correct is not None:
+                right, counted = correct(result.output, result.target)
+                totals[2] += right
+                totals[3] += counted
     setup.model.train()
-    accuracy = right / counted if is_classification and counted else None
+    loss_sum, items, right, counted = totals.tolist()
+    accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}

@@ -2,56 +2,138 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import pickle
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mbp_cli.errors import UsageError
 
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _class_scores(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Flatten (…, classes) scores and their targets to (items, classes) and (items,)."""
-    if output.dim() == 2 and target.dim() == 1:
-        return output, target  # the common case; torch checks the sizes itself
+def class_dim_of(output: Tensor, target: Tensor, forced: int | None = None) -> int:
+    """Where the class scores are: 1 as torch has them ((N, C), (N, C, d1, …, dk)) or -1, last,
+    as language models write them ((N, L, C)). Decided by the shapes; where both readings fit
+    (C == L) torch's is taken, unless `forced` (loss.args.class_dim) says otherwise."""
     if output.dim() < 2:
         raise UsageError(f"the model output has shape {tuple(output.shape)}; a classification "
-                       "loss needs class scores in its last dimension")
-    hard = not target.is_floating_point()
-    expected = output.shape[:-1] if hard else output.shape
-    if target.shape != expected:
-        raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
-                       f"{tuple(target.shape)}: expected a target of shape {tuple(expected)}")
-    classes = output.shape[-1]
-    return output.reshape(-1, classes), target.reshape(-1) if hard else target.reshape(-1, classes)
+                         "loss needs class scores of shape (N, C) or (N, C, d1, …)")
+    if output.dim() == 2 and forced is None:
+        return 1
+    soft = target.is_floating_point()
+    first = output.shape if soft else (output.shape[0], *output.shape[2:])
+    last = output.shape if soft else output.shape[:-1]
+    fits = {1: tuple(target.shape) == tuple(first), -1: tuple(target.shape) == tuple(last)}
+    for dim in (forced,) if forced is not None else (1, -1):
+        if fits[dim]:
+            return dim
+    kind = "class probabilities" if soft else "class indices"
+    expected = (f"a target of shape {tuple(first)} with classes in dim 1 (as torch's "
+                f"cross_entropy), or {tuple(last)} with classes last")
+    if forced is not None:
+        expected = f"a target of shape {tuple(first if forced == 1 else last)} " \
+                   f"(loss.args.class_dim: {forced})"
+    raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
+                     f"{tuple(target.shape)} of {kind}: expected {expected}")
 
 
-def cross_entropy(*, ignore_index: int = -100, label_smoothing: float = 0.0) -> LossFn:
-    """Cross-entropy over class scores in the last dimension; ignored targets are not items."""
+def _scores_and_target(output: Tensor, target: Tensor,
+                       forced: int | None) -> tuple[Tensor, Tensor, int]:
+    """Scores with classes in dim 1 and their target, as torch's losses take them."""
+    if output.dim() == 2 and target.dim() == 1:
+        return output, target, 1  # the common case; torch checks the sizes itself
+    dim = class_dim_of(output, target, forced)
+    if dim == -1 and output.dim() > 2:  # (N, L, C) → (N·L, C): classes in dim 1, a view
+        classes = output.shape[-1]
+        soft = target.is_floating_point()
+        return (output.reshape(-1, classes),
+                target.reshape(-1, classes) if soft else target.reshape(-1), -1)
+    return output, target, dim
 
-    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        scores, target = _class_scores(output, target)
-        total = F.cross_entropy(scores, target, ignore_index=ignore_index,
-                                label_smoothing=label_smoothing, reduction="sum")
+
+def _class_weight(weight: list[float] | str | None) -> Tensor | None:
+    """Class weights from a list or a tensor file (torch.save of a 1-d tensor)."""
+    if weight is None:
+        return None
+    if isinstance(weight, str):
+        try:
+            loaded = torch.load(weight, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise UsageError(f"loss.args.weight: cannot load {weight}: {exc}") from exc
+        weight = loaded
+    try:
+        tensor = torch.as_tensor(weight, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"loss.args.weight: expected a list of numbers, got {weight!r}") from exc
+    if tensor.dim() != 1 or not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise UsageError("loss.args.weight: expected one finite, non-negative weight per class")
+    return tensor
+
+
+class ClassificationLoss:
+    """A class-score loss as (sum of item losses, item count), plus top-1 accuracy.
+
+    Torch's mean divides by the sum of the counted targets' class weights (the number of
+    counted targets without weights; ignored targets are not counted), so that is the count.
+    """
+
+    def __init__(self, loss: Callable[..., Tensor], ignore_index: int,
+                 weight: list[float] | str | None, class_dim: int | None,
+                 **options: float) -> None:
+        if class_dim not in (None, 1, -1):
+            raise UsageError(f"loss.args.class_dim: expected 1 or -1, got {class_dim!r}")
+        self.loss, self.ignore_index, self.class_dim = loss, ignore_index, class_dim
+        self.options = options
+        self.weight = _class_weight(weight)
+        self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _weight_like(self, output: Tensor) -> Tensor | None:
+        if self.weight is None:
+            return None
+        key = (output.device, output.dtype)
+        if key not in self._weights:  # moved once per device and dtype, not per micro-batch
+            self._weights[key] = self.weight.to(output.device, output.dtype)
+        return self._weights[key]
+
+    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        scores, target, _ = _scores_and_target(output, target, self.class_dim)
+        weight = self._weight_like(scores)
+        total = self.loss(scores, target, weight=weight, ignore_index=self.ignore_index,
+                          reduction="sum", **self.options)
+        if target.is_floating_point():  # class probabilities: every position is an item
+            return total, torch.tensor(target.numel() // target.shape[1], device=target.device)
+        counted = target != self.ignore_index
+        if weight is None:
+            return total, counted.sum()
+        return total, (weight[torch.where(counted, target, 0)] * counted).sum()
+
+    def correct(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(right, counted) top-1 predictions, as tensors on the device."""
+        scores, target, _ = _scores_and_target(output, target, self.class_dim)
         if target.is_floating_point():
-            return total, torch.tensor(len(target), device=target.device)
-        return total, (target != ignore_index).sum()
+            target = target.argmax(1)
+        counted = target != self.ignore_index
+        return ((scores.argmax(1) == target) & counted).sum(), counted.sum()
 
-    return loss
+
+def cross_entropy(*, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  weight: list[float] | str | None = None,
+                  class_dim: int | None = None) -> ClassificationLoss:
+    """Cross-entropy as torch computes it: classes in dim 1, or last (decided by shapes)."""
+    return ClassificationLoss(F.cross_entropy, ignore_index, weight, class_dim,
+                              label_smoothing=label_smoothing)
 
 
-def nll(*, ignore_index: int = -100) -> LossFn:
-    """Negative log-likelihood of log-probabilities in the last dimension."""
-
-    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        scores, target = _class_scores(output, target)
-        total = F.nll_loss(scores, target, ignore_index=ignore_index, reduction="sum")
-        return total, (target != ignore_index).sum()
-
-    return loss
+def nll(*, ignore_index: int = -100, weight: list[float] | str | None = None,
+        class_dim: int | None = None) -> ClassificationLoss:
+    """Negative log-likelihood of log-probabilities, classes in dim 1 or last."""
+    return ClassificationLoss(F.nll_loss, ignore_index, weight, class_dim)
 
 
 def _elementwise(fn: Callable[..., Tensor], **options: float) -> LossFn:
@@ -99,15 +181,37 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
     "cross_entropy": cross_entropy, "nll": nll, "mse": mse, "l1": l1,
     "smooth_l1": smooth_l1, "huber": huber, "bce_with_logits": bce_with_logits,
 }
-CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
 
 
-def correct_predictions(output: Tensor, target: Tensor,
-                        ignore_index: int = -100) -> tuple[int, int]:
-    """(right, counted) for top-1 predictions over class scores in the last dimension."""
-    scores, target = _class_scores(output, target)
-    if target.is_floating_point():
-        target = target.argmax(-1)
-    counted = target != ignore_index
-    right = (scores.argmax(-1) == target) & counted
-    return int(right.sum()), int(counted.sum())
+class ItemLoss:
+    """A loss of your own (`package.module:callable`), called as `callable(output, target)`.
+
+    It returns per-item losses, as torch's losses do with `reduction="none"`: mbp sums them and
+    counts the elements (leave masked items out of the tensor, or return 0 for targets equal to
+    the callable's `ignore_index`, as torch's own losses do). Or it returns `(sum, count)`.
+    A torch loss class (`torch.nn:CrossEntropyLoss`) is built with `reduction="none"`.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, **args: Any) -> None:
+        if inspect.isclass(fn):
+            if issubclass(fn, nn.modules.loss._Loss):
+                args.setdefault("reduction", "none")
+            fn, args = fn(**args), {}
+        self.fn = functools.partial(fn, **args) if args else fn
+        self.name = name
+        self.ignore_index = getattr(fn, "ignore_index", args.get("ignore_index"))
+
+    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        result = self.fn(output, target)
+        if isinstance(result, tuple) and len(result) == 2:
+            total, count = result
+            return total, torch.as_tensor(count, device=total.device)
+        if not isinstance(result, Tensor) or result.dim() == 0:
+            got = "one number (a mean?)" if isinstance(result, Tensor) else type(result).__name__
+            raise UsageError(f"loss {self.name} returned {got}; expected per-item losses "
+                             "(reduction='none') or a (sum, count) pair")
+        is_marked = (self.ignore_index is not None and not target.is_floating_point()
+                     and result.shape == target.shape)
+        if is_marked:  # torch gives ignored targets a loss of 0; they are not items
+            return result.sum(), (target != self.ignore_index).sum()
+        return result.sum(), torch.tensor(result.numel(), device=result.device)

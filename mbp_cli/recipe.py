@@ -32,6 +32,8 @@ def _spec(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
 class ModelSpec:
     name: str = _spec()
     args: dict[str, Any] = _spec({})
+    output: str | None = _spec(None)  # the output's key or attribute (default: logits, out, [0])
+    head: str | None = _spec(None)  # the classifier replaced for num_classes with weights
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class DataSpec:
     args: dict[str, Any] = _spec({})
     resize: int | None = _spec(None, minimum=1)  # square side for image datasets
     eval_fraction: float = _spec(0.1, minimum=0.0, maximum=0.9)  # held out if no test split
+    target: str | None = _spec(None)  # dict samples: the target's key (labels, label, target)
+    collate: str | None = _spec(None)  # package.module:callable making a batch of samples
+    transforms: list[Any] | None = _spec(None)  # torchvision transforms.v2, training split
+    eval_transforms: list[Any] | None = _spec(None)  # held-out split (default: resize, normalize)
+    normalize: str | None = _spec(None, choices=("imagenet",))
+    input_shape: list[int] | None = _spec(None)  # one sample's, for --estimate without the data
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,13 @@ class Recipe:
     schedule: ScheduleSpec
     loss: LossSpec
     train: TrainSpec
+    folder: str | None = field(default=None, compare=False)  # where it was read: imports look here
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data, loadable again by load_recipe."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        del data["folder"]
+        return data
 
 
 DEVICE_NAME = r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?"
@@ -111,21 +122,25 @@ REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
 TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                folder: str | None = None) -> Recipe:
     """Read, override and validate a recipe file, builder arguments checked against their
     signatures (nothing downloaded); raise RecipeError listing every problem at once."""
     from mbp_cli.arguments import recipe_problems  # imports torch: only once the YAML is read
 
-    recipe, problems = read_recipe(path, overrides)
+    recipe, problems = read_recipe(path, overrides, folder)
     problems += recipe_problems(recipe)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
 
 
-def read_recipe(path: str | Path,
-                overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, list[str]]:
-    """Read and override a recipe; return it (defaults where values are bad) and its problems."""
+def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                folder: str | None = None) -> tuple[Recipe, list[str]]:
+    """Read and override a recipe; return it (defaults where values are bad) and its problems.
+
+    Import paths in it are looked up in `folder` first (default: the file's own folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe file not found: {path}")
@@ -136,7 +151,8 @@ def read_recipe(path: str | Path,
     raw, problems = parse_yaml(text)
     if raw is not None:
         problems += apply_overrides(raw, overrides, tuple(SECTIONS))
-    return build_recipe(raw, path.stem, problems), problems
+    recipe = build_recipe(raw, path.stem, problems)
+    return dataclasses.replace(recipe, folder=folder or str(path.resolve().parent)), problems
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -232,7 +248,7 @@ def _typed(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             return value
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if origin in (str, dict) and isinstance(value, origin):
+        if origin in (str, dict, list) and isinstance(value, origin):
             return value
     wanted = " or ".join(_TYPE_WORDS[typing.get_origin(k) or k] for k in allowed)
     problems.append(f"{key}: expected {wanted}, got {value!r} ({_kind(value)})")
@@ -240,7 +256,7 @@ def _typed(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               dict: "a mapping", type(None): "null"}
+               dict: "a mapping", list: "a list", type(None): "null"}
 
 
 def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
@@ -254,7 +270,7 @@ def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
         problems.append(f"{key}: must be at least {minimum:g}, got {value!r}")
     if meta.get("maximum") is not None and is_number and value > meta["maximum"]:
         problems.append(f"{key}: must be at most {meta['maximum']:g}, got {value!r}")
-    if choices and value not in choices:
+    if choices and value is not None and value not in choices:
         problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}"
                         + suggest(str(value), choices))
 
@@ -273,6 +289,11 @@ def suggest(word: str, options: typing.Iterable[str], prefix: str = "") -> str:
         return f"; did you mean {prefix}{by_lower[word.lower()]}?"
     match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
     return f"; did you mean {prefix}{by_lower[match[0]]}?" if match else ""
+
+
+def recipe_folders(recipe: Recipe) -> tuple[str, ...]:
+    """Where the recipe's import paths are looked up before the current folder."""
+    return (recipe.folder,) if recipe.folder else ()
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
-from mbp_cli.losses import LOSSES
+from mbp_cli.losses import LOSSES, ItemLoss
 from mbp_cli.models import MODELS
 from mbp_cli.recipe import suggest
 
@@ -27,18 +27,23 @@ class Builder:
     label: str  # how messages name it, e.g. "small_cnn()"
     injected: tuple[str, ...] = ()
     is_torchvision: bool = False
+    is_users: bool = False  # imported from the user's code: its errors keep their traceback
+    signature_of: Callable[..., Any] | None = None  # whose signature the arguments meet (fn)
 
 
 class LookupFailed(Exception):
     """A name that resolves to nothing; the message says why, with the nearest names."""
 
 
-def find_model(name: str) -> Builder:
+Folders = tuple[str, ...]
+
+
+def find_model(name: str, folders: Folders = ()) -> Builder:
     """A built-in model, a torchvision model name, or `package.module:callable`."""
     if name in MODELS:
         return Builder(MODELS[name], f"{name}()")
     if ":" in name:
-        return Builder(_import_path(name), f"{name}()")
+        return Builder(import_path(name, folders), f"{name}()", is_users=True)
     import torchvision.models
 
     known = torchvision.models.list_models()
@@ -48,12 +53,13 @@ def find_model(name: str) -> Builder:
     raise LookupFailed(f"unknown model {name!r}" + suggest(name, [*MODELS, *known]))
 
 
-def find_dataset(name: str) -> Builder:
+def find_dataset(name: str, folders: Folders = ()) -> Builder:
     """A built-in dataset, a torchvision dataset class, or `package.module:callable`."""
     if name in BUILTIN_DATASETS:
         return Builder(BUILTIN_DATASETS[name], f"{name}()", INJECTED_DATASET_ARGS)
     if ":" in name:
-        return Builder(_import_path(name), f"{name}()", INJECTED_DATASET_ARGS)
+        return Builder(import_path(name, folders), f"{name}()", INJECTED_DATASET_ARGS,
+                       is_users=True)
     import torchvision.datasets
 
     known = [n for n in torchvision.datasets.__all__ if n[0].isupper()]
@@ -63,7 +69,7 @@ def find_dataset(name: str) -> Builder:
     raise LookupFailed(f"unknown dataset {name!r}" + suggest(name, [*BUILTIN_DATASETS, *known]))
 
 
-def find_optimizer(name: str) -> Builder:
+def find_optimizer(name: str, folders: Folders = ()) -> Builder:
     """A `torch.optim` optimizer class by name."""
     known = [n for n, obj in vars(torch.optim).items()
              if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)
@@ -73,23 +79,58 @@ def find_optimizer(name: str) -> Builder:
     return Builder(getattr(torch.optim, name), f"torch.optim.{name}", ("params",))
 
 
-def find_loss(name: str) -> Builder:
-    """A built-in loss by name."""
+def find_loss(name: str, folders: Folders = ()) -> Builder:
+    """A built-in loss by name, or `package.module:callable` of your own (see ItemLoss)."""
+    if ":" in name:
+        fn = import_path(name, folders)
+        takes = [] if inspect.isclass(fn) else list(_parameters(fn))
+        return Builder(functools.partial(ItemLoss, fn, name), f"loss {name}", tuple(takes[:2]),
+                       is_users=True, signature_of=fn)
     if name not in LOSSES:
         raise LookupFailed(f"unknown loss {name!r}" + suggest(name, LOSSES))
     return Builder(LOSSES[name], f"loss {name}")
 
 
-def _import_path(name: str) -> Callable[..., Any]:
-    module_name, _, attr = name.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # the current folder is importable, as documented
+def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except ImportError as exc:
-        raise LookupFailed(f"cannot import {module_name!r}: {exc}") from exc
-    except AttributeError as exc:
-        raise LookupFailed(f"module {module_name!r} has no attribute {attr!r}") from exc
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def import_path(name: str, folders: Folders = ()) -> Callable[..., Any]:
+    """`package.module:callable`, the module looked up in `folders` (the recipe's own folder),
+    then the current folder, then the installed packages."""
+    module_name, _, attr = name.partition(":")
+    top = module_name.split(".")[0]
+    searched = list(dict.fromkeys(str(Path(f).resolve()) for f in (*folders, Path.cwd())))
+    home = next((f for f in searched if (Path(f) / f"{top}.py").is_file()
+                 or (Path(f) / top / "__init__.py").is_file()), None)
+    if home is not None:
+        _forget_if_elsewhere(top, home)
+        if home in sys.path:
+            sys.path.remove(home)
+        sys.path.insert(0, home)  # kept: DataLoader workers and unpickling import it again
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # the user's module imports something missing: their traceback says what
+        raise LookupFailed(f"cannot import {module_name!r}: no module {exc.name!r} in "
+                           f"{', '.join(searched)} or the installed packages") from exc
+    target = getattr(module, attr, None)
+    if target is None:
+        raise LookupFailed(f"module {module_name!r} has no attribute {attr!r}"
+                           + suggest(attr, [n for n in vars(module) if not n.startswith("_")]))
     if not callable(target):
         raise LookupFailed(f"{name} is not callable")
     return target
+
+
+def _forget_if_elsewhere(top: str, home: str) -> None:
+    """Drop a module of this name imported from another folder (another recipe's)."""
+    loaded = sys.modules.get(top)
+    where = getattr(loaded, "__file__", None) or ""
+    if loaded is not None and not Path(where).resolve().is_relative_to(home):
+        for key in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+            del sys.modules[key]

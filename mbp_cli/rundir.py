@@ -8,13 +8,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mbp_cli.errors import MbpError, UsageError
+from mbp_cli.recipe import Recipe, dump_recipe
 
+READ_FROM = "# mbp: read from "  # the saved recipe's first line: where import paths resolve
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints")
 
@@ -114,3 +117,44 @@ class MetricsLog:
     def close(self) -> None:
         """Close the file."""
         self.handle.close()
+
+
+class RunFolder:
+    """The run folder, made only once the first target batch has succeeded (so a run that
+    fails at once leaves nothing behind); events before it exists wait for it."""
+
+    def __init__(self, path: Path, recipe: Recipe, resume: bool, overwrite: bool,
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+        self.path, self.recipe, self.emit = path, recipe, emit
+        self.resume, self.overwrite = resume, overwrite
+        self.metrics: MetricsLog | None = None
+        self.pending: list[dict[str, Any]] = []
+        self.probe: dict | None = None
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Log an event to metrics.jsonl (once the folder exists) and pass it on."""
+        if self.metrics is not None:
+            self.metrics.write(event)
+        else:
+            self.pending.append(event)
+        self.emit(event)
+
+    def open(self) -> None:
+        """Make the folder (a resumed run has it), write the recipe and what waited."""
+        if self.metrics is not None:
+            return
+        if not self.resume:
+            prepare_run_dir(self.path, self.overwrite)
+        text = f"{READ_FROM}{self.recipe.folder}\n" + dump_recipe(self.recipe)
+        write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
+        if self.probe is not None:
+            write_json(self.path / "probe.json", self.probe)
+        self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        for event in self.pending:
+            self.metrics.write(event)
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Close metrics.jsonl."""
+        if self.metrics is not None:
+            self.metrics.close()

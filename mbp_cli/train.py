@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 import mbp_cli
 from mbp_cli.accumulate import StepTotals, accumulate_gradients
-from mbp_cli.batching import MicroBatchStream, steps_per_epoch
+from mbp_cli.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.build import (
     Setup,
     build,
@@ -33,19 +32,13 @@ from mbp_cli.memory.probe import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
-    free_cached_memory,
-    is_out_of_memory,
     training_state_tensors,
+    unless_out_of_memory,
 )
-from mbp_cli.recipe import Recipe, dump_recipe
+from mbp_cli.recipe import Recipe
 from mbp_cli.resume import resume_state
-from mbp_cli.rundir import (
-    MetricsLog,
-    prepare_run_dir,
-    save_state_dict,
-    write_atomic,
-    write_json,
-)
+from mbp_cli.rundir import RunFolder, save_state_dict, write_json
+from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop
 
 Event = dict[str, Any]
@@ -64,44 +57,42 @@ class RunOptions:
     overwrite: bool = False  # replace the results of an earlier run in run_dir
 
 
-def run_step(setup: Setup, pieces: Iterable[tuple[Tensor, Tensor]],
-             step: int) -> StepTotals | None:
+def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool) -> StepTotals | None:
     """One target batch's gradient, or None when it ran out of memory (gradients cleared)."""
-    try:
-        return accumulate_gradients(setup.model, pieces, setup.loss_fn, setup.device, setup.dtype)
-    except Exception as exc:  # sorted just below: only out-of-memory is handled
-        if not is_out_of_memory(exc):
-            if step > 0 or not isinstance(exc, RuntimeError | IndexError | ValueError):
-                raise
-            # The first step is where a model that does not fit its data or loss shows.
-            raise UsageError(f"the first training step failed: {exc}. Check that model.args "
-                             "fit the data (input shape, number of classes) and the loss") from exc
-    # Out of the except block, whose traceback held the failed step's tensors: free them.
-    setup.model.zero_grad(set_to_none=True)  # a backward that failed halfway left partial sums
-    free_cached_memory(setup.device)
-    return None
+    with explained_step_errors(is_first):
+        return unless_out_of_memory(lambda: accumulate_gradients(setup.micro_step, pieces),
+                                    setup.device, setup.model)
 
 
 def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
-                       options: RunOptions, record: EventSink) -> int:
-    """The recipe's micro-batch, or for `auto` the probe's choice (saved as probe.json, and
-    taken from there when a run resumes)."""
+                         options: RunOptions, record: EventSink) -> tuple[int, dict | None]:
+    """The recipe's micro-batch, or for `auto` the probe's choice (and its answer, to be saved
+    as probe.json; a resumed run takes it from there)."""
     if recipe.batch.micro != "auto":
-        return recipe.batch.micro
+        return recipe.batch.micro, None
     saved = options.run_dir / "probe.json"
     if options.resume and saved.exists():
         micro_batch = int(json.loads(saved.read_text())["micro_batch"])
         record({"event": "probe", "reused": str(saved), "micro_batch": micro_batch})
-        return micro_batch
+        return micro_batch, None
     capacity = options.simulated_memory.capacity_bytes if options.simulated_memory else None
-    result = probe_setup(recipe, setup, optimizer, ProbeOptions(
-        setup.device, budget_bytes=options.budget_bytes, capacity_bytes=capacity))
-    write_json(options.run_dir / "probe.json", result.to_dict())
+    with explained_step_errors(True):
+        result = probe_setup(recipe, setup, optimizer, ProbeOptions(
+            setup.device, budget_bytes=options.budget_bytes, capacity_bytes=capacity))
     record({"event": "probe", "micro_batch": result.micro_batch,
             "accumulation_steps": result.accumulation_steps, "budget_bytes": result.budget_bytes,
             "predicted_peak_bytes": result.predicted_peak_bytes,
             "verified_peak_bytes": result.verified_peak_bytes, "backend": result.backend})
-    return result.micro_batch
+    return result.micro_batch, result.to_dict()
+
+
+def check_target_batch(recipe: Recipe, train_samples: int) -> None:
+    """Refuse a target batch larger than the training split: each step would be an epoch."""
+    target = recipe.batch.target
+    if train_samples < target:
+        raise UsageError(f"batch.target: {target} is larger than the training split of "
+                         f"{train_samples} samples, so every step would be one whole epoch; "
+                         f"for full-batch training set batch.target: {train_samples}")
 
 
 def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any]:
@@ -110,43 +101,40 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     device = resolve_device(recipe.train.device)
     setup = build(recipe, device)
     model, target = setup.model, recipe.batch.target
-    if len(setup.train_set) < target and recipe.batch.drop_last:
-        raise UsageError(f"batch.drop_last: the training split has {len(setup.train_set)} "
-                         f"samples, fewer than one target batch of {target}")
+    check_target_batch(recipe, len(setup.train_set))
     optimizer = build_optimizer(recipe, model)
     per_epoch = steps_per_epoch(len(setup.train_set), target, recipe.batch.drop_last)
     total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
-    if options.max_steps is not None:
-        total_steps = min(total_steps, options.max_steps)
-    scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
+    scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real schedule
 
     run_dir = options.run_dir
+    folder = RunFolder(run_dir, recipe, options.resume, options.overwrite, emit)
+    loop = resume_state(run_dir, model, optimizer, scheduler, emit) if options.resume else None
     if options.resume:
-        loop = resume_state(run_dir, setup.model, optimizer, scheduler, emit)
-    else:  # only now, with everything built, is the folder made (and old results removed)
-        loop = None
-        prepare_run_dir(run_dir, options.overwrite)
-    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe).encode(), what="recipe")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+        folder.open()  # it exists: log into it from the start
+    stop_step = total_steps
+    if options.max_steps is not None:
+        stop_step = min(total_steps, (loop.step if loop else 0) + options.max_steps)
     simulated = options.simulated_memory
     if simulated is not None:
         simulated.register(training_state_tensors(model, optimizer))
     memory = PeakMemory(device, simulated)
-
-    def record(event: Event) -> None:
-        metrics.write(event)
-        emit(event)
+    record = folder.record
 
     if loop is None:
-        loop = LoopState(starting_micro_batch(recipe, setup, optimizer, options, record))
+        micro_batch, folder.probe = starting_micro_batch(recipe, setup, optimizer, options,
+                                                         record)
+        loop = LoopState(micro_batch)
+    first_step = loop.step
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
-                              recipe.batch.drop_last, total_steps, recipe.train.num_workers,
-                              device.type == "cuda", start_step=loop.step)
+                              recipe.batch.drop_last, stop_step, recipe.train.num_workers,
+                              device.type == "cuda", start_step=loop.step,
+                              collate=setup.collate)
     emit({"event": "start", "name": recipe.name, "device": str(device),
           "dtype": recipe.train.dtype, "target_batch": target, "micro_batch": loop.micro_batch,
-          "accumulation_steps": math.ceil(target / loop.micro_batch),
-          "total_steps": total_steps, "start_step": loop.step, "steps_per_epoch": per_epoch,
-          "train_samples": len(setup.train_set),
+          "accumulation_steps": accumulation_steps(target, loop.micro_batch),
+          "total_steps": total_steps, "stop_step": stop_step, "start_step": loop.step,
+          "steps_per_epoch": per_epoch, "train_samples": len(setup.train_set),
           "eval_samples": len(setup.eval_set) if setup.eval_set is not None else 0,
           "parameters": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)})
     if has_batch_norm(model) and loop.micro_batch < target:
@@ -161,13 +149,14 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     model.train()
     with graceful_stop() as stop, (simulated or contextlib.nullcontext()):
         try:
-            while loop.step < total_steps:
+            while loop.step < stop_step:
                 step_started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
-                totals = run_step(setup, stream.pieces(loop.step), loop.step)
+                totals = run_step(setup, stream.pieces(loop.step), loop.step == first_step)
                 if totals is None:  # out of memory: redo this whole target batch, smaller
-                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), record)
+                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), target, record)
                     continue
+                folder.open()
                 if not math.isfinite(totals.loss):
                     handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, record)
                 else:
@@ -185,16 +174,17 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
                         "micro_batches": totals.micro_batches, "step_seconds": step_seconds,
                         "samples_per_second": totals.samples / step_seconds,
                         "peak_memory_bytes": memory.peak_bytes()})
-                if is_due(loop.step, recipe.train.eval_every, total_steps):
-                    loop.eval_result = evaluate(setup, recipe, stream.micro_batch)
+                if is_due(loop.step, recipe.train.eval_every, stop_step):
+                    loop.eval_result = evaluate(setup, stream.micro_batch,
+                                                recipe.train.num_workers)
                     if loop.eval_result:
                         record({"event": "eval", "step": loop.step, **loop.eval_result})
-                if is_due(loop.step, recipe.train.checkpoint_every, total_steps):
+                if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
                 if stop.is_set:
                     stop_now(stop, loop, checkpoint, record)
         finally:
-            metrics.close()
+            folder.close()
 
     save_state_dict(run_dir / "model.pt", model.state_dict())
     summary = summarize(recipe, loop, total_steps, memory, time.perf_counter() - started,
@@ -214,10 +204,10 @@ def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMem
     """summary.json: what the run did, how fast, in how much memory, with which versions."""
     target = recipe.batch.target
     return {
-        "name": recipe.name, "steps": total_steps, "samples_seen": loop.samples_seen,
-        "final_train_loss": loop.last_loss, **loop.eval_result, "target_batch": target,
-        "micro_batch": loop.micro_batch,
-        "accumulation_steps": math.ceil(target / loop.micro_batch),
+        "name": recipe.name, "steps": loop.step, "total_steps": total_steps,
+        "samples_seen": loop.samples_seen, "final_train_loss": loop.last_loss,
+        **loop.eval_result, "target_batch": target, "micro_batch": loop.micro_batch,
+        "accumulation_steps": accumulation_steps(target, loop.micro_batch),
         "oom_retries": loop.oom_retries, "skipped_steps": loop.skipped_steps,
         "samples_per_second": (loop.samples_seen / loop.train_seconds
                                if loop.train_seconds else None),
@@ -229,7 +219,7 @@ def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMem
 
 
 def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
-                       record: EventSink) -> None:
+                       target_batch: int, record: EventSink) -> None:
     """After an out-of-memory step: halve the micro-batch and restart this step's batch."""
     if loop.micro_batch <= smallest:
         raise DoesNotFitError("out of memory during training even with a micro-batch of "
@@ -237,7 +227,8 @@ def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
     smaller = max(smallest, loop.micro_batch // 2)
     loop.oom_retries += 1
     record({"event": "oom", "step": loop.step + 1, "micro_batch_before": loop.micro_batch,
-            "micro_batch": smaller})
+            "micro_batch": smaller,
+            "accumulation_steps": accumulation_steps(target_batch, smaller)})
     loop.micro_batch = smaller
     stream.restart(loop.step, loop.micro_batch)
 

@@ -11,6 +11,7 @@ from mbp_cli.memory.step import StepRunner
 from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, is_out_of_memory
 from mbp_cli.models import small_cnn, tiny_lm
 from mbp_cli.recipe import load_recipe
+from mbp_cli.step import MicroStep
 from mbp_cli.train import RunOptions, train
 from tests.conftest import small_recipe
 
@@ -60,7 +61,8 @@ def step_runner(build_model, optimizer_class, make_batch, backend):
     torch.manual_seed(0)
     model = build_model()
     optimizer = optimizer_class(model.parameters(), lr=0.1)
-    return StepRunner(model, optimizer, cross_entropy(), make_batch, CPU, torch.float32, backend)
+    return StepRunner(MicroStep(model, cross_entropy(), CPU, torch.float32), optimizer, make_batch,
+                      backend)
 
 
 @pytest.mark.parametrize(("build_model", "optimizer_class", "make_batch"), [

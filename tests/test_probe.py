@@ -51,8 +51,7 @@ def digits_setup(write_recipe, **sections):
 
 
 def measure(setup, optimizer, size: int) -> int:
-    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
-                        CPU, setup.dtype, "tracked")
+    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set), "tracked")
     runner.measure(1)
     return runner.measure(size).peak_bytes
 
@@ -75,8 +74,7 @@ def test_the_choice_fits_and_one_more_sample_would_not(write_recipe, budget_mib)
 def test_probing_leaves_model_optimizer_and_rng_as_they_were(write_recipe):
     recipe, setup, optimizer = digits_setup(
         write_recipe, optim={"name": "Adam", "args": {"lr": 0.01}})
-    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
-                        CPU, setup.dtype, "tracked")
+    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set), "tracked")
     runner.measure(4)  # a trained step: Adam has state to disturb
     params = {k: v.clone() for k, v in setup.model.state_dict().items()}
     state = {k: {n: t.clone() for n, t in per_param.items()}
@@ -104,8 +102,8 @@ def test_a_simulated_device_that_fails_above_its_capacity(write_recipe):
     result = probe_setup(recipe, setup, optimizer, ProbeOptions(
         CPU, budget_bytes=capacity, capacity_bytes=capacity))
     assert result.backend == "simulated"
-    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
-                        CPU, setup.dtype, "simulated", capacity_bytes=capacity)
+    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set), "simulated",
+                        capacity_bytes=capacity)
     runner.measure(1)
     assert runner.measure(result.largest_micro_batch).peak_bytes <= capacity
     assert runner.measure(result.largest_micro_batch + 1).peak_bytes is None  # out of memory

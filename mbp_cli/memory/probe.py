@@ -11,16 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
 
-from mbp_cli import registry
 from mbp_cli.build import (
     DTYPES,
     Setup,
     build,
+    build_collate,
     build_data,
+    build_loss,
+    build_micro_step,
     build_model,
     build_optimizer,
     smallest_micro_batch,
+    split_transforms,
 )
 from mbp_cli.errors import UsageError, does_not_fit
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
@@ -158,8 +162,8 @@ def backend_for(options: ProbeOptions) -> str:
 def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
                 options: ProbeOptions) -> ProbeResult:
     """Probe a built run, leaving its model, optimizer and RNG state exactly as found."""
-    runner = StepRunner(setup.model, optimizer, setup.loss_fn, batch_maker(setup.train_set),
-                        setup.device, setup.dtype, backend_for(options), options.capacity_bytes)
+    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set, setup.collate),
+                        backend_for(options), options.capacity_bytes)
     with preserved_training_state(setup.model, optimizer, setup.device):
         return _probe(recipe, options, runner)
 
@@ -169,21 +173,50 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     if not options.estimate:
         setup = build(recipe, options.device)
         return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
-    train_set, _ = build_data(recipe)  # one real sample gives the input's shape and type
-    sample_inputs, sample_targets = batch_maker(train_set)(1)
+    sample = sample_batch(recipe)
     fake_mode = FakeTensorMode()
     with fake_mode:
         model = build_model(recipe, torch.device("cpu"), is_fake=True)
         optimizer = build_optimizer(recipe, model)
-        loss_fn = registry.find_loss(recipe.loss.name).fn(**recipe.loss.args)
+        loss_fn = build_loss(recipe)
 
-    def make_fake_batch(size: int) -> tuple[Tensor, Tensor]:
-        return (torch.empty((size, *sample_inputs.shape[1:]), dtype=sample_inputs.dtype),
-                torch.zeros((size, *sample_targets.shape[1:]), dtype=sample_targets.dtype))
+    def make_fake_batch(size: int) -> Any:
+        return tree_map(lambda t: torch.zeros((size, *t.shape[1:]), dtype=t.dtype)
+                        if isinstance(t, Tensor) else t, sample)
 
-    runner = StepRunner(model, optimizer, loss_fn, make_fake_batch, torch.device("cpu"),
-                        DTYPES[recipe.train.dtype], "estimate", context=lambda: fake_mode)
+    micro_step = build_micro_step(recipe, model, loss_fn, torch.device("cpu"),
+                                  DTYPES[recipe.train.dtype])
+    runner = StepRunner(micro_step, optimizer, make_fake_batch, "estimate",
+                        context=lambda: fake_mode)
     return _probe(recipe, options, runner)
+
+
+# One sample's shape, for --estimate where the dataset is not on this machine.
+KNOWN_INPUT_SHAPES = {
+    "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32), "SVHN": (3, 32, 32), "STL10": (3, 96, 96),
+    "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
+    "EMNIST": (1, 28, 28), "QMNIST": (1, 28, 28), "Imagenette": (3, 320, 320),
+    "ImageNet": (3, 256, 256), "Food101": (3, 512, 512), "Flowers102": (3, 500, 500),
+}
+
+
+def sample_batch(recipe: Recipe) -> Any:
+    """A batch of one sample: from the dataset where it is on this machine, else of the shape
+    `data.input_shape` (or the torchvision dataset's known one) after the recipe's transforms,
+    with a class-index target."""
+    try:
+        train_set, _ = build_data(recipe)
+        return batch_maker(train_set, build_collate(recipe))(1)
+    except UsageError as exc:
+        shape = recipe.data.input_shape or KNOWN_INPUT_SHAPES.get(recipe.data.name)
+        if shape is None:
+            raise UsageError(f"{exc}; without the dataset, --estimate needs the shape of one "
+                             "input sample as data.input_shape, e.g. [3, 224, 224]") from exc
+    is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
+    transform, _ = split_transforms(recipe, is_torchvision)
+    image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)
+    inputs = transform(image) if transform is not None else image
+    return inputs.float()[None], torch.zeros(1, dtype=torch.long)
 
 
 def _probe(recipe: Recipe, options: ProbeOptions, runner: StepRunner) -> ProbeResult:

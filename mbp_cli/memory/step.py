@@ -11,68 +11,68 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
-from torch.utils.data import Dataset, default_collate
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.data import Dataset
 
-from mbp_cli.accumulate import to_device
+from mbp_cli.batching import Collate, collate_samples
 from mbp_cli.datasets import TensorPairs
-from mbp_cli.losses import LossFn
 from mbp_cli.memory.fit import Measurement
 from mbp_cli.memory.tracker import (
     StorageTracker,
     free_cached_memory,
-    is_out_of_memory,
     training_state_tensors,
+    unless_out_of_memory,
 )
 from mbp_cli.rng import restore_rng_states, rng_states
+from mbp_cli.step import MicroStep
 
-BatchMaker = Callable[[int], tuple[Tensor, Tensor]]
+BatchMaker = Callable[[int], Any]
 
 
 @dataclass
 class StepRunner:
     """Runs one complete training step at a micro-batch size and reports its peak memory."""
 
-    model: nn.Module
+    micro_step: MicroStep
     optimizer: torch.optim.Optimizer
-    loss_fn: LossFn
     make_batch: BatchMaker
-    device: torch.device
-    dtype: torch.dtype
     backend: str
     capacity_bytes: int | None = None  # the simulated device's
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
+    @property
+    def model(self) -> nn.Module:
+        """The model being measured."""
+        return self.micro_step.model
+
+    @property
+    def device(self) -> torch.device:
+        """Where it runs."""
+        return self.micro_step.device
+
     def measure(self, micro_batch: int) -> Measurement:
         """Forward, backward and optimizer step (state created) at `micro_batch`; grads cleared."""
         with self.context():
-            try:
-                return self._measure(micro_batch)
-            except Exception as exc:  # sorted just below: only out-of-memory is handled
-                if not is_out_of_memory(exc):
-                    raise
-            # Out of the except block: its traceback no longer holds the failed step's tensors.
-            self.optimizer.zero_grad(set_to_none=True)
-            free_cached_memory(self.device)
-            return Measurement(micro_batch, None)
+            measured = unless_out_of_memory(lambda: self._measure(micro_batch), self.device,
+                                            self.optimizer)
+        return measured or Measurement(micro_batch, None)
 
     def _measure(self, micro_batch: int) -> Measurement:
         self.optimizer.zero_grad(set_to_none=True)
-        inputs, targets = self.make_batch(micro_batch)
-        inputs = to_device(inputs, self.device, self.dtype)
-        targets = to_device(targets, self.device, self.dtype)
+        batch = self.make_batch(micro_batch)
         is_cuda = self.backend == "cuda"
         tracker = None if is_cuda else StorageTracker(self.capacity_bytes)
         if tracker is not None:
-            tracker.register([*training_state_tensors(self.model, self.optimizer), inputs, targets])
+            tracker.register([*training_state_tensors(self.model, self.optimizer),
+                              *tree_leaves(batch)])
         if is_cuda:
             free_cached_memory(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
         with tracker if tracker is not None else contextlib.nullcontext():
-            loss_sum, _ = self.loss_fn(self.model(inputs), targets)
-            loss_sum.backward()
-            del loss_sum
+            result = self.micro_step(batch)
+            result.loss_sum.backward()
+            del result  # the output and the graph go before the optimizer step, as in training
             step_bytes = self._peak(tracker)
             self._reset_peak(tracker)
             self.optimizer.step()
@@ -96,14 +96,15 @@ class StepRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def batch_maker(dataset: Dataset) -> BatchMaker:
+def batch_maker(dataset: Dataset, collate: Collate | None = None) -> BatchMaker:
     """Real micro-batches of any size from the start of a dataset (wrapping round if short)."""
+    collate = collate_samples(collate)
 
-    def make(size: int) -> tuple[Tensor, Tensor]:
+    def make(size: int) -> Any:
         indices = [i % len(dataset) for i in range(size)]
         if isinstance(dataset, TensorPairs):
             return dataset.__getitems__(indices)
-        return default_collate([dataset[i] for i in indices])
+        return collate([dataset[i] for i in indices])
 
     return make
 

@@ -7,14 +7,15 @@ import os
 import resource
 import sys
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+T = TypeVar("T")
 BLOCK_BYTES = 512  # CUDA's caching allocator rounds every allocation up to 512-byte blocks
 
 
@@ -29,6 +30,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
     # The CPU allocator has no exception type of its own: this is its message (c10 CPUAllocator).
     message = "DefaultCPUAllocator: can't allocate memory"
     return isinstance(exc, RuntimeError) and message in str(exc)
+
+
+def unless_out_of_memory(run: Callable[[], T], device: torch.device,
+                         holder: torch.nn.Module | torch.optim.Optimizer) -> T | None:
+    """`run()`, or None when it ran out of memory: then the gradients it left in `holder` are
+    cleared (a backward that failed halfway leaves partial sums) and memory is freed. Any other
+    error is raised."""
+    try:
+        return run()
+    except Exception as exc:  # sorted just below: only out-of-memory is handled
+        if not is_out_of_memory(exc):
+            raise
+    # Out of the except block: its traceback no longer holds the failed step's tensors.
+    holder.zero_grad(set_to_none=True)
+    free_cached_memory(device)
+    return None
 
 
 def round_to_block(nbytes: int) -> int:

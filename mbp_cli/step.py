@@ -1,0 +1,141 @@
+"""The micro-step: one micro-batch onto the device, forward, and the loss as (sum, item count).
+
+Training, the probe and evaluation all call it, so the probe measures exactly what training
+runs, and a strategy added here (autocast, checkpointing, no_sync) is added once for all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mbp_cli.errors import UsageError
+from mbp_cli.losses import LossFn
+
+TARGET_KEYS = ("labels", "label", "target")  # looked up in dict batches, in this order
+OUTPUT_KEYS = ("logits", "out")  # looked up in dict or object outputs, in this order
+
+
+@dataclass(frozen=True)
+class MicroResult:
+    """What one micro-batch gave: the scores the loss saw, its target and the loss terms."""
+
+    output: Tensor
+    target: Tensor
+    loss_sum: Tensor  # sum of the loss items (on the device, with its graph in training)
+    items: Tensor  # how many items that sum is over (or the sum of their class weights)
+    samples: int
+
+
+def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move a batch tensor to the device; floating-point inputs take the training dtype."""
+    if not isinstance(value, Tensor):
+        return value
+    if dtype is not None and value.is_floating_point():
+        return value.to(device=device, dtype=dtype, non_blocking=True)
+    return value.to(device=device, non_blocking=True)
+
+
+def split_batch(batch: Any, target_key: str | None = None
+                ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """(positional inputs, keyword inputs, target) of a collated batch.
+
+    `(inputs, target)` and `(x1, x2, …, target)` give positional arguments; a dict gives keyword
+    arguments, its target under `target_key` (default: labels, label or target).
+    """
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+        return tuple(batch[:-1]), {}, batch[-1]
+    if isinstance(batch, Mapping):
+        keys = (target_key,) if target_key else TARGET_KEYS
+        key = next((k for k in keys if k in batch), None)
+        if key is None:
+            raise UsageError(f"a batch is a dict with keys {sorted(batch)}, but none is the "
+                             f"target ({' or '.join(keys)}); name it with data.target")
+        return (), {k: v for k, v in batch.items() if k != key}, batch[key]
+    raise UsageError(f"a batch is {describe(batch)}; expected (inputs, target), "
+                     "(input1, input2, …, target) or a dict with a target key")
+
+
+def pick_output(output: Any, key: str | None = None) -> Tensor:
+    """The tensor the loss reads from a model's output: the output itself if a tensor; else
+    `key`, or `logits`, then `out` (dicts, Hugging Face outputs), then the first element."""
+    if isinstance(output, Tensor):
+        return output
+    found = None
+    for name in (key,) if key else OUTPUT_KEYS:
+        found = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if found is not None:
+            break
+    if found is None and not key:
+        if isinstance(output, Mapping) and output:
+            found = next(iter(output.values()))
+        elif isinstance(output, Sequence) and output:
+            found = output[0]
+    if isinstance(found, Tensor):
+        return found
+    wanted = f"a tensor under {key!r}" if key else "a tensor, a dict or object with logits or " \
+        "out, or a tuple whose first element is a tensor"
+    raise UsageError(f"the model returned {describe(output)}; expected {wanted} "
+                     "(name the output with model.output)")
+
+
+def describe(value: Any) -> str:
+    """A short, readable account of a value's type and shape, for messages."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, list | tuple):
+        inner = ", ".join(describe(v) for v in value[:3]) + (", …" if len(value) > 3 else "")
+        return f"a {type(value).__name__} of ({inner})"
+    return f"a {type(value).__name__}"
+
+
+def _check_tensor(value: Any, what: str) -> None:
+    if not isinstance(value, Tensor):
+        raise UsageError(f"the {what} of a batch is {describe(value)}; expected a tensor "
+                         "(return tensors from the dataset, add data.transforms, or give "
+                         "data.collate)")
+
+
+@contextlib.contextmanager
+def explained_step_errors(is_first: bool) -> Iterator[None]:
+    """The first step is where a model that does not fit its data or loss shows: its errors
+    become one message (exit 2). Later ones are raised as they are."""
+    try:
+        yield
+    except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as exc:
+        if not is_first:
+            raise
+        raise UsageError(f"the first training step failed: {exc}. Check that model.args fit the "
+                         "data (input shape, number of classes) and the loss") from exc
+
+
+class MicroStep:
+    """Forward and loss for one micro-batch, as training, the probe and evaluation run it."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, device: torch.device,
+                 dtype: torch.dtype, *, output_key: str | None = None,
+                 target_key: str | None = None) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.device, self.dtype = device, dtype
+        self.output_key, self.target_key = output_key, target_key
+
+    def __call__(self, batch: Any) -> MicroResult:
+        """Run the model on one micro-batch and return its loss sum and item count."""
+        args, kwargs, target = split_batch(batch, self.target_key)
+        _check_tensor(target, "target")
+        for value in (*args, *kwargs.values()):
+            _check_tensor(value, "input")
+        device, dtype = self.device, self.dtype
+        args = tuple(to_device(a, device, dtype) for a in args)
+        kwargs = {k: to_device(v, device, dtype) for k, v in kwargs.items()}
+        target = to_device(target, device, dtype)
+        output = pick_output(self.model(*args, **kwargs), self.output_key)
+        loss_sum, items = self.loss_fn(output, target)
+        return MicroResult(output, target, loss_sum, items, len(target))
