@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -24,13 +25,17 @@ SetOption = Annotated[list[str] | None, typer.Option(
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn known errors into one message on stderr and their exit code; re-raise the rest."""
+def user_errors(as_json: bool = False) -> Iterator[None]:
+    """Turn known errors into one message on stderr and their exit code (with --json, also a
+    last JSON line on stdout); re-raise the rest."""
     try:
         yield
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
+        if as_json:
+            typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
+                                   "message": str(exc)}))
         if getattr(exc, "details", ""):
             typer.echo(exc.details.rstrip(), err=True)  # the user's own code: its traceback
         typer.echo(f"{exc.label}: {exc}", err=True)
@@ -69,7 +74,8 @@ def train(
     overwrite: Annotated[bool, typer.Option(
         help="Replace the results in an existing run folder.")] = False,
     max_steps: Annotated[int | None, typer.Option(
-        min=1, help="Stop after at most this many optimizer steps.")] = None,
+        min=1, help="Stop after N more optimizer steps, with a checkpoint; the learning-rate "
+                    "schedule stays the recipe's, so --resume continues it.")] = None,
     device: Annotated[str | None, typer.Option(
         help="cpu, cuda, cuda:1, mps or auto (overrides train.device).")] = None,
     json_: Annotated[bool, typer.Option(
@@ -83,7 +89,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
-    with user_errors():
+    with user_errors(as_json=json_):
         _allocator_settings()
         from mbp_cli.build import resolve_device
         from mbp_cli.errors import UsageError
@@ -163,7 +169,7 @@ def probe(
     ] = None,
 ) -> None:
     """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
-    with user_errors():
+    with user_errors(as_json=json_):
         _allocator_settings()
         from mbp_cli.build import resolve_device
         from mbp_cli.errors import UsageError
@@ -190,12 +196,15 @@ def probe(
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Check a recipe and its builder arguments without training: exit 0 if valid, 2 if not."""
+    """Check a recipe without training: its keys, builder arguments, then the model built and
+    one forward + loss on two samples. Exit 0 if valid, 2 if not."""
     with user_errors():
         from mbp_cli.recipe import load_recipe
+        from mbp_cli.trial import trial_step
 
         loaded = load_recipe(recipe, list(set_ or []))
-        typer.echo(f"{recipe}: valid recipe {loaded.name!r}")
+        trial = trial_step(loaded)
+        typer.echo(f"{recipe}: valid recipe {loaded.name!r}; {trial}")
 
 
 @app.command("recipes")

@@ -17,20 +17,18 @@ from mbp_cli.build import (
     DTYPES,
     Setup,
     build,
-    build_collate,
-    build_data,
     build_loss,
     build_micro_step,
     build_model,
     build_optimizer,
     smallest_micro_batch,
-    split_transforms,
 )
 from mbp_cli.errors import UsageError, does_not_fit
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.memory.step import StepRunner, batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import available_bytes
 from mbp_cli.recipe import Recipe
+from mbp_cli.trial import sample_batch
 from mbp_cli.units import parse_bytes
 
 
@@ -173,7 +171,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     if not options.estimate:
         setup = build(recipe, options.device)
         return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
-    sample = sample_batch(recipe)
+    sample = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
     with fake_mode:
         model = build_model(recipe, torch.device("cpu"), is_fake=True)
@@ -189,34 +187,6 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     runner = StepRunner(micro_step, optimizer, make_fake_batch, "estimate",
                         context=lambda: fake_mode)
     return _probe(recipe, options, runner)
-
-
-# One sample's shape, for --estimate where the dataset is not on this machine.
-KNOWN_INPUT_SHAPES = {
-    "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32), "SVHN": (3, 32, 32), "STL10": (3, 96, 96),
-    "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
-    "EMNIST": (1, 28, 28), "QMNIST": (1, 28, 28), "Imagenette": (3, 320, 320),
-    "ImageNet": (3, 256, 256), "Food101": (3, 512, 512), "Flowers102": (3, 500, 500),
-}
-
-
-def sample_batch(recipe: Recipe) -> Any:
-    """A batch of one sample: from the dataset where it is on this machine, else of the shape
-    `data.input_shape` (or the torchvision dataset's known one) after the recipe's transforms,
-    with a class-index target."""
-    try:
-        train_set, _ = build_data(recipe)
-        return batch_maker(train_set, build_collate(recipe))(1)
-    except UsageError as exc:
-        shape = recipe.data.input_shape or KNOWN_INPUT_SHAPES.get(recipe.data.name)
-        if shape is None:
-            raise UsageError(f"{exc}; without the dataset, --estimate needs the shape of one "
-                             "input sample as data.input_shape, e.g. [3, 224, 224]") from exc
-    is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
-    transform, _ = split_transforms(recipe, is_torchvision)
-    image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)
-    inputs = transform(image) if transform is not None else image
-    return inputs.float()[None], torch.zeros(1, dtype=torch.long)
 
 
 def _probe(recipe: Recipe, options: ProbeOptions, runner: StepRunner) -> ProbeResult:

@@ -1,0 +1,79 @@
+"""mbp validate's trial: the model built and one forward + loss on two samples (real ones where
+the dataset is here; nothing downloaded), on the meta device where the model is large."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+
+from mbp_cli.build import (
+    DTYPES,
+    build_collate,
+    build_data,
+    build_loss,
+    build_micro_step,
+    build_model,
+    split_transforms,
+)
+from mbp_cli.errors import UsageError
+from mbp_cli.memory.step import batch_maker
+from mbp_cli.recipe import Recipe
+from mbp_cli.step import explained_step_errors
+
+LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta device
+
+
+def trial_step(recipe: Recipe) -> str:
+    """Build the model and run one forward + loss on two samples, as training would; raise the
+    training's own one-line errors. Returns what it saw, in words."""
+    torch.manual_seed(recipe.seed)
+    batch = sample_batch(recipe, 2)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    with meta:
+        parameters = sum(p.numel() for p in build_model(recipe, cpu, is_fake=True).parameters())
+    is_meta = parameters > LARGE_MODEL_PARAMETERS  # shapes only: nothing allocated
+    device = meta if is_meta else cpu
+    with device if is_meta else contextlib.nullcontext():
+        model = build_model(recipe, device, is_fake=is_meta)
+    step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
+    with explained_step_errors(True), torch.no_grad():
+        result = step(batch)
+    where = "the meta device" if is_meta else f"{result.samples} samples"
+    loss = "" if is_meta else f", loss {float(result.loss_sum) / max(float(result.items), 1):.4g}"
+    return (f"one forward + loss on {where}: output {tuple(result.output.shape)}{loss}; "
+            f"{parameters:,} parameters")
+
+
+# One sample's shape, for --estimate where the dataset is not on this machine.
+KNOWN_INPUT_SHAPES = {
+    "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32), "SVHN": (3, 32, 32), "STL10": (3, 96, 96),
+    "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
+    "EMNIST": (1, 28, 28), "QMNIST": (1, 28, 28), "Imagenette": (3, 320, 320),
+    "ImageNet": (3, 256, 256), "Food101": (3, 512, 512), "Flowers102": (3, 500, 500),
+}
+
+
+def sample_batch(recipe: Recipe, size: int) -> Any:
+    """A batch of `size` samples: from the dataset where it is on this machine, else of the shape
+    `data.input_shape` (or the torchvision dataset's known one) after the recipe's transforms,
+    with a class-index target. Nothing is downloaded for it."""
+    if recipe.data.args.get("download"):
+        args = {**recipe.data.args, "download": False}
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, args=args))
+    try:
+        train_set, _ = build_data(recipe)
+        return batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
+    except UsageError as exc:
+        shape = recipe.data.input_shape or KNOWN_INPUT_SHAPES.get(recipe.data.name)
+        if shape is None:
+            raise UsageError(f"{exc}; without the dataset, validate and --estimate need the "
+                             "shape of one input sample as data.input_shape, e.g. [3, 224, 224]"
+                             ) from exc
+    is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
+    transform, _ = split_transforms(recipe, is_torchvision)
+    image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)
+    inputs = transform(image) if transform is not None else image
+    return inputs.float().expand(size, *inputs.shape).clone(), torch.zeros(size, dtype=torch.long)
