@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from mbp_cli.datasets import transform_steps
+from mbp_cli.errors import UsageError
+from mbp_cli.pretrained import pretrained_problems
 from mbp_cli.recipe import Recipe, recipe_folders, suggest
 from mbp_cli.registry import (
     Builder,
@@ -17,6 +20,7 @@ from mbp_cli.registry import (
     find_loss,
     find_model,
     find_optimizer,
+    import_path,
 )
 
 
@@ -80,4 +84,32 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             problems.append(f"{path}.name: {exc}")
             continue
         problems += argument_problems(builder, spec.args, f"{path}.args")
+        if path == "model" and builder.is_torchvision and spec.args.get("weights") is not None:
+            problems += pretrained_problems(spec.name, spec.args, recipe.model.head)
+    for key in ("transforms", "eval_transforms"):
+        problems += transform_problems(getattr(recipe.data, key), f"data.{key}")
+    if recipe.data.collate is not None:
+        try:
+            import_path(recipe.data.collate, recipe_folders(recipe))
+        except LookupFailed as exc:
+            problems.append(f"data.collate: {exc}")
+    return problems
+
+
+def transform_problems(specs: list[Any] | None, path: str) -> list[str]:
+    """Each torchvision transforms.v2 name known, its arguments taken by its signature."""
+    from torchvision.transforms import v2
+
+    known = [name for name in dir(v2) if name[0].isupper()]
+    try:
+        steps = transform_steps(specs)
+    except UsageError as exc:
+        return [f"{path}: {exc}"]
+    problems = []
+    for name, args in steps:
+        if name not in known:
+            problems.append(f"{path}: unknown transform {name!r}" + suggest(name, known))
+        else:
+            problems += argument_problems(Builder(getattr(v2, name), name), args,
+                                          f"{path}.{name}")
     return problems
