@@ -210,3 +210,28 @@ def test_batch_norm_models_are_probed_from_two_samples(write_recipe):
     result = probe_recipe(recipe, ProbeOptions(CPU, budget_bytes=160 * MiB))
     assert result.measurements[0].micro_batch == 2
     assert 2 <= result.micro_batch <= 64
+
+
+@pytest.mark.slow
+def test_estimate_needs_no_dataset_on_the_machine(cli, tmp_path, monkeypatch):
+    """A CI script checks the paper's recipe for an 80 GiB GPU without CIFAR-10 on disk: the
+    input shape is CIFAR-10's known one, and nothing is downloaded."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("probe", REPO / "recipes/paper/cifar10-resnet50-b1024.yaml", "--estimate",
+                 "--device-memory", "80GiB", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["micro_batch"] >= 16
+    assert not (tmp_path / "data").exists()
+
+
+def test_estimate_takes_the_input_shape_from_the_recipe(cli, write_recipe, tmp_path):
+    recipe = small_recipe(model={"name": "small_cnn", "args": {"in_channels": 3}},
+                          data={"name": "ImageFolder", "args": {"root": str(tmp_path / "no")}})
+    args = ("probe", write_recipe(recipe), "--estimate", "--device-memory", "64MiB")
+    refused = cli(*args)
+    assert refused.exit_code == 2
+    assert "without the dataset, validate and --estimate need the shape of one input sample " \
+           "as data.input_shape" in refused.stderr
+    answered = cli(*args, "--set", "data.input_shape=[3, 16, 16]", "--json")
+    assert answered.exit_code == 0, answered.output
+    assert json.loads(answered.stdout)["target_batch"] == 50

@@ -231,3 +231,24 @@ def test_an_unwritable_output_folder_is_a_clear_error(cli, tmp_path):
     blocker.write_text("not a folder")
     result = cli("train", write(tmp_path), "--out", blocker / "run")
     assert result.exit_code == 2 and "cannot prepare run folder" in result.stderr
+
+
+def test_max_steps_keeps_the_schedule_and_resume_finishes_it_bitwise(cli, tmp_path):
+    """--max-steps 7 of a 12-step cosine schedule: the learning rate at each step is the full
+    run's, a checkpoint is written at step 7, and the resumed run ends bitwise equal."""
+    recipe = dict(RECIPE, train={**RECIPE["train"], "steps": 12, "checkpoint_every": 0})
+    path = write(tmp_path, recipe)
+    whole = cli("train", path, "--out", tmp_path / "whole", "--json")
+    part = cli("train", path, "--out", tmp_path / "part", "--json", "--max-steps", "7")
+    assert whole.exit_code == part.exit_code == 0, part.output
+
+    def lrs(result) -> list[float]:
+        return [e["lr"] for e in map(json.loads, result.stdout.splitlines())
+                if e["event"] == "step"]
+
+    assert lrs(part) == lrs(whole)[:7]
+    assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-000007.pt"]
+    rest = cli("train", "--resume", tmp_path / "part", "--json")
+    assert rest.exit_code == 0, rest.output
+    assert lrs(rest) == lrs(whole)[7:]
+    assert_bitwise_equal(parameters(tmp_path / "part"), parameters(tmp_path / "whole"))

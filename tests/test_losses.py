@@ -1,0 +1,66 @@
+"""Loss layouts as torch's cross_entropy takes them, and as language models write them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbp_cli.errors import UsageError
+from mbp_cli.losses import class_dim_of, cross_entropy
+
+
+def mean(loss, output, target) -> float:
+    total, items = loss(output, target)
+    return float(total / items)
+
+
+@pytest.mark.parametrize(("output_shape", "target_shape", "class_dim"), [
+    ((4, 3), (4,), 1), ((4, 3, 5), (4, 5), 1), ((4, 3, 5, 6), (4, 5, 6), 1),
+    ((4, 5, 3), (4, 5), -1),  # (N, L, C), as Hugging Face language models write it
+    ((4, 5, 5), (4, 5), 1),  # C == L: both readings fit; torch's is taken
+])
+def test_the_class_dimension_is_decided_by_shapes(output_shape, target_shape, class_dim):
+    output = torch.randn(output_shape, dtype=torch.float64)
+    target = torch.randint(3, target_shape)
+    assert class_dim_of(output, target) == class_dim
+    scores = output if class_dim == 1 else output.movedim(-1, 1)
+    assert mean(cross_entropy(), output, target) == pytest.approx(
+        float(F.cross_entropy(scores, target)), rel=1e-12)
+
+
+def test_class_dim_forces_the_reading_where_both_fit():
+    output = torch.randn(4, 5, 5, dtype=torch.float64)
+    target = torch.randint(5, (4, 5))
+    forced = mean(cross_entropy(class_dim=-1), output, target)
+    assert forced == pytest.approx(float(F.cross_entropy(output.movedim(-1, 1), target)),
+                                   rel=1e-12)
+    assert forced != pytest.approx(mean(cross_entropy(), output, target))
+
+
+def test_a_target_that_fits_neither_layout_says_what_both_expect():
+    with pytest.raises(UsageError) as caught:
+        cross_entropy()(torch.randn(4, 3, 5), torch.randint(3, (4, 7)))
+    assert str(caught.value) == (
+        "the model output (4, 3, 5) does not fit the target (4, 7) of class indices: expected "
+        "a target of shape (4, 5) with classes in dim 1 (as torch's cross_entropy), or (4, 3) "
+        "with classes last")
+
+
+def test_soft_targets_follow_torch_and_weights_from_a_file(tmp_path):
+    output = torch.randn(6, 4, 3, dtype=torch.float64)
+    probabilities = torch.softmax(torch.randn(6, 4, 3, dtype=torch.float64), 1)
+    weight = torch.tensor([1.0, 0.5, 2.0, 3.0], dtype=torch.float64)
+    torch.save(weight, tmp_path / "weight.pt")
+    loss = cross_entropy(weight=str(tmp_path / "weight.pt"), label_smoothing=0.2)
+    assert mean(loss, output, probabilities) == pytest.approx(float(F.cross_entropy(
+        output, probabilities, weight=weight, label_smoothing=0.2)), rel=1e-12)
+
+
+@pytest.mark.parametrize(("weight", "message"), [
+    ([1.0, -1.0], "one finite, non-negative weight per class"),
+    ("missing.pt", "loss.args.weight: cannot load missing.pt"),
+])
+def test_bad_class_weights_are_one_line(weight, message):
+    with pytest.raises(UsageError, match=message):
+        cross_entropy(weight=weight)
