@@ -123,3 +123,32 @@ def test_unknown_names_suggest_the_nearest(cli, write_recipe, tmp_path, section,
     result = cli("train", write_recipe(small_recipe()), "--set", f"{section}.name={name}",
                  "--out", tmp_path / "run")
     assert result.exit_code == 2 and message in result.stderr
+
+
+OUTPUTS = ["tensor", "string", "dict without scores", "one score", "list"]
+SAMPLES = ["ok", "string target", "not tensors", "wrong shape", "one element", "float target",
+           "dict without target", "class out of range"]
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(returns=st.sampled_from(OUTPUTS), kind=st.sampled_from(SAMPLES),
+       loss=st.sampled_from(["cross_entropy", "nll", "mse", "mistakes:mean_loss"]),
+       command=st.sampled_from(["train", "validate"]))
+def test_wrong_outputs_batches_and_samples_never_show_a_traceback(cli, tmp_path, returns, kind,
+                                                                  loss, command):
+    from tests.test_byo_errors import mistake_recipe
+
+    if returns == "tensor" and kind == "ok" and loss != "mistakes:mean_loss":
+        return  # nothing wrong: trained elsewhere
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    recipe = mistake_recipe(folder, {"returns": returns}, {"kind": kind}, loss)
+    extra = ["--out", folder / "run"] if command == "train" else []
+    result = cli(command, recipe, *extra)
+    if result.exit_code == 0:  # mse broadcasts some shapes as torch does; then it trained
+        assert loss == "mse", (returns, kind, result.output)
+        return
+    assert result.exit_code == 2, (returns, kind, loss, result.output)
+    assert "\nerror: " in "\n" + result.stderr and "Traceback" not in result.output
+    assert not (folder / "run").exists()

@@ -42,6 +42,12 @@ class Samples(Dataset):
             return (x,)
         if self.kind == "raises":
             raise KeyError("no such row")
+        if self.kind == "float target":
+            return x, float(i % 2)
+        if self.kind == "dict without target":
+            return {"x": x, "y": i % 2}
+        if self.kind == "class out of range":
+            return x, 7
         return x, i % 2
 
 
@@ -57,6 +63,10 @@ class Net(nn.Module):
             return "scores"
         if self.returns == "dict without scores":
             return {"hidden": "no tensor here"}
+        if self.returns == "one score":
+            return out[:, 0]
+        if self.returns == "list":
+            return [out.tolist()]
         return out
 
 
