@@ -37,7 +37,7 @@ def run(overrides: list[str], memory: StorageTracker | None = None) -> dict:
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         summary = train(recipe, RunOptions(Path(folder) / "run", simulated_memory=memory),
-                        events.append)
+                        [lambda event: events.append(event.to_dict())])
     return {"summary": summary,
             "loss": [e["loss"] for e in events if e["event"] == "step"],
             "eval": [(e["step"], e["eval_accuracy"]) for e in events if e["event"] == "eval"]}

@@ -95,7 +95,7 @@ def train(
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.tracker import StorageTracker
         from mbp_cli.recipe import load_recipe
-        from mbp_cli.report import make_reporter
+        from mbp_cli.report import terminal_sinks
         from mbp_cli.resume import recipe_to_resume
         from mbp_cli.rundir import check_run_dir, default_run_dir
         from mbp_cli.train import RunOptions
@@ -113,15 +113,16 @@ def train(
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         resolve_device(loaded.train.device)  # a device that is not here, before any work
-        reporter = make_reporter(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
+        sinks = terminal_sinks(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
         capacity = _memory_size(simulate_memory, "--simulate-memory")
         options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
                              StorageTracker(capacity) if capacity else None,
                              resume=resume is not None, overwrite=overwrite)
         try:
-            run_training(loaded, options, reporter)
+            run_training(loaded, options, sinks)
         finally:
-            reporter.close()
+            for sink in sinks:
+                getattr(sink, "close", lambda: None)()  # a live display stops
 
 
 def _overrides(set_: list[str] | None, device: str | None) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any, TextIO
 
@@ -11,9 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mbp_cli import events as ev
 from mbp_cli.units import format_bytes
 
-Event = dict[str, Any]
+Data = dict[str, Any]
 
 
 def _percent(value: float | None) -> str:
@@ -24,28 +24,31 @@ def _number(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def step_line(e: Event) -> str:
+def step_line(e: ev.Step) -> str:
     """One plain progress line for a step event."""
-    rate = _number(e["samples_per_second"], ",.0f")
-    return (f"step {e['step']}/{e['total_steps']}  epoch {e['epoch']}  loss {e['loss']:.4f}  "
-            f"lr {e['lr']:.4g}  {rate} samples/s  peak {format_bytes(e['peak_memory_bytes'])}")
+    rate = _number(e.samples_per_second, ",.0f")
+    return (f"step {e.step}/{e.total_steps}  epoch {e.epoch}  loss {e.loss:.4f}  "
+            f"lr {e.lr:.4g}  {rate} samples/s  peak {format_bytes(e.peak_memory_bytes)}")
 
 
-def start_line(e: Event) -> str:
+def start_line(e: ev.Start) -> str:
     """The plain line that opens a run."""
-    return (f"training {e['name']} on {e['device']} ({e['dtype']}): target batch "
-            f"{e['target_batch']} = micro-batch {e['micro_batch']} × {e['accumulation_steps']} "
-            f"accumulation steps, {e['total_steps']} steps, {e['train_samples']:,} training "
-            f"samples, {e['parameters']:,} parameters → {e['run_dir']}")
+    steps = f"{e.total_steps} steps"
+    if e.stop_step < e.total_steps:
+        steps += f" (stopping after step {e.stop_step})"
+    return (f"training {e.name} on {e.device} ({e.dtype}): target batch "
+            f"{e.target_batch} = micro-batch {e.micro_batch} × {e.accumulation_steps} "
+            f"accumulation steps, {steps}, {e.train_samples:,} training "
+            f"samples, {e.parameters:,} parameters → {e.run_dir}")
 
 
-def eval_line(e: Event) -> str:
+def eval_line(e: ev.Eval) -> str:
     """One plain line for an eval event."""
-    return (f"eval @ step {e['step']}: loss {_number(e['eval_loss'])}  "
-            f"accuracy {_percent(e['eval_accuracy'])}")
+    return (f"eval @ step {e.step}: loss {_number(e.eval_loss)}  "
+            f"accuracy {_percent(e.eval_accuracy)}")
 
 
-def summary_table(s: Event) -> Table:
+def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
     table = Table(title=f"{s['name']}: done", show_header=False)
     rows = [
@@ -63,23 +66,23 @@ def summary_table(s: Event) -> Table:
     return table
 
 
-def probe_line(e: Event) -> str:
+def probe_line(e: ev.Probe) -> str:
     """The plain line that announces the probe's choice before training."""
-    if "reused" in e:
-        return f"micro-batch {e['micro_batch']}, as probed before ({e['reused']})"
-    return (f"probe ({e['backend']}): micro-batch {e['micro_batch']} × {e['accumulation_steps']} "
-            f"accumulation steps; peak {format_bytes(e['verified_peak_bytes'])} measured, "
-            f"{format_bytes(e['predicted_peak_bytes'])} predicted, budget "
-            f"{format_bytes(e['budget_bytes'])}")
+    if e.reused:
+        return f"micro-batch {e.micro_batch}, as probed before ({e.reused})"
+    return (f"probe ({e.backend}): micro-batch {e.micro_batch} × {e.accumulation_steps} "
+            f"accumulation steps; peak {format_bytes(e.verified_peak_bytes)} measured, "
+            f"{format_bytes(e.predicted_peak_bytes)} predicted, budget "
+            f"{format_bytes(e.budget_bytes)}")
 
 
-def oom_line(e: Event) -> str:
+def oom_line(e: ev.OutOfMemory) -> str:
     """The plain line for an out-of-memory retry."""
-    return (f"out of memory at step {e['step']} with micro-batch {e['micro_batch_before']}: "
-            f"redoing the whole target batch with micro-batch {e['micro_batch']}")
+    return (f"out of memory at step {e.step} with micro-batch {e.micro_batch_before}: "
+            f"redoing the whole target batch with micro-batch {e.micro_batch}")
 
 
-def probe_table(result: Event) -> Table:
+def probe_table(result: Data) -> Table:
     """The probe's measurements: micro-batch, peak, share of budget, step time, samples/s."""
     table = Table(title=f"memory of one training step ({result['backend']}, {result['device']})")
     for column in ("micro-batch", "peak memory", "of budget", "step time", "samples/s"):
@@ -94,7 +97,7 @@ def probe_table(result: Event) -> Table:
     return table
 
 
-def probe_choice_lines(result: Event) -> list[str]:
+def probe_choice_lines(result: Data) -> list[str]:
     """What the probe chose and why, in words."""
     fit = result["fit"]
     per_target = result["seconds_per_target_batch"]
@@ -114,7 +117,7 @@ def probe_choice_lines(result: Event) -> list[str]:
     return lines
 
 
-def print_probe(result: Event, *, as_json: bool, out: TextIO | None = None) -> None:
+def print_probe(result: Data, *, as_json: bool, out: TextIO | None = None) -> None:
     """The probe's answer on stdout: one JSON object, or the table and the choice."""
     out = out or sys.stdout
     if as_json:
@@ -127,51 +130,81 @@ def print_probe(result: Event, *, as_json: bool, out: TextIO | None = None) -> N
 
 
 class Reporter:
-    """Receives run events; the base class shows nothing (--quiet)."""
+    """Shows run events on the terminal; the base class shows nothing (--quiet). An event it
+    has no handler for is an error."""
 
-    def __call__(self, event: Event) -> None:
-        handler = getattr(self, "on_" + event["event"], None)
-        if handler:
-            handler(event)
+    def __call__(self, event: ev.Event) -> None:
+        ev.dispatch(self, event)
+
+    def on_start(self, e: ev.Start) -> None:
+        """The run begins."""
+
+    def on_step(self, e: ev.Step) -> None:
+        """A step is done."""
+
+    def on_eval(self, e: ev.Eval) -> None:
+        """An evaluation is done."""
+
+    def on_probe(self, e: ev.Probe) -> None:
+        """The probe chose."""
+
+    def on_warning(self, e: ev.RunWarning) -> None:
+        """Something to know."""
+
+    def on_oom(self, e: ev.OutOfMemory) -> None:
+        """A target batch is redone smaller."""
+
+    def on_resume(self, e: ev.Resume) -> None:
+        """The run continues from a checkpoint."""
+
+    def on_stopped(self, e: ev.Stopped) -> None:
+        """A signal stopped the run."""
+
+    def on_done(self, e: ev.Done) -> None:
+        """The run finished."""
 
     def close(self) -> None:
         """Stop any live display."""
 
 
 class PlainReporter(Reporter):
-    """Progress lines every `log_every` steps on stderr; the summary on stdout."""
+    """Progress lines every `log_every` steps on stderr; the summary on stdout (not with --json,
+    whose last line is the summary)."""
 
-    def __init__(self, log_every: int, out: TextIO | None = None, err: TextIO | None = None):
+    def __init__(self, log_every: int, out: TextIO | None = None, err: TextIO | None = None,
+                 show_summary: bool = True) -> None:
         self.log_every, self.out, self.err = log_every, out or sys.stdout, err or sys.stderr
+        self.show_summary = show_summary
 
     def _err(self, line: str) -> None:
         print(line, file=self.err, flush=True)
 
-    def on_start(self, e: Event) -> None:
+    def on_start(self, e: ev.Start) -> None:
         self._err(start_line(e))
 
-    def on_warning(self, e: Event) -> None:
-        self._err(f"warning: {e['message']}")
+    def on_warning(self, e: ev.RunWarning) -> None:
+        self._err(f"warning: {e.message}")
 
-    def on_step(self, e: Event) -> None:
-        if e["step"] % self.log_every == 0 or e["step"] in (1, e["total_steps"]):
+    def on_step(self, e: ev.Step) -> None:
+        if e.step % self.log_every == 0 or e.step in (1, e.total_steps):
             self._err(step_line(e))
 
-    def on_eval(self, e: Event) -> None:
+    def on_eval(self, e: ev.Eval) -> None:
         self._err(eval_line(e))
 
-    def on_probe(self, e: Event) -> None:
+    def on_probe(self, e: ev.Probe) -> None:
         self._err(probe_line(e))
 
-    def on_resume(self, e: Event) -> None:
-        self._err(f"resuming at step {e['step']} from {e['checkpoint']}" if e["checkpoint"]
+    def on_resume(self, e: ev.Resume) -> None:
+        self._err(f"resuming at step {e.step} from {e.checkpoint}" if e.checkpoint
                   else "no good checkpoint to resume from: starting from step 0")
 
-    def on_oom(self, e: Event) -> None:
+    def on_oom(self, e: ev.OutOfMemory) -> None:
         self._err(oom_line(e))
 
-    def on_done(self, e: Event) -> None:
-        Console(file=self.out, width=100).print(summary_table(e))
+    def on_done(self, e: ev.Done) -> None:
+        if self.show_summary:
+            Console(file=self.out, width=100).print(summary_table(e.summary))
 
 
 class RichReporter(PlainReporter):
@@ -186,35 +219,32 @@ class RichReporter(PlainReporter):
     def _err(self, line: str) -> None:
         self.console.print(line, highlight=False)
 
-    def on_start(self, e: Event) -> None:
+    def on_start(self, e: ev.Start) -> None:
         super().on_start(e)
-        split = f"{e['micro_batch']}×{e['accumulation_steps']}"
         self.progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  "
                        "{task.fields[rate]} samples/s  micro {task.fields[split]}  "
                        "peak {task.fields[peak]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
-        self.target_batch = e["target_batch"]
-        self.task = self.progress.add_task("train", total=e["total_steps"],
-                                           completed=e["start_step"], epoch=1, loss="-",
-                                           rate="-", split=split, peak="-")
+        self.task = self.progress.add_task(
+            "train", total=e.stop_step, completed=e.start_step, epoch=1, loss="-", rate="-",
+            split=f"{e.micro_batch}×{e.accumulation_steps}", peak="-")
         self.progress.start()
 
-    def on_step(self, e: Event) -> None:
-        self.progress.update(self.task, completed=e["step"], epoch=e["epoch"],
-                             loss=f"{e['loss']:.4f}", rate=_number(e["samples_per_second"], ",.0f"),
-                             peak=format_bytes(e["peak_memory_bytes"]))
+    def on_step(self, e: ev.Step) -> None:
+        self.progress.update(self.task, completed=e.step, epoch=e.epoch, loss=f"{e.loss:.4f}",
+                             rate=_number(e.samples_per_second, ",.0f"),
+                             peak=format_bytes(e.peak_memory_bytes))
 
-    def on_eval(self, e: Event) -> None:
+    def on_eval(self, e: ev.Eval) -> None:
         self.progress.console.print(eval_line(e), highlight=False)
 
-    def on_oom(self, e: Event) -> None:
+    def on_oom(self, e: ev.OutOfMemory) -> None:
         self.progress.console.print(oom_line(e), highlight=False)
-        self.progress.update(self.task, split=f"{e['micro_batch']}×"
-                             f"{math.ceil(self.target_batch / e['micro_batch'])}")
+        self.progress.update(self.task, split=f"{e.micro_batch}×{e.accumulation_steps}")
 
-    def on_done(self, e: Event) -> None:
+    def on_done(self, e: ev.Done) -> None:
         self.close()
         super().on_done(e)
 
@@ -224,21 +254,13 @@ class RichReporter(PlainReporter):
             self.progress = None
 
 
-class JsonReporter(PlainReporter):
-    """Every event as one JSON line on stdout; the plain progress lines on stderr."""
-
-    def __call__(self, event: Event) -> None:
-        print(json.dumps(event), file=self.out, flush=True)
-        if event["event"] != "done":
-            super().__call__(event)
-
-
-def make_reporter(*, as_json: bool, quiet: bool, log_every: int) -> Reporter:
-    """The reporter that fits where output lands: --json, --quiet, a terminal, or a pipe."""
+def terminal_sinks(*, as_json: bool, quiet: bool, log_every: int) -> list[ev.Sink]:
+    """What fits where output lands: --json (JSON lines on stdout, plain lines on stderr),
+    --quiet, a terminal (rich), or a pipe (plain lines)."""
     if as_json:
-        return JsonReporter(log_every)
+        return [ev.JsonLines(), PlainReporter(log_every, show_summary=False)]
     if quiet:
-        return Reporter()
+        return [Reporter()]
     if Console(stderr=True).is_terminal:
-        return RichReporter(log_every)
-    return PlainReporter(log_every)
+        return [RichReporter(log_every)]
+    return [PlainReporter(log_every)]

@@ -4,7 +4,6 @@ trimmed to it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 
 from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
 from mbp_cli.errors import UsageError
+from mbp_cli.events import Resume, RunWarning, Sink
 from mbp_cli.recipe import Recipe, load_recipe
 from mbp_cli.rundir import READ_FROM, write_atomic
 
@@ -60,15 +60,15 @@ def saved_recipe_folder(saved: Path) -> str | None:
 
 
 def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, emit: Callable[[dict[str, Any]], None]) -> LoopState | None:
+                 scheduler: Any, emit: Sink) -> LoopState | None:
     """Restore the newest good checkpoint (None: start over); keep metrics up to its step."""
     path, state, notes = newest_good_checkpoint(run_dir)
     for note in notes:
-        emit({"event": "warning", "message": note})
+        emit(RunWarning(note))
     loop = restore(state, model, optimizer, scheduler) if state is not None else None
     step = loop.step if loop is not None else 0
     trim_metrics(run_dir / "metrics.jsonl", step)
-    emit({"event": "resume", "step": step, "checkpoint": str(path) if path else None})
+    emit(Resume(step, str(path) if path else None))
     return loop
 
 

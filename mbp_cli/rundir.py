@@ -8,13 +8,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mbp_cli.errors import MbpError, UsageError
+from mbp_cli.events import MetricsFile
 from mbp_cli.recipe import Recipe, dump_recipe
 
 READ_FROM = "# mbp: read from "  # the saved recipe's first line: where import paths resolve
@@ -96,52 +96,20 @@ def save_state_dict(path: Path, state: dict[str, Any], what: str = "model") -> N
     write_atomic(path, buffer.getvalue(), what)
 
 
-class MetricsLog:
-    """metrics.jsonl, one JSON object a line, flushed so a crash keeps what came before."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.handle = open(path, "a", encoding="utf-8")  # closed by close()
-        except OSError as exc:
-            raise MbpError(f"cannot write metrics {path}: {exc.strerror or exc}") from exc
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record."""
-        try:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-        except OSError as exc:
-            raise MbpError(f"cannot write metrics {self.path}: {exc.strerror or exc}") from exc
-
-    def close(self) -> None:
-        """Close the file."""
-        self.handle.close()
-
-
 class RunFolder:
     """The run folder, made only once the first target batch has succeeded (so a run that
-    fails at once leaves nothing behind); events before it exists wait for it."""
+    fails at once leaves nothing behind); metrics.jsonl, a sink, waits for it."""
 
-    def __init__(self, path: Path, recipe: Recipe, resume: bool, overwrite: bool,
-                 emit: Callable[[dict[str, Any]], None]) -> None:
-        self.path, self.recipe, self.emit = path, recipe, emit
+    def __init__(self, path: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+        self.path, self.recipe = path, recipe
         self.resume, self.overwrite = resume, overwrite
-        self.metrics: MetricsLog | None = None
-        self.pending: list[dict[str, Any]] = []
-        self.probe: dict | None = None
-
-    def record(self, event: dict[str, Any]) -> None:
-        """Log an event to metrics.jsonl (once the folder exists) and pass it on."""
-        if self.metrics is not None:
-            self.metrics.write(event)
-        else:
-            self.pending.append(event)
-        self.emit(event)
+        self.metrics = MetricsFile()
+        self.probe: dict[str, Any] | None = None  # probe.json, for `micro: auto`
+        self.is_open = False
 
     def open(self) -> None:
-        """Make the folder (a resumed run has it), write the recipe and what waited."""
-        if self.metrics is not None:
+        """Make the folder (a resumed run has it), write the recipe and start the metrics."""
+        if self.is_open:
             return
         if not self.resume:
             prepare_run_dir(self.path, self.overwrite)
@@ -149,12 +117,9 @@ class RunFolder:
         write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
         if self.probe is not None:
             write_json(self.path / "probe.json", self.probe)
-        self.metrics = MetricsLog(self.path / "metrics.jsonl")
-        for event in self.pending:
-            self.metrics.write(event)
-        self.pending.clear()
+        self.metrics.open(self.path / "metrics.jsonl")
+        self.is_open = True
 
     def close(self) -> None:
         """Close metrics.jsonl."""
-        if self.metrics is not None:
-            self.metrics.close()
+        self.metrics.close()

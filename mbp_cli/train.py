@@ -28,6 +28,18 @@ from mbp_cli.build import (
 from mbp_cli.checkpoint import LoopState, save_checkpoint
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.evaluate import evaluate
+from mbp_cli.events import (
+    Done,
+    Eval,
+    OutOfMemory,
+    Probe,
+    RunWarning,
+    Sink,
+    Sinks,
+    Start,
+    Step,
+    Stopped,
+)
 from mbp_cli.memory.probe import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import (
     PeakMemory,
@@ -40,9 +52,6 @@ from mbp_cli.resume import resume_state
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop
-
-Event = dict[str, Any]
-EventSink = Callable[[Event], None]
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool) -> StepTotals 
 
 
 def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
-                         options: RunOptions, record: EventSink) -> tuple[int, dict | None]:
+                         options: RunOptions, emit: Sink) -> tuple[int, dict | None]:
     """The recipe's micro-batch, or for `auto` the probe's choice (and its answer, to be saved
     as probe.json; a resumed run takes it from there)."""
     if recipe.batch.micro != "auto":
@@ -73,16 +82,14 @@ def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Op
     saved = options.run_dir / "probe.json"
     if options.resume and saved.exists():
         micro_batch = int(json.loads(saved.read_text())["micro_batch"])
-        record({"event": "probe", "reused": str(saved), "micro_batch": micro_batch})
+        emit(Probe(micro_batch, reused=str(saved)))
         return micro_batch, None
     capacity = options.simulated_memory.capacity_bytes if options.simulated_memory else None
     with explained_step_errors(True):
         result = probe_setup(recipe, setup, optimizer, ProbeOptions(
             setup.device, budget_bytes=options.budget_bytes, capacity_bytes=capacity))
-    record({"event": "probe", "micro_batch": result.micro_batch,
-            "accumulation_steps": result.accumulation_steps, "budget_bytes": result.budget_bytes,
-            "predicted_peak_bytes": result.predicted_peak_bytes,
-            "verified_peak_bytes": result.verified_peak_bytes, "backend": result.backend})
+    emit(Probe(result.micro_batch, result.accumulation_steps, result.budget_bytes,
+               result.predicted_peak_bytes, result.verified_peak_bytes, result.backend))
     return result.micro_batch, result.to_dict()
 
 
@@ -95,8 +102,9 @@ def check_target_batch(recipe: Recipe, train_samples: int) -> None:
                          f"for full-batch training set batch.target: {train_samples}")
 
 
-def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any]:
-    """Train the recipe into `options.run_dir` and return the summary; events go to `emit`."""
+def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[str, Any]:
+    """Train the recipe into `options.run_dir` and return the summary; events go to `sinks`
+    (and to metrics.jsonl)."""
     started = time.perf_counter()
     device = resolve_device(recipe.train.device)
     setup = build(recipe, device)
@@ -108,7 +116,8 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real schedule
 
     run_dir = options.run_dir
-    folder = RunFolder(run_dir, recipe, options.resume, options.overwrite, emit)
+    folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
+    emit = Sinks([folder.metrics, *sinks])
     loop = resume_state(run_dir, model, optimizer, scheduler, emit) if options.resume else None
     if options.resume:
         folder.open()  # it exists: log into it from the start
@@ -119,28 +128,24 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     if simulated is not None:
         simulated.register(training_state_tensors(model, optimizer))
     memory = PeakMemory(device, simulated)
-    record = folder.record
-
     if loop is None:
         micro_batch, folder.probe = starting_micro_batch(recipe, setup, optimizer, options,
-                                                         record)
+                                                         emit)
         loop = LoopState(micro_batch)
     first_step = loop.step
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, stop_step, recipe.train.num_workers,
                               device.type == "cuda", start_step=loop.step,
                               collate=setup.collate)
-    emit({"event": "start", "name": recipe.name, "device": str(device),
-          "dtype": recipe.train.dtype, "target_batch": target, "micro_batch": loop.micro_batch,
-          "accumulation_steps": accumulation_steps(target, loop.micro_batch),
-          "total_steps": total_steps, "stop_step": stop_step, "start_step": loop.step,
-          "steps_per_epoch": per_epoch, "train_samples": len(setup.train_set),
-          "eval_samples": len(setup.eval_set) if setup.eval_set is not None else 0,
-          "parameters": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)})
+    emit(Start(recipe.name, str(device), recipe.train.dtype, target, loop.micro_batch,
+               accumulation_steps(target, loop.micro_batch), total_steps, stop_step, loop.step,
+               per_epoch, len(setup.train_set),
+               len(setup.eval_set) if setup.eval_set is not None else 0,
+               sum(p.numel() for p in model.parameters()), str(run_dir)))
     if has_batch_norm(model) and loop.micro_batch < target:
-        record({"event": "warning", "message": (
+        emit(RunWarning(
             "the model has BatchNorm layers: their statistics are computed per micro-batch of "
-            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target}")})
+            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target}"))
 
     def checkpoint() -> Path:
         return save_checkpoint(run_dir, model, optimizer, scheduler, loop,
@@ -154,11 +159,11 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
                 lr = optimizer.param_groups[0]["lr"]
                 totals = run_step(setup, stream.pieces(loop.step), loop.step == first_step)
                 if totals is None:  # out of memory: redo this whole target batch, smaller
-                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), target, record)
+                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), target, emit)
                     continue
                 folder.open()
                 if not math.isfinite(totals.loss):
-                    handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, record)
+                    handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
                 else:
                     optimizer.step()
                     loop.last_loss = totals.loss
@@ -168,21 +173,18 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
                 loop.step += 1
                 loop.train_seconds += step_seconds
                 loop.samples_seen += totals.samples
-                record({"event": "step", "step": loop.step, "total_steps": total_steps,
-                        "epoch": (loop.step - 1) // per_epoch + 1, "loss": totals.loss,
-                        "lr": lr, "samples": totals.samples, "items": totals.items,
-                        "micro_batches": totals.micro_batches, "step_seconds": step_seconds,
-                        "samples_per_second": totals.samples / step_seconds,
-                        "peak_memory_bytes": memory.peak_bytes()})
+                emit(Step(loop.step, total_steps, (loop.step - 1) // per_epoch + 1, totals.loss,
+                          lr, totals.samples, totals.items, totals.micro_batches, step_seconds,
+                          totals.samples / step_seconds, memory.peak_bytes()))
                 if is_due(loop.step, recipe.train.eval_every, stop_step):
                     loop.eval_result = evaluate(setup, stream.micro_batch,
                                                 recipe.train.num_workers)
                     if loop.eval_result:
-                        record({"event": "eval", "step": loop.step, **loop.eval_result})
+                        emit(Eval(loop.step, **loop.eval_result))
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
                 if stop.is_set:
-                    stop_now(stop, loop, checkpoint, record)
+                    stop_now(stop, loop, checkpoint, emit)
         finally:
             folder.close()
 
@@ -190,7 +192,7 @@ def train(recipe: Recipe, options: RunOptions, emit: EventSink) -> dict[str, Any
     summary = summarize(recipe, loop, total_steps, memory, time.perf_counter() - started,
                         device, run_dir)
     write_json(run_dir / "summary.json", summary)
-    emit({"event": "done", **summary})
+    emit(Done(summary))
     return summary
 
 
@@ -219,30 +221,29 @@ def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMem
 
 
 def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
-                       target_batch: int, record: EventSink) -> None:
+                       target_batch: int, emit: Sink) -> None:
     """After an out-of-memory step: halve the micro-batch and restart this step's batch."""
     if loop.micro_batch <= smallest:
         raise DoesNotFitError("out of memory during training even with a micro-batch of "
                               f"{loop.micro_batch}")
     smaller = max(smallest, loop.micro_batch // 2)
     loop.oom_retries += 1
-    record({"event": "oom", "step": loop.step + 1, "micro_batch_before": loop.micro_batch,
-            "micro_batch": smaller,
-            "accumulation_steps": accumulation_steps(target_batch, smaller)})
+    emit(OutOfMemory(loop.step + 1, loop.micro_batch, smaller,
+                     accumulation_steps(target_batch, smaller)))
     loop.micro_batch = smaller
     stream.restart(loop.step, loop.micro_batch)
 
 
 def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
                      optimizer: torch.optim.Optimizer, checkpoint: Callable[[], Path],
-                     record: EventSink) -> None:
+                     emit: Sink) -> None:
     """A NaN or infinite loss: stop with a checkpoint of the last good state, or skip the batch."""
     optimizer.zero_grad(set_to_none=True)  # the update is dropped either way
     step = loop.step + 1
     if recipe.train.on_nonfinite == "skip":
         loop.skipped_steps += 1
-        record({"event": "warning", "message": f"the loss at step {step} is {totals.loss}: "
-                "this target batch's update is skipped (train.on_nonfinite: skip)"})
+        emit(RunWarning(f"the loss at step {step} is {totals.loss}: this target batch's update "
+                        "is skipped (train.on_nonfinite: skip)"))
         return
     path = checkpoint()
     raise NonFiniteLossError(
@@ -252,11 +253,10 @@ def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
 
 
 def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path],
-             record: EventSink) -> None:
+             emit: Sink) -> None:
     """After a stop signal: checkpoint the finished target batch and end with 130 or 143."""
     path = checkpoint()
-    record({"event": "stopped", "step": loop.step, "signal": stop.signal.name,
-            "checkpoint": str(path)})
+    emit(Stopped(loop.step, stop.signal.name, str(path)))
     raise StoppedError(f"by {stop.signal.name} after step {loop.step}; checkpoint "
                        f"{path}. Resume with: mbp train --resume {path.parent.parent}",
                        exit_code=stop.exit_code)

@@ -51,3 +51,8 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def collect(events: list[dict[str, Any]]) -> list:
+    """Sinks for train() that keep each event, as its JSON object, in `events`."""
+    return [lambda event: events.append(event.to_dict())]

@@ -97,6 +97,6 @@ def test_peak_memory_is_flat_in_the_target_batch(write_recipe, tmp_path):
         out = tmp_path / str(target)
         out.mkdir()
         train(load_recipe(write_recipe(recipe, f"{target}.yaml")),
-              RunOptions(out, simulated_memory=tracker), emit=lambda event: None)
+              RunOptions(out, simulated_memory=tracker), sinks=[])
         peaks[target] = tracker.peak_bytes
     assert peaks[512] == peaks[32]

@@ -26,12 +26,12 @@ def run(write_recipe, tmp_path, name, recipe, tracker=None, on_event=None):
     events = []
 
     def emit(event):
-        events.append(event)
+        events.append(event.to_dict())
         if on_event:
-            on_event(event)
+            on_event(events[-1])
 
     summary = train(load_recipe(write_recipe(recipe, f"{name}.yaml")),
-                    RunOptions(out, simulated_memory=tracker), emit)
+                    RunOptions(out, simulated_memory=tracker), [emit])
     return summary, events, torch.load(out / "model.pt", weights_only=True), out
 
 

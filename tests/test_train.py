@@ -14,7 +14,7 @@ from mbp_cli.datasets import synthetic_tokens
 from mbp_cli.models import tiny_lm
 from mbp_cli.recipe import load_recipe
 from mbp_cli.train import RunOptions, build, resolve_device, train
-from tests.conftest import REPO, small_recipe
+from tests.conftest import REPO, collect, small_recipe
 
 TOKENS = {"name": "synthetic_tokens",
           "args": {"num_samples": 50, "vocab_size": 12, "min_len": 2, "max_len": 10}}
@@ -32,7 +32,7 @@ def run(write_recipe, tmp_path, recipe: dict, name: str = "run") -> dict[str, to
     loaded = load_recipe(write_recipe(recipe, f"{name}.yaml"))
     out = tmp_path / name
     out.mkdir()
-    train(loaded, RunOptions(out), emit=lambda event: None)
+    train(loaded, RunOptions(out), sinks=[])
     return torch.load(out / "model.pt", weights_only=True)
 
 
@@ -63,7 +63,7 @@ def test_drop_last_skips_the_smaller_batch(write_recipe, tmp_path):
     recipe["batch"]["drop_last"] = True
     loaded = load_recipe(write_recipe(recipe))
     events = []
-    train(loaded, RunOptions(tmp_path / "run"), emit=events.append)
+    train(loaded, RunOptions(tmp_path / "run"), sinks=collect(events))
     assert [e["samples"] for e in events if e["event"] == "step"] == [20, 20, 20, 20]
 
 
@@ -74,7 +74,7 @@ def test_only_micro_batches_reach_the_model(write_recipe, tmp_path, monkeypatch)
     sizes: list[int] = []
     setup.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     monkeypatch.setattr("mbp_cli.train.build", lambda recipe, device: setup)
-    train(loaded, RunOptions(tmp_path / "run"), emit=lambda event: None)
+    train(loaded, RunOptions(tmp_path / "run"), sinks=[])
     assert max(sizes) == 16 and sum(sizes[:19]) == 300  # 18 × 16 + 12, then the next batch
 
 
@@ -82,7 +82,7 @@ def test_epochs_count_steps_over_the_training_split(write_recipe, tmp_path):
     loaded = load_recipe(write_recipe(small_recipe(train={"epochs": 1, "eval_every": 0,
                                                           "device": "cpu"})))
     events = []
-    summary = train(loaded, RunOptions(tmp_path / "run"), emit=events.append)
+    summary = train(loaded, RunOptions(tmp_path / "run"), sinks=collect(events))
     assert summary["samples_seen"] == 1438 and summary["steps"] == 29  # ⌈1438 / 50⌉
 
 
@@ -102,7 +102,7 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
                                 "resize": 16, "eval_fraction": 0.25},
                           batch={"target": 9, "micro": 4}, train={"steps": 2, "device": "cpu"})
     loaded = load_recipe(write_recipe(recipe))
-    summary = train(loaded, RunOptions(tmp_path / "run"), emit=lambda event: None)
+    summary = train(loaded, RunOptions(tmp_path / "run"), sinks=[])
     assert summary["samples_seen"] == 18 and summary["eval_accuracy"] is not None
 
 
@@ -110,7 +110,7 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
 def test_the_readme_recipe_reaches_95_percent(tmp_path):
     """`mbp train recipes/digits.yaml`, the README's first command, as a user runs it."""
     summary = train(load_recipe(REPO / "recipes" / "digits.yaml"), RunOptions(tmp_path / "run"),
-                    emit=lambda event: None)
+                    sinks=[])
     assert summary["eval_accuracy"] >= 0.95
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 200
 
@@ -119,6 +119,6 @@ def test_the_readme_recipe_reaches_95_percent(tmp_path):
 def test_the_tiny_lm_recipe_learns(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "tiny-lm.yaml")
     events = []
-    summary = train(recipe, RunOptions(tmp_path / "run", max_steps=60), emit=events.append)
+    summary = train(recipe, RunOptions(tmp_path / "run", max_steps=60), sinks=collect(events))
     first_loss = next(e["loss"] for e in events if e["event"] == "step")
     assert summary["final_train_loss"] < first_loss / 4
