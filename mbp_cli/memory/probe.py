@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +12,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
+from mbp_cli.batching import accumulation_steps
 from mbp_cli.build import (
     DTYPES,
     Setup,
@@ -112,7 +112,7 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
     if not measure(chosen).fits(usable):  # memory that does not grow monotonically
         chosen = largest
     verified = measure(chosen)
-    steps = math.ceil(target_batch / chosen)
+    steps = accumulation_steps(target_batch, chosen)
     per_target = verified.step_seconds * steps if verified.step_seconds is not None else None
     return ProbeResult(
         device=str(runner.device), backend=runner.backend, budget_bytes=int(budget_bytes),
