@@ -98,6 +98,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 
 def transform_problems(specs: list[Any] | None, path: str) -> list[str]:
     """Each torchvision transforms.v2 name known, its arguments taken by its signature."""
+    if not specs:
+        return []  # importing torchvision's transforms takes seconds: only when there are some
     from torchvision.transforms import v2
 
     known = [name for name in dir(v2) if name[0].isupper()]
