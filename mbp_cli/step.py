@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +20,7 @@ TARGET_KEYS = ("labels", "label", "target")  # looked up in dict batches, in thi
 OUTPUT_KEYS = ("logits", "out")  # looked up in dict or object outputs, in this order
 
 
-@dataclass(frozen=True)
-class MicroResult:
+class MicroResult(NamedTuple):
     """What one micro-batch gave: the scores the loss saw, its target and the loss terms."""
 
     output: Tensor
@@ -48,8 +46,9 @@ def split_batch(batch: Any, target_key: str | None = None
     `(inputs, target)` and `(x1, x2, …, target)` give positional arguments; a dict gives keyword
     arguments, its target under `target_key` (default: labels, label or target).
     """
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
-        return tuple(batch[:-1]), {}, batch[-1]
+    if type(batch) in (tuple, list) or isinstance(batch, Sequence) and not isinstance(batch, str):
+        if len(batch) >= 2:
+            return batch[:-1], {}, batch[-1]
     if isinstance(batch, Mapping):
         keys = (target_key,) if target_key else TARGET_KEYS
         key = next((k for k in keys if k in batch), None)
@@ -133,9 +132,9 @@ class MicroStep:
         for value in (*args, *kwargs.values()):
             _check_tensor(value, "input")
         device, dtype = self.device, self.dtype
-        args = tuple(to_device(a, device, dtype) for a in args)
-        kwargs = {k: to_device(v, device, dtype) for k, v in kwargs.items()}
+        args = [to_device(a, device, dtype) for a in args]
+        kwargs = {k: to_device(v, device, dtype) for k, v in kwargs.items()} if kwargs else {}
         target = to_device(target, device, dtype)
         output = pick_output(self.model(*args, **kwargs), self.output_key)
         loss_sum, items = self.loss_fn(output, target)
-        return MicroResult(output, target, loss_sum, items, len(target))
+        return MicroResult(output, target, loss_sum, items, target.shape[0])
