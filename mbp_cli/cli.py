@@ -36,10 +36,11 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         if as_json:
             typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
                                    "message": str(exc)}))
-        if getattr(exc, "details", ""):
-            typer.echo(exc.details.rstrip(), err=True)  # the user's own code: its traceback
+        details = getattr(exc, "details", "")
+        if details:
+            typer.echo(details.rstrip(), err=True)  # the user's own code: its traceback
         typer.echo(f"{exc.label}: {exc}", err=True)
-        if exc.label == "error":
+        if exc.label == "error" and not details:
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:

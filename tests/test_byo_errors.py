@@ -122,17 +122,20 @@ def test_wrong_outputs_batches_and_samples_are_one_message(cli, tmp_path, model_
 @pytest.mark.parametrize(("where", "message"), [
     ("model", "error: model mistakes:broken raised ValueError: my constructor is broken"),
     ("dataset", "raised KeyError: 'no such row'"),
+    ("dataset in a worker", "raised KeyError: 'no such row'"),
 ])
 def test_your_own_code_raising_keeps_its_traceback(cli, tmp_path, where, message):
     if where == "model":
         recipe = mistake_recipe(tmp_path, model="mistakes:broken")
     else:
         recipe = mistake_recipe(tmp_path, data_args={"kind": "raises"})
-    result = cli("train", recipe, "--out", tmp_path / "run")
+    workers = "1" if where.endswith("worker") else "0"
+    result = cli("train", recipe, "--out", tmp_path / "run", "--set",
+                 f"train.num_workers={workers}")
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "mistakes.py" in result.stderr  # their code
     assert message in result.stderr and not (tmp_path / "run").exists()
-    if where == "dataset":  # which sample, so it can be looked at
+    if where.startswith("dataset"):  # which sample, so it can be looked at
         assert re.search(r"error: dataset Samples, sample \d+, raised", result.stderr)
 
 
