@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from mbp_cli.datasets import transform_steps
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import UsageError, suggest
 from mbp_cli.pretrained import pretrained_problems
-from mbp_cli.recipe import Recipe, recipe_folders, suggest
+from mbp_cli.recipe import Recipe, recipe_folders
 from mbp_cli.registry import (
     Builder,
     LookupFailed,

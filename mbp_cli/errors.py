@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from mbp_cli.units import format_bytes
 
@@ -97,3 +98,12 @@ def users_code(what: str) -> Iterator[None]:
     except Exception as exc:
         raise UserCodeError(f"{what} raised {type(exc).__name__}: {exc}",
                             traceback.format_exc()) from exc
+
+
+def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
+    """'; did you mean X?' for the option nearest to `word` (case aside), or nothing."""
+    by_lower = {option.lower(): option for option in options}
+    if word.lower() in by_lower:
+        return f"; did you mean {prefix}{by_lower[word.lower()]}?"
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{by_lower[match[0]]}?" if match else ""

@@ -9,8 +9,7 @@ from urllib.error import URLError
 import torch
 from torch import nn
 
-from mbp_cli.errors import UsageError
-from mbp_cli.recipe import suggest
+from mbp_cli.errors import UsageError, suggest
 
 
 def weights_enum(model_name: str) -> Any:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
+from mbp_cli.errors import suggest
 from mbp_cli.losses import LOSSES, ItemLoss
 from mbp_cli.models import MODELS
-from mbp_cli.recipe import suggest
 
 
 @dataclass(frozen=True)
