@@ -188,6 +188,11 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     if isinstance(train.device, str) and not re.fullmatch(DEVICE_NAME, train.device):
         problems.append(f"train.device: {train.device!r} is not a device name such as auto, "
                         "cpu, cuda, cuda:1 or mps")
+    shape = recipe.data.input_shape
+    if shape is not None and not (shape and all(isinstance(n, int) and not isinstance(n, bool)
+                                                and n >= 1 for n in shape)):
+        problems.append(f"data.input_shape: expected a list of positive integers such as "
+                        f"[3, 224, 224], got {shape!r}")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
 
