@@ -11,16 +11,17 @@ CLASSES = ("background", "rectangle", "disc")
 
 class Shapes(Dataset):
     """Images (3, size, size) holding 1 to `max_shapes` rectangles and discs of random colours,
-    each with a mask (size, size) of class indices: 0 background, 1 rectangle, 2 disc.
+    each with a mask (size, size) of class indices: 0 background, 1 rectangle, 2 disc;
+    `n` samples for training, `n_eval` held out.
 
     Generated once from its own generator, so a split is the same on every run; the colours
     carry no class, so the model has to tell the shapes apart by their outline.
     """
 
-    def __init__(self, train: bool = True, n: int = 2000, size: int = 32, max_shapes: int = 4,
-                 seed: int = 0) -> None:
+    def __init__(self, train: bool = True, n: int = 2000, n_eval: int = 400, size: int = 32,
+                 max_shapes: int = 3, seed: int = 0) -> None:
         draw = torch.Generator().manual_seed(seed * 2 + (1 if train else 2))
-        self.images, self.masks = _generate(draw, n, size, max_shapes)
+        self.images, self.masks = _generate(draw, n if train else n_eval, size, max_shapes)
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -41,8 +42,8 @@ def _generate(draw: torch.Generator, n: int, size: int,
     for slot in range(max_shapes):
         kind = torch.randint(1, len(CLASSES), (n, 1, 1), generator=draw)
         cy, cx = (torch.rand(2, n, 1, 1, generator=draw) * (size - 8) + 4).unbind()
-        half_h, half_w = (torch.rand(2, n, 1, 1, generator=draw) * 4 + 2.5).unbind()
-        radius = torch.rand(n, 1, 1, generator=draw) * 4 + 3
+        half_h, half_w = (torch.rand(2, n, 1, 1, generator=draw) * 4 + 3.5).unbind()
+        radius = torch.rand(n, 1, 1, generator=draw) * 4 + 4.5
         colour = 0.4 + 0.6 * torch.rand(n, 3, 1, 1, generator=draw)
         rectangle = ((ys - cy).abs() <= half_h) & ((xs - cx).abs() <= half_w)
         disc = (ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2
@@ -64,7 +65,7 @@ class UNet(nn.Module):
     """A two-level U-Net returning `{"out": scores (N, num_classes, H, W)}`, as torchvision's
     segmentation models do; H and W must be divisible by 4."""
 
-    def __init__(self, num_classes: int = len(CLASSES), width: int = 16,
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 8,
                  in_channels: int = 3) -> None:
         super().__init__()
         self.down1 = _block(in_channels, width)
