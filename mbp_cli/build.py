@@ -44,16 +44,33 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Setup:
-    """Everything a run builds from its recipe."""
+    """Everything a run builds from its recipe: the data and the micro-step, which holds the
+    model, the loss, the device and the dtype."""
 
-    model: nn.Module
+    micro_step: MicroStep
     train_set: Dataset
     eval_set: Dataset | None
-    loss_fn: LossFn
-    device: torch.device
-    dtype: torch.dtype
-    micro_step: MicroStep
     collate: Callable[[list[Any]], Any] | None = None  # data.collate, else torch's default
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being trained."""
+        return self.micro_step.model
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """The loss as (sum, count)."""
+        return self.micro_step.loss_fn
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.micro_step.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' and floating-point inputs' dtype."""
+        return self.micro_step.dtype
 
 
 def build(recipe: Recipe, device: torch.device) -> Setup:
@@ -62,10 +79,9 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     torch.manual_seed(recipe.seed)
     train_set, eval_set = build_data(recipe)
     model = build_model(recipe, device)
-    loss_fn = build_loss(recipe)
-    dtype = DTYPES[recipe.train.dtype]
-    return Setup(model, train_set, eval_set, loss_fn, device, dtype,
-                 build_micro_step(recipe, model, loss_fn, device, dtype), build_collate(recipe))
+    micro_step = build_micro_step(recipe, model, build_loss(recipe), device,
+                                  DTYPES[recipe.train.dtype])
+    return Setup(micro_step, train_set, eval_set, build_collate(recipe))
 
 
 def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: torch.device,
