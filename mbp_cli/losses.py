@@ -44,17 +44,16 @@ def class_dim_of(output: Tensor, target: Tensor, forced: int | None = None) -> i
 
 
 def _scores_and_target(output: Tensor, target: Tensor,
-                       forced: int | None) -> tuple[Tensor, Tensor, int]:
+                       forced: int | None) -> tuple[Tensor, Tensor]:
     """Scores with classes in dim 1 and their target, as torch's losses take them."""
     if output.dim() == 2 and target.dim() == 1:
-        return output, target, 1  # the common case; torch checks the sizes itself
-    dim = class_dim_of(output, target, forced)
-    if dim == -1 and output.dim() > 2:  # (N, L, C) → (N·L, C): classes in dim 1, a view
-        classes = output.shape[-1]
+        return output, target  # the common case; torch checks the sizes itself
+    if class_dim_of(output, target, forced) == -1 and output.dim() > 2:
+        classes = output.shape[-1]  # (N, L, C) → (N·L, C): classes in dim 1, as a view
         soft = target.is_floating_point()
-        return (output.reshape(-1, classes),
-                target.reshape(-1, classes) if soft else target.reshape(-1), -1)
-    return output, target, dim
+        return output.reshape(-1, classes), target.reshape(-1, classes) if soft else \
+            target.reshape(-1)
+    return output, target
 
 
 def _class_weight(weight: list[float] | str | None) -> Tensor | None:
@@ -102,7 +101,7 @@ class ClassificationLoss:
         return self._weights[key]
 
     def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        scores, target, _ = _scores_and_target(output, target, self.class_dim)
+        scores, target = _scores_and_target(output, target, self.class_dim)
         weight = self._weight_like(scores)
         total = self.loss(scores, target, weight=weight, ignore_index=self.ignore_index,
                           reduction="sum", **self.options)
@@ -115,7 +114,7 @@ class ClassificationLoss:
 
     def correct(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(right, counted) top-1 predictions, as tensors on the device."""
-        scores, target, _ = _scores_and_target(output, target, self.class_dim)
+        scores, target = _scores_and_target(output, target, self.class_dim)
         if target.is_floating_point():
             target = target.argmax(1)
         counted = target != self.ignore_index
