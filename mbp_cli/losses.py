@@ -17,38 +17,75 @@ from mbp_cli.errors import UsageError
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+def _readings(output: Tensor, target: Tensor) -> tuple[tuple[int, ...], tuple, tuple]:
+    """The class dimensions (1, -1) whose reading fits the target, and the target shape each
+    reading expects."""
+    if output.dim() < 2:
+        raise UsageError(f"the model output has shape {tuple(output.shape)}; a classification "
+                         "loss needs class scores of shape (N, C) or (N, C, d1, …)")
+    soft = target.is_floating_point()
+    first = tuple(output.shape) if soft else (output.shape[0], *output.shape[2:])
+    last = tuple(output.shape) if soft else tuple(output.shape[:-1])
+    fits = tuple(dim for dim, shape in ((1, first), (-1, last)) if tuple(target.shape) == shape)
+    return fits, first, last
+
+
 def class_dim_of(output: Tensor, target: Tensor, forced: int | None = None) -> int:
     """Where the class scores are: 1 as torch has them ((N, C), (N, C, d1, …, dk)) or -1, last,
     as language models write them ((N, L, C)). Decided by the shapes; where both readings fit
     (C == L) torch's is taken, unless `forced` (loss.args.class_dim) says otherwise."""
-    if output.dim() < 2:
-        raise UsageError(f"the model output has shape {tuple(output.shape)}; a classification "
-                         "loss needs class scores of shape (N, C) or (N, C, d1, …)")
     if output.dim() == 2 and forced is None:
         return 1
-    soft = target.is_floating_point()
-    first = output.shape if soft else (output.shape[0], *output.shape[2:])
-    last = output.shape if soft else output.shape[:-1]
-    fits = {1: tuple(target.shape) == tuple(first), -1: tuple(target.shape) == tuple(last)}
+    fits, first, last = _readings(output, target)
     for dim in (forced,) if forced is not None else (1, -1):
-        if fits[dim]:
+        if dim in fits:
             return dim
-    kind = "class probabilities" if soft else "class indices"
-    expected = (f"a target of shape {tuple(first)} with classes in dim 1 (as torch's "
-                f"cross_entropy), or {tuple(last)} with classes last")
+    kind = "class probabilities" if target.is_floating_point() else "class indices"
+    expected = (f"a target of shape {first} with classes in dim 1 (as torch's cross_entropy), "
+                f"or {last} with classes last")
     if forced is not None:
-        expected = f"a target of shape {tuple(first if forced == 1 else last)} " \
+        expected = f"a target of shape {first if forced == 1 else last} " \
                    f"(loss.args.class_dim: {forced})"
     raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
                      f"{tuple(target.shape)} of {kind}: expected {expected}")
 
 
+class ClassLayout:
+    """Where a run's class scores are, decided once and kept: a micro-batch whose padded length
+    happens to equal the number of classes (both readings fit) is read as the others were."""
+
+    def __init__(self, forced: int | None) -> None:
+        if forced not in (None, 1, -1):
+            raise UsageError(f"loss.args.class_dim: expected 1 or -1, got {forced!r}")
+        self.forced = forced
+        self.known: int | None = None  # from a micro-batch only one reading fits
+        self.guessed: int | None = None  # taken where both fit, before anything was known
+
+    def class_dim(self, output: Tensor, target: Tensor) -> int:
+        """1 or -1 for this micro-batch, consistent with the run's earlier ones."""
+        if self.forced is not None or output.dim() == 2:
+            return class_dim_of(output, target, self.forced)
+        fits, _, _ = _readings(output, target)
+        if len(fits) == 2:
+            if self.known is None:
+                self.guessed = 1  # torch's reading
+            return self.known or 1
+        dim = class_dim_of(output, target)
+        if self.guessed is not None and dim != self.guessed:
+            raise UsageError(f"the class scores are last in a model output of shape "
+                             f"{tuple(output.shape)}, but an earlier micro-batch, where both "
+                             "readings fit, was read with classes in dim 1; set "
+                             "loss.args.class_dim: -1")
+        self.known = dim
+        return dim
+
+
 def _scores_and_target(output: Tensor, target: Tensor,
-                       forced: int | None) -> tuple[Tensor, Tensor]:
+                       layout: ClassLayout) -> tuple[Tensor, Tensor]:
     """Scores with classes in dim 1 and their target, as torch's losses take them."""
     if output.dim() == 2 and target.dim() == 1:
         return output, target  # the common case; torch checks the sizes itself
-    if class_dim_of(output, target, forced) == -1 and output.dim() > 2:
+    if layout.class_dim(output, target) == -1 and output.dim() > 2:
         classes = output.shape[-1]  # (N, L, C) → (N·L, C): classes in dim 1, as a view
         soft = target.is_floating_point()
         return output.reshape(-1, classes), target.reshape(-1, classes) if soft else \
@@ -85,9 +122,7 @@ class ClassificationLoss:
     def __init__(self, loss: Callable[..., Tensor], ignore_index: int,
                  weight: list[float] | str | None, class_dim: int | None,
                  **options: float) -> None:
-        if class_dim not in (None, 1, -1):
-            raise UsageError(f"loss.args.class_dim: expected 1 or -1, got {class_dim!r}")
-        self.loss, self.ignore_index, self.class_dim = loss, ignore_index, class_dim
+        self.loss, self.ignore_index, self.layout = loss, ignore_index, ClassLayout(class_dim)
         self.options = options
         self.weight = _class_weight(weight)
         self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -101,7 +136,7 @@ class ClassificationLoss:
         return self._weights[key]
 
     def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        scores, target = _scores_and_target(output, target, self.class_dim)
+        scores, target = _scores_and_target(output, target, self.layout)
         weight = self._weight_like(scores)
         total = self.loss(scores, target, weight=weight, ignore_index=self.ignore_index,
                           reduction="sum", **self.options)
@@ -114,7 +149,7 @@ class ClassificationLoss:
 
     def correct(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(right, counted) top-1 predictions, as tensors on the device."""
-        scores, target = _scores_and_target(output, target, self.class_dim)
+        scores, target = _scores_and_target(output, target, self.layout)
         if target.is_floating_point():
             target = target.argmax(1)
         counted = target != self.ignore_index
@@ -182,6 +217,16 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
 }
 
 
+def _default_of(fn: Callable[..., Any], name: str) -> Any:
+    """The default value of `fn`'s argument `name`, or None."""
+    try:
+        parameter = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is parameter.empty else \
+        parameter.default
+
+
 class ItemLoss:
     """A loss of your own (`package.module:callable`), called as `callable(output, target)`.
 
@@ -193,17 +238,26 @@ class ItemLoss:
 
     def __init__(self, fn: Callable[..., Any], name: str, **args: Any) -> None:
         if inspect.isclass(fn):
+            if issubclass(fn, nn.modules.loss._WeightedLoss) and args.get("weight") is not None:
+                raise UsageError(f"loss {name}: for class weights use loss.name: cross_entropy "
+                                 "(or nll) with loss.args.weight, which divides by the sum of "
+                                 "the counted targets' weights as torch's mean does")
             if issubclass(fn, nn.modules.loss._Loss):
                 args.setdefault("reduction", "none")
             fn, args = fn(**args), {}
         self.fn = functools.partial(fn, **args) if args else fn
         self.name = name
-        self.ignore_index = getattr(fn, "ignore_index", args.get("ignore_index"))
+        self.ignore_index = getattr(fn, "ignore_index", args.get("ignore_index",
+                                                                 _default_of(fn, "ignore_index")))
 
     def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         result = self.fn(output, target)
         if isinstance(result, tuple) and len(result) == 2:
             total, count = result
+            if not isinstance(total, Tensor) or total.dim() != 0:
+                raise UsageError(f"loss {self.name} returned (sum, count) whose sum is "
+                                 f"{getattr(total, 'shape', type(total).__name__)}; expected "
+                                 "one number: the sum of the item losses")
             return total, torch.as_tensor(count, device=total.device)
         if not isinstance(result, Tensor) or result.dim() == 0:
             got = "one number (a mean?)" if isinstance(result, Tensor) else type(result).__name__

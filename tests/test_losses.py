@@ -64,3 +64,48 @@ def test_soft_targets_follow_torch_and_weights_from_a_file(tmp_path):
 def test_bad_class_weights_are_one_line(weight, message):
     with pytest.raises(UsageError, match=message):
         cross_entropy(weight=weight)
+
+
+def test_the_layout_is_kept_when_a_padded_length_equals_the_number_of_classes():
+    """(N, L, C) with L varying by micro-batch: where L == C both readings fit, and the run's
+    own reading (classes last, known from an earlier micro-batch) is kept, as in one piece."""
+    torch.manual_seed(0)
+    long, square = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(2, 4, 4,
+                                                                        dtype=torch.float64)
+    long_target, square_target = torch.randint(4, (3, 6)), torch.randint(4, (2, 4))
+    loss = cross_entropy()
+    loss(long, long_target)
+    total, items = loss(square, square_target)
+    expected = F.cross_entropy(square.reshape(-1, 4), square_target.reshape(-1), reduction="sum")
+    assert float(total) == pytest.approx(float(expected), rel=1e-12) and int(items) == 8
+    guessed_first = cross_entropy()
+    guessed_first(square, square_target)  # torch's reading, nothing known yet
+    with pytest.raises(UsageError, match="set loss.args.class_dim: -1"):
+        guessed_first(long, long_target)
+
+
+def test_an_own_loss_counts_with_its_default_ignore_index():
+    from mbp_cli.losses import ItemLoss
+
+    def per_token(output, target, ignore_index: int = -100):
+        return F.cross_entropy(output, target, ignore_index=ignore_index, reduction="none")
+
+    output = torch.randn(4, 3, 5, dtype=torch.float64)
+    target = torch.randint(3, (4, 5))
+    target[:, 3:] = -100
+    total, items = ItemLoss(per_token, "mine:per_token")(output, target)
+    assert int(items) == 12  # 4 × 3 tokens; the padding is not counted
+    assert float(total / items) == pytest.approx(float(F.cross_entropy(output, target)),
+                                                 rel=1e-12)
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    (lambda out, y: (F.cross_entropy(out, y, reduction="none"), len(y)),
+     "returned \\(sum, count\\) whose sum is torch.Size\\(\\[4\\]\\)"),
+    (lambda out, y: F.cross_entropy(out, y), "returned one number \\(a mean\\?\\)"),
+])
+def test_own_losses_that_break_the_contract_are_one_line(fn, message):
+    from mbp_cli.losses import ItemLoss
+
+    with pytest.raises(UsageError, match=message):
+        ItemLoss(fn, "mine:loss")(torch.randn(4, 3), torch.randint(3, (4,)))
