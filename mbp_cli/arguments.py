@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mbp_cli.datasets import transform_steps
+from mbp_cli.datasets import make_transform, transform_steps
 from mbp_cli.errors import UsageError, suggest
 from mbp_cli.pretrained import pretrained_problems
 from mbp_cli.recipe import Recipe, recipe_folders
@@ -86,6 +86,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems += argument_problems(builder, spec.args, f"{path}.args")
         if path == "model" and builder.is_torchvision and spec.args.get("weights") is not None:
             problems += pretrained_problems(spec.name, spec.args, recipe.model.head)
+        if path == "data":
+            problems += _transform_argument_problems(recipe, builder)
     for key in ("transforms", "eval_transforms"):
         problems += transform_problems(getattr(recipe.data, key), f"data.{key}")
     if recipe.data.collate is not None:
@@ -94,6 +96,22 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         except LookupFailed as exc:
             problems.append(f"data.collate: {exc}")
     return problems
+
+
+def _transform_argument_problems(recipe: Recipe, builder: Builder) -> list[str]:
+    """Image transforms need a dataset that takes `transform=`: else they would be ignored."""
+    data = recipe.data
+    asked = [key for key in ("transforms", "eval_transforms", "normalize", "resize")
+             if getattr(data, key) is not None]
+    try:
+        takes_transform = "transform" in inspect.signature(builder.fn).parameters
+    except (TypeError, ValueError):
+        takes_transform = True
+    if not asked or takes_transform:
+        return []
+    return [f"data.{asked[0]}: {builder.label} takes no `transform` argument, so images cannot be "
+            "transformed for it; give the dataset a `transform=None` parameter and apply it to "
+            "each sample, as torchvision's datasets do"]
 
 
 def transform_problems(specs: list[Any] | None, path: str) -> list[str]:
@@ -111,7 +129,12 @@ def transform_problems(specs: list[Any] | None, path: str) -> list[str]:
     for name, args in steps:
         if name not in known:
             problems.append(f"{path}: unknown transform {name!r}" + suggest(name, known))
-        else:
-            problems += argument_problems(Builder(getattr(v2, name), name), args,
-                                          f"{path}.{name}")
+            continue
+        named = argument_problems(Builder(getattr(v2, name), name), args, f"{path}.{name}")
+        if not named:
+            try:
+                make_transform(name, args)  # cheap: the values are checked too
+            except UsageError as exc:
+                named = [f"{path}.{name}: {exc}"]
+        problems += named
     return problems

@@ -103,6 +103,19 @@ def transform_steps(specs: list[Any] | None) -> list[tuple[str, dict[str, Any]]]
     return steps
 
 
+def make_transform(name: str, args: dict[str, Any]) -> Any:
+    """One torchvision transforms.v2 step; `dtype: float32` names a torch dtype."""
+    from torchvision.transforms import v2
+
+    if isinstance(args.get("dtype"), str) and isinstance(getattr(torch, args["dtype"], None),
+                                                         torch.dtype):
+        args = {**args, "dtype": getattr(torch, args["dtype"])}
+    try:
+        return getattr(v2, name)(**args)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{name} refuses {args}: {exc}") from exc
+
+
 def image_transform(steps: list[Any] | None, *, resize: int | None,
                     normalize: str | None) -> Callable[[Any], Tensor]:
     """PIL images (or tensors) to float tensors: resized to a square side when asked, then the
@@ -111,7 +124,7 @@ def image_transform(steps: list[Any] | None, *, resize: int | None,
 
     pipeline = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     pipeline += [v2.Resize((resize, resize))] if resize else []
-    pipeline += [getattr(v2, name)(**args) for name, args in transform_steps(steps)]
+    pipeline += [make_transform(name, args) for name, args in transform_steps(steps)]
     if normalize == "imagenet":
         pipeline.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return v2.Compose(pipeline)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
-from mbp_cli.errors import suggest
+from mbp_cli.errors import UserCodeError, suggest, users_code
 from mbp_cli.losses import LOSSES, ItemLoss
 from mbp_cli.models import MODELS
 
@@ -112,12 +112,16 @@ def import_path(name: str, folders: Folders = ()) -> Callable[..., Any]:
             sys.path.remove(home)
         sys.path.insert(0, home)  # kept: DataLoader workers and unpickling import it again
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
-            raise  # the user's module imports something missing: their traceback says what
-        raise LookupFailed(f"cannot import {module_name!r}: no module {exc.name!r} in "
-                           f"{', '.join(searched)} or the installed packages") from exc
+        with users_code(f"importing {module_name}"):
+            module = importlib.import_module(module_name)
+    except UserCodeError as exc:
+        missing = getattr(exc.__cause__, "name", None)
+        is_ours = isinstance(exc.__cause__, ModuleNotFoundError) and missing is not None and (
+            module_name == missing or module_name.startswith(missing + "."))
+        if not is_ours:
+            raise  # the user's module raised, or imports something missing: its traceback
+        raise LookupFailed(f"cannot import {module_name!r}: no module {missing!r} in "
+                           f"{', '.join(searched)} or the installed packages") from None
     target = getattr(module, attr, None)
     if target is None:
         raise LookupFailed(f"module {module_name!r} has no attribute {attr!r}"
