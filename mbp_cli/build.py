@@ -111,6 +111,17 @@ def _users_collate(collate: Callable[[list[Any]], Any], name: str, samples: list
         return collate(samples)
 
 
+def check_target_batch(recipe: Recipe, train_samples: int) -> None:
+    """Refuse a target batch larger than the training split: each step would be an epoch."""
+    target = recipe.batch.target
+    if train_samples == 0:
+        raise UsageError(f"data: the training split of {recipe.data.name} is empty")
+    if train_samples < target:
+        raise UsageError(f"batch.target: {target} is larger than the training split of "
+                         f"{train_samples} samples, so every step would be one whole epoch; "
+                         f"for full-batch training set batch.target: {train_samples}")
+
+
 def has_batch_norm(model: nn.Module) -> bool:
     """Whether the model normalizes with batch statistics (then micro-batching is not exact)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -173,16 +184,18 @@ def _torchvision_models() -> list[str]:
     return torchvision.models.list_models()
 
 
-def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False) -> nn.Module:
+def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
+                with_weights: bool = True) -> nn.Module:
     """The recipe's model in the training dtype on the device (pretrained weights loaded and
-    the head replaced where the recipe asks)."""
+    the head replaced where the recipe asks; without them for fake tensors or `with_weights`
+    False, the same shapes from a fresh model)."""
     dtype = DTYPES[recipe.train.dtype]
     spec = recipe.model
     builder = registry.find_model(spec.name, recipe_folders(recipe))
-    if builder.is_torchvision and spec.args.get("weights") is not None and not is_fake:
+    with_weights = with_weights and not is_fake
+    if builder.is_torchvision and spec.args.get("weights") is not None and with_weights:
         return build_pretrained(spec.name, spec.args, spec.head).to(device, dtype)
-    # Fake parameters take no pretrained weights: the estimate needs only their shapes.
-    args = {k: v for k, v in spec.args.items() if not (is_fake and k == "weights")}
+    args = {k: v for k, v in spec.args.items() if with_weights or k != "weights"}
     make = functools.partial(builder.fn, **args)
     guard = users_code(f"model {spec.name}") if builder.is_users else nullcontext()
     if not is_fake:

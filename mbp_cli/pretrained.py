@@ -22,7 +22,7 @@ def weights_enum(model_name: str) -> Any:
 def find_weights(model_name: str, value: str) -> Any:
     """The weights named `value` (DEFAULT, IMAGENET1K_V1 or ResNet18_Weights.IMAGENET1K_V1)."""
     enum = weights_enum(model_name)
-    names = ["DEFAULT", *enum.__members__]
+    names = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
     short = value.split(".", 1)[1] if value.startswith(enum.__name__ + ".") else value
     if short not in names:
         raise UsageError(f"{model_name} has no weights {value!r}" + suggest(short, names)

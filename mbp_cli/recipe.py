@@ -20,7 +20,7 @@ from mbp_cli.units import parse_bytes
 class ModelSpec:
     name: str = spec()
     args: dict[str, Any] = spec({})
-    output: str | None = spec(None)  # the output's key or attribute (default: logits, out, [0])
+    output: str | int | None = spec(None)  # the output's key, attribute or tuple index
     head: str | None = spec(None)  # the classifier replaced for num_classes with weights
 
 
@@ -101,6 +101,7 @@ class Recipe:
         return data
 
 
+READ_FROM = "# mbp: read from "  # a saved recipe's first line: where its import paths resolve
 DEVICE_NAME = r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?"
 SECTIONS: dict[str, type] = {
     "model": ModelSpec, "data": DataSpec, "batch": BatchSpec, "optim": OptimSpec,
@@ -110,24 +111,24 @@ REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
 TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                folder: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file, builder arguments checked against their
     signatures (nothing downloaded); raise RecipeError listing every problem at once."""
     from mbp_cli.arguments import recipe_problems  # imports torch: only once the YAML is read
 
-    recipe, problems = read_recipe(path, overrides, folder)
+    recipe, problems = read_recipe(path, overrides)
     problems += recipe_problems(recipe)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
 
 
-def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                folder: str | None = None) -> tuple[Recipe, list[str]]:
+def read_recipe(path: str | Path,
+                overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, list[str]]:
     """Read and override a recipe; return it (defaults where values are bad) and its problems.
 
-    Import paths in it are looked up in `folder` first (default: the file's own folder).
+    Import paths in it are looked up first in the folder a run's saved copy names on its first
+    line, else in the file's own folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -136,11 +137,14 @@ def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read recipe {path}: {exc}") from exc
+    folder = str(path.resolve().parent)
+    if text.startswith(READ_FROM):  # a run folder's copy: its imports resolve as they did
+        folder = text.split("\n", 1)[0].removeprefix(READ_FROM)
     raw, problems = parse_yaml(text)
     if raw is not None:
         problems += apply_overrides(raw, overrides, tuple(SECTIONS))
     recipe = build_recipe(raw, path.stem, problems)
-    return dataclasses.replace(recipe, folder=folder or str(path.resolve().parent)), problems
+    return dataclasses.replace(recipe, folder=folder), problems
 
 
 def dump_recipe(recipe: Recipe) -> str:

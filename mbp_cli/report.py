@@ -33,7 +33,7 @@ def step_line(e: ev.Step) -> str:
 
 def start_line(e: ev.Start) -> str:
     """The plain line that opens a run."""
-    steps = f"{e.total_steps} steps"
+    steps = f"{e.total_steps} step{'s' if e.total_steps != 1 else ''}"
     if e.stop_step < e.total_steps:
         steps += f" (stopping after step {e.stop_step})"
     return (f"training {e.name} on {e.device} ({e.dtype}): target batch "
@@ -205,6 +205,10 @@ class PlainReporter(Reporter):
     def on_done(self, e: ev.Done) -> None:
         if self.show_summary:
             Console(file=self.out, width=100).print(summary_table(e.summary))
+        summary = e.summary
+        if summary["steps"] < summary["total_steps"]:  # --max-steps
+            self._err(f"stopped after step {summary['steps']} of {summary['total_steps']}; "
+                      f"continue with: mbp train --resume {summary['run_dir']}")
 
 
 class RichReporter(PlainReporter):
@@ -258,7 +262,8 @@ def terminal_sinks(*, as_json: bool, quiet: bool, log_every: int) -> list[ev.Sin
     """What fits where output lands: --json (JSON lines on stdout, plain lines on stderr),
     --quiet, a terminal (rich), or a pipe (plain lines)."""
     if as_json:
-        return [ev.JsonLines(), PlainReporter(log_every, show_summary=False)]
+        return [ev.JsonLines(), Reporter() if quiet else PlainReporter(log_every,
+                                                                      show_summary=False)]
     if quiet:
         return [Reporter()]
     if Console(stderr=True).is_terminal:

@@ -13,7 +13,7 @@ from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Resume, RunWarning, Sink
 from mbp_cli.recipe import Recipe, load_recipe
-from mbp_cli.rundir import READ_FROM, write_atomic
+from mbp_cli.rundir import write_atomic
 
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
@@ -40,9 +40,8 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
-    folder = saved_recipe_folder(saved)  # the original's: its import paths resolve there
-    original = load_recipe(saved, folder=folder)
-    wanted = load_recipe(recipe or saved, overrides, folder=None if recipe else folder)
+    original = load_recipe(saved)  # its first line names the folder its imports resolve from
+    wanted = load_recipe(recipe or saved, overrides)
     unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
               if key not in SAFE_TO_CHANGE_ON_RESUME]
     if unsafe:
@@ -51,12 +50,6 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
             f"cannot resume {run_dir} with a different recipe; these keys differ:\n{listed}\n"
             f"Only {', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume")
     return wanted
-
-
-def saved_recipe_folder(saved: Path) -> str | None:
-    """The folder the run's recipe was read from, as its saved copy's first line records it."""
-    first_line = saved.read_text(encoding="utf-8").split("\n", 1)[0]
-    return first_line.removeprefix(READ_FROM) if first_line.startswith(READ_FROM) else None
 
 
 def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -15,9 +15,8 @@ import torch
 
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.events import MetricsFile
-from mbp_cli.recipe import Recipe, dump_recipe
+from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
 
-READ_FROM = "# mbp: read from "  # the saved recipe's first line: where import paths resolve
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints")
 

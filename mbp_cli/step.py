@@ -60,25 +60,29 @@ def split_batch(batch: Any, target_key: str | None = None
                      "(input1, input2, …, target) or a dict with a target key")
 
 
-def pick_output(output: Any, key: str | None = None) -> Tensor:
+def pick_output(output: Any, key: str | int | None = None) -> Tensor:
     """The tensor the loss reads from a model's output: the output itself if a tensor; else
-    `key`, or `logits`, then `out` (dicts, Hugging Face outputs), then the first element."""
+    `key` (a key, an attribute, or an index into a tuple or list), or `logits`, then `out`
+    (dicts, Hugging Face outputs), then the first element."""
     if isinstance(output, Tensor):
         return output
     found = None
-    for name in (key,) if key else OUTPUT_KEYS:
+    if isinstance(key, int):
+        is_indexable = isinstance(output, Sequence) and -len(output) <= key < len(output)
+        found = output[key] if is_indexable else None
+    for name in () if isinstance(key, int) else (key,) if key else OUTPUT_KEYS:
         found = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
         if found is not None:
             break
-    if found is None and not key:
+    if found is None and key is None:
         if isinstance(output, Mapping) and output:
             found = next(iter(output.values()))
         elif isinstance(output, Sequence) and output:
             found = output[0]
     if isinstance(found, Tensor):
         return found
-    wanted = f"a tensor under {key!r}" if key else "a tensor, a dict or object with logits or " \
-        "out, or a tuple whose first element is a tensor"
+    wanted = f"a tensor at {key!r}" if key is not None else "a tensor, a dict or object with " \
+        "logits or out, or a tuple or list whose first element is a tensor"
     raise UsageError(f"the model returned {describe(output)}; expected {wanted} "
                      "(name the output with model.output)")
 
@@ -119,7 +123,7 @@ class MicroStep:
     """Forward and loss for one micro-batch, as training, the probe and evaluation run it."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, device: torch.device,
-                 dtype: torch.dtype, *, output_key: str | None = None,
+                 dtype: torch.dtype, *, output_key: str | int | None = None,
                  target_key: str | None = None) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype

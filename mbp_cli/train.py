@@ -21,12 +21,13 @@ from mbp_cli.build import (
     build,
     build_optimizer,
     build_schedule,
+    check_target_batch,
     has_batch_norm,
     resolve_device,
     smallest_micro_batch,
 )
 from mbp_cli.checkpoint import LoopState, save_checkpoint
-from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
+from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.events import (
     Done,
@@ -91,15 +92,6 @@ def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Op
     emit(Probe(result.micro_batch, result.accumulation_steps, result.budget_bytes,
                result.predicted_peak_bytes, result.verified_peak_bytes, result.backend))
     return result.micro_batch, result.to_dict()
-
-
-def check_target_batch(recipe: Recipe, train_samples: int) -> None:
-    """Refuse a target batch larger than the training split: each step would be an epoch."""
-    target = recipe.batch.target
-    if train_samples < target:
-        raise UsageError(f"batch.target: {target} is larger than the training split of "
-                         f"{train_samples} samples, so every step would be one whole epoch; "
-                         f"for full-batch training set batch.target: {train_samples}")
 
 
 def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[str, Any]:

@@ -16,9 +16,10 @@ from mbp_cli.build import (
     build_loss,
     build_micro_step,
     build_model,
+    check_target_batch,
     split_transforms,
 )
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import UsageError, UserCodeError
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
@@ -37,7 +38,7 @@ def trial_step(recipe: Recipe) -> str:
     is_meta = parameters > LARGE_MODEL_PARAMETERS  # shapes only: nothing allocated
     device = meta if is_meta else cpu
     with device if is_meta else contextlib.nullcontext():
-        model = build_model(recipe, device, is_fake=is_meta)
+        model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
     step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
@@ -65,13 +66,17 @@ def sample_batch(recipe: Recipe, size: int) -> Any:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, args=args))
     try:
         train_set, _ = build_data(recipe)
-        return batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
+    except UserCodeError:
+        raise  # the user's dataset raised: not a dataset missing from this machine
     except UsageError as exc:
         shape = recipe.data.input_shape or KNOWN_INPUT_SHAPES.get(recipe.data.name)
         if shape is None:
             raise UsageError(f"{exc}; without the dataset, validate and --estimate need the "
                              "shape of one input sample as data.input_shape, e.g. [3, 224, 224]"
                              ) from exc
+    else:
+        check_target_batch(recipe, len(train_set))
+        return batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
     is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
     transform, _ = split_transforms(recipe, is_torchvision)
     image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)
