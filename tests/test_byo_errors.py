@@ -191,3 +191,35 @@ def test_imports_resolve_from_the_recipe_folder_also_on_resume_from_elsewhere(tm
     resumed = mbp("train", "--resume", run, "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("import transformerz\n", "error: importing broken_module raised ModuleNotFoundError: No "
+                              "module named 'transformerz'"),
+    ("def f(:\n", "error: importing broken_module raised SyntaxError: invalid syntax"),
+])
+def test_a_module_of_yours_that_fails_to_import_shows_its_traceback(cli, tmp_path, source,
+                                                                    message):
+    recipe = mistake_recipe(tmp_path, model="broken_module:Net")
+    (recipe.parent / "broken_module.py").write_text(source)
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and message in result.stderr
+
+
+def test_validate_refuses_what_train_would(cli, tmp_path):
+    recipe = mistake_recipe(tmp_path)
+    too_big = cli("validate", recipe, "--set", "batch.target=50")
+    assert too_big.exit_code == 2 and "larger than the training split of 12" in too_big.stderr
+    transforms = cli("validate", recipe, "--set", "data.transforms=[RandomHorizontalFlip]")
+    assert transforms.exit_code == 2
+    assert "data.transforms: mistakes:Samples() takes no `transform` argument" \
+        in transforms.stderr
+
+
+def test_a_run_folders_recipe_validates_from_anywhere(cli, tmp_path, monkeypatch):
+    recipe = mistake_recipe(tmp_path)
+    assert cli("train", recipe, "--out", tmp_path / "run", "--quiet").exit_code == 0
+    monkeypatch.chdir("/")
+    result = cli("validate", tmp_path / "run" / "recipe.yaml")
+    assert result.exit_code == 0, result.output

@@ -97,6 +97,15 @@ def test_max_steps_and_device_options(cli, write_recipe, tmp_path):
     result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run",
                  "--max-steps", "1", "--device", "cpu", "--json")
     assert json.loads(result.stdout.splitlines()[-1])["steps"] == 1
+    assert f"stopped after step 1 of 3; continue with: mbp train --resume {tmp_path / 'run'}" \
+        in result.stderr
+
+
+def test_json_and_quiet_print_only_the_json(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(small_recipe()), "--out", tmp_path / "run", "--json",
+                 "--quiet")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert [json.loads(line)["event"] for line in result.stdout.splitlines()][-1] == "done"
 
 
 def test_unavailable_device_is_refused(cli, write_recipe, tmp_path):
