@@ -111,11 +111,16 @@ def _users_collate(collate: Callable[[list[Any]], Any], name: str, samples: list
         return collate(samples)
 
 
-def check_target_batch(recipe: Recipe, train_samples: int) -> None:
-    """Refuse a target batch larger than the training split: each step would be an epoch."""
-    target = recipe.batch.target
+def check_not_empty(recipe: Recipe, train_samples: int) -> None:
+    """Refuse a training split without samples."""
     if train_samples == 0:
         raise UsageError(f"data: the training split of {recipe.data.name} is empty")
+
+
+def check_target_batch(recipe: Recipe, train_samples: int) -> None:
+    """Refuse a target batch larger than the training split: each step would be an epoch."""
+    check_not_empty(recipe, train_samples)
+    target = recipe.batch.target
     if train_samples < target:
         raise UsageError(f"batch.target: {target} is larger than the training split of "
                          f"{train_samples} samples, so every step would be one whole epoch; "

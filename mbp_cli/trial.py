@@ -16,6 +16,7 @@ from mbp_cli.build import (
     build_loss,
     build_micro_step,
     build_model,
+    check_not_empty,
     check_target_batch,
     split_transforms,
 )
@@ -31,7 +32,9 @@ def trial_step(recipe: Recipe) -> str:
     """Build the model and run one forward + loss on two samples, as training would; raise the
     training's own one-line errors. Returns what it saw, in words."""
     torch.manual_seed(recipe.seed)
-    batch = sample_batch(recipe, 2)
+    batch, train_samples = sample_batch(recipe, 2)
+    if train_samples is not None:
+        check_target_batch(recipe, train_samples)
     cpu, meta = torch.device("cpu"), torch.device("meta")
     with meta:
         parameters = sum(p.numel() for p in build_model(recipe, cpu, is_fake=True).parameters())
@@ -57,10 +60,11 @@ KNOWN_INPUT_SHAPES = {
 }
 
 
-def sample_batch(recipe: Recipe, size: int) -> Any:
-    """A batch of `size` samples: from the dataset where it is on this machine, else of the shape
-    `data.input_shape` (or the torchvision dataset's known one) after the recipe's transforms,
-    with a class-index target. Nothing is downloaded for it."""
+def sample_batch(recipe: Recipe, size: int) -> tuple[Any, int | None]:
+    """A batch of `size` samples and the training split's size: from the dataset where it is on
+    this machine, else (split size None) of the shape `data.input_shape` (or the torchvision
+    dataset's known one) after the recipe's transforms, with a class-index target. Nothing is
+    downloaded for it."""
     if recipe.data.args.get("download"):
         args = {**recipe.data.args, "download": False}
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, args=args))
@@ -75,10 +79,12 @@ def sample_batch(recipe: Recipe, size: int) -> Any:
                              "shape of one input sample as data.input_shape, e.g. [3, 224, 224]"
                              ) from exc
     else:
-        check_target_batch(recipe, len(train_set))
-        return batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
+        check_not_empty(recipe, len(train_set))
+        batch = batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
+        return batch, len(train_set)
     is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
     transform, _ = split_transforms(recipe, is_torchvision)
     image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)
     inputs = transform(image) if transform is not None else image
-    return inputs.float().expand(size, *inputs.shape).clone(), torch.zeros(size, dtype=torch.long)
+    inputs = inputs.float().expand(size, *inputs.shape).clone()
+    return (inputs, torch.zeros(size, dtype=torch.long)), None

@@ -171,7 +171,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     if not options.estimate:
         setup = build(recipe, options.device)
         return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
-    sample = sample_batch(recipe, 1)
+    sample, _ = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
     with fake_mode:
         model = build_model(recipe, torch.device("cpu"), is_fake=True)
