@@ -235,3 +235,14 @@ def test_estimate_takes_the_input_shape_from_the_recipe(cli, write_recipe, tmp_p
     answered = cli(*args, "--set", "data.input_shape=[3, 16, 16]", "--json")
     assert answered.exit_code == 0, answered.output
     assert json.loads(answered.stdout)["target_batch"] == 50
+
+
+@pytest.mark.slow
+def test_estimate_of_a_vit_whose_init_reads_values(cli, tmp_path, monkeypatch):
+    """ViT's truncated-normal init reads tensor values, which fake tensors cannot: the estimate
+    builds the model on the meta device first."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("probe", REPO / "recipes/cifar10-vit_b_16.yaml", "--estimate",
+                 "--device-memory", "80GiB", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["micro_batch"] > 64

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
@@ -173,8 +173,10 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
         return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
     sample, _ = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
-    with fake_mode:
+    with torch.device("meta"):  # initialized on meta: some inits (ViT's) read values
         model = build_model(recipe, torch.device("cpu"), is_fake=True)
+    with fake_mode:
+        fake_parameters(model)
         optimizer = build_optimizer(recipe, model)
         loss_fn = build_loss(recipe)
 
@@ -187,6 +189,25 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
     runner = StepRunner(micro_step, optimizer, make_fake_batch, "estimate",
                         context=lambda: fake_mode)
     return _probe(recipe, options, runner)
+
+
+def fake_parameters(model: nn.Module) -> None:
+    """Replace a meta model's parameters and buffers by fake CPU tensors of the same shapes and
+    dtypes (tied ones stay tied); call inside the FakeTensorMode."""
+    made: dict[int, Tensor] = {}
+
+    def fake(tensor: Tensor) -> Tensor:
+        if id(tensor) not in made:
+            empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+            made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, nn.Parameter) else empty)
+        return made[id(tensor)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    table[name] = fake(tensor)
 
 
 def _probe(recipe: Recipe, options: ProbeOptions, runner: StepRunner) -> ProbeResult:
