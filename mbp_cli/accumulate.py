@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from mbp_cli.step import MicroStep
 
@@ -48,3 +49,19 @@ def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) ->
         torch._foreach_div_(grads, item_count)
     mean_loss = total_loss / item_count if item_count else float("nan")
     return StepTotals(mean_loss, item_count, samples, micro_count)
+
+
+def clip_gradients(model: nn.Module, max_norm: float | None,
+                   max_value: float | None) -> float | None:
+    """Clip the accumulated, normalized gradient — the full batch's, so clipping a split equals
+    clipping one piece — by its total norm and/or element-wise; return the norm before clipping
+    (None when neither is asked)."""
+    if max_norm is None and max_value is None:
+        return None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    if max_value is not None:
+        torch.nn.utils.clip_grad_value_(model.parameters(), max_value)
+    return float(norm)

@@ -62,6 +62,7 @@ class Step(Event):
     step_seconds: float
     samples_per_second: float
     peak_memory_bytes: int
+    grad_norm: float | None = None  # before clipping, with optim.clip_grad_norm or _value
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import mbp_cli
-from mbp_cli.accumulate import StepTotals, accumulate_gradients
+from mbp_cli.accumulate import StepTotals, accumulate_gradients, clip_gradients
 from mbp_cli.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.build import (
     Setup,
@@ -154,9 +154,12 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                     shrink_micro_batch(loop, stream, smallest_micro_batch(model), target, emit)
                     continue
                 folder.open()
+                grad_norm = None
                 if not math.isfinite(totals.loss):
                     handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
                 else:
+                    grad_norm = clip_gradients(model, recipe.optim.clip_grad_norm,
+                                               recipe.optim.clip_grad_value)
                     optimizer.step()
                     loop.last_loss = totals.loss
                 scheduler.step()
@@ -167,7 +170,7 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                 loop.samples_seen += totals.samples
                 emit(Step(loop.step, total_steps, (loop.step - 1) // per_epoch + 1, totals.loss,
                           lr, totals.samples, totals.items, totals.micro_batches, step_seconds,
-                          totals.samples / step_seconds, memory.peak_bytes()))
+                          totals.samples / step_seconds, memory.peak_bytes(), grad_norm))
                 if is_due(loop.step, recipe.train.eval_every, stop_step):
                     loop.eval_result = evaluate(setup, stream.micro_batch,
                                                 recipe.train.num_workers)
