@@ -51,6 +51,16 @@ class Setup:
     train_set: Dataset
     eval_set: Dataset | None
     collate: Callable[[list[Any]], Any] | None = None  # data.collate, else torch's default
+    freeze_batchnorm: bool = False  # batch.batchnorm: frozen
+
+    def train_mode(self) -> None:
+        """The model in training mode; BatchNorm layers kept in eval mode where frozen (their
+        running statistics are used and not updated, so every split is exact)."""
+        self.model.train()
+        if self.freeze_batchnorm:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     @property
     def model(self) -> nn.Module:
@@ -81,7 +91,8 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     model = build_model(recipe, device)
     micro_step = build_micro_step(recipe, model, build_loss(recipe), device,
                                   DTYPES[recipe.train.dtype])
-    return Setup(micro_step, train_set, eval_set, build_collate(recipe))
+    return Setup(micro_step, train_set, eval_set, build_collate(recipe),
+                 freeze_batchnorm=recipe.batch.batchnorm == "frozen")
 
 
 def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: torch.device,

@@ -27,7 +27,7 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
                 right, counted = correct(result.output, result.target)
                 totals[2] += right
                 totals[3] += counted
-    setup.model.train()
+    setup.train_mode()
     loss_sum, items, right, counted = totals.tolist()
     accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}

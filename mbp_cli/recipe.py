@@ -46,6 +46,7 @@ class BatchSpec:
     memory_budget: int | str | None = spec(None)  # "20GiB"; default: free memory × fraction
     memory_fraction: float = spec(0.9, minimum=0.01, maximum=1.0)
     memory_margin: float = spec(0.05, minimum=0.0, maximum=0.5)  # kept free below the budget
+    batchnorm: str = spec("micro", choices=("micro", "frozen"))  # frozen: BatchNorm in eval mode
 
 
 @dataclass(frozen=True)

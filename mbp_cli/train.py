@@ -120,6 +120,7 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     if simulated is not None:
         simulated.register(training_state_tensors(model, optimizer))
     memory = PeakMemory(device, simulated)
+    setup.train_mode()  # the probe measures the step as training runs it
     if loop is None:
         micro_batch, folder.probe = starting_micro_batch(recipe, setup, optimizer, options,
                                                          emit)
@@ -134,16 +135,16 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                per_epoch, len(setup.train_set),
                len(setup.eval_set) if setup.eval_set is not None else 0,
                sum(p.numel() for p in model.parameters()), str(run_dir)))
-    if has_batch_norm(model) and loop.micro_batch < target:
+    if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: their statistics are computed per micro-batch of "
-            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target}"))
+            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target} "
+            "(batch.batchnorm: frozen keeps them in eval mode, for fine-tuning)"))
 
     def checkpoint() -> Path:
         return save_checkpoint(run_dir, model, optimizer, scheduler, loop,
                                recipe.train.keep_checkpoints)
 
-    model.train()
     with graceful_stop() as stop, (simulated or contextlib.nullcontext()):
         try:
             while loop.step < stop_step:

@@ -202,3 +202,8 @@ def sum_and_count(output, target):
     kept = target != -100
     scores = output[kept].gather(1, target[kept, None])
     return ((scores - 1) ** 2).sum(), int(kept.sum())
+
+
+def bn_classifier(classes: int = 4) -> nn.Module:
+    """A classifier with BatchNorm, as pretrained backbones have."""
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, classes))

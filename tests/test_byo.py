@@ -128,3 +128,29 @@ def test_eval_counts_accuracy_the_same_way(cli, tmp_path):
     assert summary["eval_accuracy"] == pytest.approx(expected, abs=1e-12)
     assert summary["eval_loss"] == pytest.approx(float(F.cross_entropy(out, held_out.masks)),
                                                  rel=1e-10)
+
+
+def test_frozen_batchnorm_trains_exactly_and_keeps_its_statistics(cli, tmp_path):
+    """batch.batchnorm: frozen keeps BatchNorm in eval mode: the split equals the full batch in
+    eval-mode BatchNorm, the running statistics stay, and there is no inexactness warning."""
+    recipe = byo_recipe({"name": "byo:bn_classifier"}, {"name": "byo:Features"},
+                        {"name": "cross_entropy"})
+    recipe["batch"]["batchnorm"] = "frozen"
+    result = cli("train", write_beside_byo(tmp_path / "p", recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "BatchNorm" not in result.stderr
+    torch.manual_seed(0)
+    model = byo.bn_classifier().double()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model[1].eval()
+    dataset = byo.Features(train=True)
+    indices = epoch_target_batches(len(dataset), TARGET, seed=0, epoch=0, drop_last=False)[0]
+    inputs, target = default_collate([dataset[i] for i in indices])
+    F.cross_entropy(model(inputs.double()), target).backward()
+    got = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            expected = p - LR * p.grad
+            assert float((got[name] - expected).norm() / expected.norm()) <= 1e-10, name
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(got[name], initial[name]), name
