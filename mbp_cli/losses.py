@@ -70,7 +70,7 @@ class ClassLayout:
             if self.known is None:
                 self.guessed = 1  # torch's reading
             return self.known or 1
-        dim = class_dim_of(output, target)
+        dim = fits[0] if fits else class_dim_of(output, target)  # none fits: its message
         if self.guessed is not None and dim != self.guessed:
             raise UsageError(f"the class scores are last in a model output of shape "
                              f"{tuple(output.shape)}, but an earlier micro-batch, where both "
