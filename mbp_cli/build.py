@@ -183,7 +183,7 @@ def split_transforms(recipe: Recipe, is_torchvision: bool) -> tuple[Any, Any]:
     if not (is_torchvision or asked or spec.resize or spec.normalize):
         return None, None
     preset = None
-    if recipe.model.name in _torchvision_models() and "weights" in recipe.model.args:
+    if "weights" in recipe.model.args and recipe.model.name in _torchvision_models():
         preset = weights_transforms(recipe.model.name, recipe.model.args)
     if preset is not None and not asked:
         return preset, preset
