@@ -36,9 +36,10 @@ def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) ->
     loss_sum = torch.zeros((), device=micro_step.device, dtype=torch.float64)
     items = torch.zeros((), device=micro_step.device, dtype=torch.float64)
     samples = micro_count = 0
+    backward = micro_step.precision.backward  # scaled for fp16
     for batch in micro_batches:
         result = micro_step(batch)
-        result.loss_sum.backward()
+        backward(result.loss_sum)
         loss_sum += result.loss_sum.detach()
         items += result.items
         samples += result.samples

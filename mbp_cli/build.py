@@ -6,8 +6,8 @@ import functools
 import math
 import random
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,10 @@ from mbp_cli.losses import LossFn
 from mbp_cli.pretrained import build_pretrained, weights_transforms
 from mbp_cli.recipe import Recipe, ScheduleSpec, recipe_folders
 from mbp_cli.step import MicroStep
+from mbp_cli.strategies.batchnorm import TargetBatchStatistics
+from mbp_cli.strategies.blocks import BlockStrategies, Recompute, check_blocks, find_blocks
+from mbp_cli.strategies.choice import StrategyChoice, check_choice
+from mbp_cli.strategies.precision import Precision
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -44,14 +48,61 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Setup:
-    """Everything a run builds from its recipe: the data and the micro-step, which holds the
-    model, the loss, the device and the dtype."""
+    """Everything a run builds from its recipe: the data, the micro-step (which holds the
+    model, the loss, the device, the dtype and the precision) and the memory strategies."""
 
     micro_step: MicroStep
     train_set: Dataset
     eval_set: Dataset | None
     collate: Callable[[list[Any]], Any] | None = None  # data.collate, else torch's default
     freeze_batchnorm: bool = False  # batch.batchnorm: frozen
+    block_classes: list[str] | None = None  # memory.checkpoint_modules
+    choice: StrategyChoice = field(default_factory=StrategyChoice)
+    recompute: Recompute = field(default_factory=Recompute)
+    _blocks: list[tuple[str, nn.Module]] | None = None
+    _wrapped: BlockStrategies | None = None
+    _statistics: TargetBatchStatistics | None = None
+
+    def blocks(self, what: str = "memory.checkpointing") -> list[tuple[str, nn.Module]]:
+        """The model's blocks that checkpointing and offload wrap (found once); a UsageError
+        naming the classes to choose from when there are none."""
+        if self._blocks is None:
+            self._blocks = check_blocks(self.model, self.block_classes, what)
+        return self._blocks
+
+    def block_count(self) -> int:
+        """How many blocks the strategies could wrap (0: none found)."""
+        if self._blocks is None:
+            return len(find_blocks(self.model, self.block_classes))
+        return len(self._blocks)
+
+    def use(self, choice: StrategyChoice, *, estimate: bool = False,
+            micro_batch: int = 1) -> None:
+        """Run with these strategies from now on (replacing the ones used before); fp16's
+        first loss scale suits `micro_batch`."""
+        check_choice(choice, self.device, estimate=estimate)
+        if self._wrapped is not None:
+            self._wrapped.remove()
+            self._wrapped = None
+        if choice.checkpointing or choice.offload_blocks:
+            what = "memory.checkpointing" if choice.checkpointing else "memory.offload"
+            self._wrapped = BlockStrategies(self.blocks(what), choice.checkpointing,
+                                            choice.offload_blocks, estimate,
+                                            self.recompute).apply()
+        self.micro_step.precision = Precision(choice.precision, self.device, micro_batch)
+        self.choice = choice
+
+    def describe_blocks(self) -> str:
+        """Which blocks the strategies wrap now ('' when none)."""
+        return self._wrapped.describe() if self._wrapped is not None else ""
+
+    def target_batch(self) -> AbstractContextManager:
+        """Around one target batch: BatchNorm's running statistics updated once at its end."""
+        if self.freeze_batchnorm:
+            return nullcontext()
+        if self._statistics is None:
+            self._statistics = TargetBatchStatistics(self.model, self.recompute)
+        return self._statistics.target_batch()
 
     def train_mode(self) -> None:
         """The model in training mode; BatchNorm layers kept in eval mode where frozen (their
@@ -92,7 +143,8 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     micro_step = build_micro_step(recipe, model, build_loss(recipe), device,
                                   DTYPES[recipe.train.dtype])
     return Setup(micro_step, train_set, eval_set, build_collate(recipe),
-                 freeze_batchnorm=recipe.batch.batchnorm == "frozen")
+                 freeze_batchnorm=recipe.batch.batchnorm == "frozen",
+                 block_classes=recipe.memory.checkpoint_modules)
 
 
 def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: torch.device,

@@ -27,6 +27,8 @@ class LoopState:
     last_loss: float = float("nan")
     oom_retries: int = 0
     skipped_steps: int = 0
+    overflow_skips: int = 0  # fp16 target batches skipped for overflowing gradients
+    loss_scale: dict[str, Any] = field(default_factory=dict)  # fp16's GradScaler state
     eval_result: dict[str, float | None] = field(default_factory=dict)
 
 

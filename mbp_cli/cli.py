@@ -169,6 +169,10 @@ def probe(
     plot: Annotated[Path | None, typer.Option(
         help="Draw memory against micro-batch with the budget line (PNG; needs matplotlib).")
     ] = None,
+    strategies: Annotated[bool, typer.Option(
+        "--strategies", help="Weigh every memory strategy that applies here (bf16, "
+                             "checkpointing, offload): the largest micro-batch and the time "
+                             "per target batch of each, and the fastest that fits.")] = False,
 ) -> None:
     """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
     with user_errors(as_json=json_):
@@ -190,7 +194,7 @@ def probe(
             from mbp_cli.plot import plot_probe, require_pyplot
 
             require_pyplot()  # before the probe's work, not after
-        result = probe_recipe(loaded, options).to_dict()
+        result = probe_recipe(loaded, options, every_strategy=strategies).to_dict()
         if plot is not None:
             plot_probe(result, plot)
         print_probe(result, as_json=json_)

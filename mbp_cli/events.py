@@ -44,6 +44,7 @@ class Start(Event):
     eval_samples: int
     parameters: int
     run_dir: str
+    strategies: str = "fp32"  # precision and memory strategies, e.g. "bf16 + checkpointing"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Probe(Event):
     verified_peak_bytes: int | None = None
     backend: str | None = None
     reused: str | None = None  # the probe.json it came from
+    strategies: str | None = None  # the strategies it chose, where the recipe says auto
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,15 @@ class OutOfMemory(Event):
     micro_batch_before: int
     micro_batch: int
     accumulation_steps: int
+
+
+@dataclass(frozen=True)
+class Overflow(Event):
+    """fp16 gradients overflowed: the whole target batch is skipped and the loss scale drops."""
+
+    kind: ClassVar[str] = "overflow"
+    step: int
+    loss_scale: float
 
 
 @dataclass(frozen=True)
@@ -140,8 +151,8 @@ class Done(Event):
 
 
 Sink = Callable[[Event], None]
-KINDS = {cls.kind: cls for cls in (Start, Step, Eval, Probe, RunWarning, OutOfMemory, Resume,
-                                   Stopped, Done)}
+KINDS = {cls.kind: cls for cls in (Start, Step, Eval, Probe, RunWarning, OutOfMemory, Overflow,
+                                   Resume, Stopped, Done)}
 
 
 def dispatch(receiver: object, event: Event) -> None:

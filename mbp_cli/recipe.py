@@ -82,6 +82,16 @@ class TrainSpec:
     checkpoint_every: int = spec(50, minimum=0)  # steps; 0: only at the end
     keep_checkpoints: int = spec(2, minimum=1)
     on_nonfinite: str = spec("stop", choices=("stop", "skip"))  # a NaN or infinite loss
+    precision: str = spec("fp32", choices=("fp32", "bf16", "fp16", "auto"))  # autocast
+    compile: bool = spec(False)  # torch.compile the model
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    checkpointing: str = spec("off", choices=("off", "on", "auto"))  # recompute activations
+    checkpoint_modules: list[str] | None = spec(None)  # block classes (default: found)
+    offload: str = spec("off", choices=("off", "on", "auto"))  # activations to host memory
+    offload_blocks: int | None = spec(None, minimum=1)  # the first k blocks (on: all)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class Recipe:
     schedule: ScheduleSpec
     loss: LossSpec
     train: TrainSpec
+    memory: MemorySpec
     folder: str | None = field(default=None, compare=False)  # where it was read: imports look here
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +119,7 @@ READ_FROM = "# mbp: read from "  # a saved recipe's first line: where its import
 DEVICE_NAME = r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?"
 SECTIONS: dict[str, type] = {
     "model": ModelSpec, "data": DataSpec, "batch": BatchSpec, "optim": OptimSpec,
-    "schedule": ScheduleSpec, "loss": LossSpec, "train": TrainSpec,
+    "schedule": ScheduleSpec, "loss": LossSpec, "train": TrainSpec, "memory": MemorySpec,
 }
 REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
 TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
@@ -200,6 +211,13 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
                                                 and n >= 1 for n in shape)):
         problems.append(f"data.input_shape: expected a list of positive integers such as "
                         f"[3, 224, 224], got {shape!r}")
+    if train.precision in ("bf16", "fp16") and train.dtype != "float32":
+        problems.append(f"train.precision: {train.precision} autocasts float32 parameters; "
+                        f"train.dtype is {train.dtype}")
+    names = recipe.memory.checkpoint_modules
+    if names is not None and not (names and all(isinstance(n, str) for n in names)):
+        problems.append("memory.checkpoint_modules: expected a list of class names such as "
+                        f"[Block], got {names!r}")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
 

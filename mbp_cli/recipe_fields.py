@@ -41,7 +41,7 @@ def build_section(cls: type, value: Any, path: str, problems: list[str]) -> Any:
                     problems.append(f"{key}: missing")
                 kwargs[f.name] = None  # the recipe is refused; None keeps later checks quiet
             continue
-        checked = typed(value[f.name], hints[f.name], key, problems)
+        checked = typed(_switch(value[f.name], f.metadata), hints[f.name], key, problems)
         if checked is not INVALID:
             _constraints(checked, f.metadata, key, problems)
             kwargs[f.name] = checked
@@ -51,6 +51,13 @@ def build_section(cls: type, value: Any, path: str, problems: list[str]) -> Any:
 
 
 INVALID = object()
+
+
+def _switch(value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """YAML reads `on` and `off` as booleans: give them back to fields that choose on/off."""
+    if isinstance(value, bool) and "on" in (meta.get("choices") or ()):
+        return "on" if value else "off"
+    return value
 
 
 def typed(value: Any, hint: Any, key: str, problems: list[str]) -> Any:

@@ -36,7 +36,8 @@ def start_line(e: ev.Start) -> str:
     steps = f"{e.total_steps} step{'s' if e.total_steps != 1 else ''}"
     if e.stop_step < e.total_steps:
         steps += f" (stopping after step {e.stop_step})"
-    return (f"training {e.name} on {e.device} ({e.dtype}): target batch "
+    how = e.dtype if e.strategies == "fp32" else f"{e.dtype}, {e.strategies}"
+    return (f"training {e.name} on {e.device} ({how}): target batch "
             f"{e.target_batch} = micro-batch {e.micro_batch} × {e.accumulation_steps} "
             f"accumulation steps, {steps}, {e.train_samples:,} training "
             f"samples, {e.parameters:,} parameters → {e.run_dir}")
@@ -58,6 +59,7 @@ def summary_table(s: Data) -> Table:
         ("eval loss", _number(s.get("eval_loss"))),
         ("eval accuracy", _percent(s.get("eval_accuracy"))),
         ("samples/s", _number(s["samples_per_second"], ",.0f")),
+        ("strategies", s.get("strategies", "fp32")),
         ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
         ("wall time", f"{s['wall_seconds']:.1f} s"), ("run folder", s["run_dir"]),
     ]
@@ -68,12 +70,19 @@ def summary_table(s: Data) -> Table:
 
 def probe_line(e: ev.Probe) -> str:
     """The plain line that announces the probe's choice before training."""
+    chosen = f"{e.strategies}, " if e.strategies else ""
     if e.reused:
-        return f"micro-batch {e.micro_batch}, as probed before ({e.reused})"
-    return (f"probe ({e.backend}): micro-batch {e.micro_batch} × {e.accumulation_steps} "
+        return f"{chosen}micro-batch {e.micro_batch}, as probed before ({e.reused})"
+    return (f"probe ({e.backend}): {chosen}micro-batch {e.micro_batch} × {e.accumulation_steps} "
             f"accumulation steps; peak {format_bytes(e.verified_peak_bytes)} measured, "
             f"{format_bytes(e.predicted_peak_bytes)} predicted, budget "
             f"{format_bytes(e.budget_bytes)}")
+
+
+def overflow_line(e: ev.Overflow) -> str:
+    """One plain line for an fp16 overflow."""
+    return (f"fp16 gradients overflowed at step {e.step}: its target batch is skipped, loss "
+            f"scale now {e.loss_scale:g}")
 
 
 def oom_line(e: ev.OutOfMemory) -> str:
@@ -94,6 +103,25 @@ def probe_table(result: Data) -> Table:
             _percent(peak / result["budget_bytes"]) if peak is not None else "-",
             f"{seconds * 1e3:.1f} ms" if seconds is not None else "-",
             _number(m["micro_batch"] / seconds if seconds else None, ",.0f"))
+    return table
+
+
+def strategies_table(result: Data) -> Table:
+    """The strategies weighed: largest micro-batch, split, peak and time per target batch."""
+    table = Table(title=f"strategies for a target batch of {result['target_batch']} "
+                        f"({result['backend']}, {result['device']})")
+    for column in ("strategies", "largest micro-batch", "split", "peak", "per target batch"):
+        table.add_column(column, justify="right")
+    for row in result["strategies"]:
+        chosen = " ←" if row["label"] == result["choice_label"] else ""
+        if not row["fits"]:
+            table.add_row(row["label"] + chosen, "does not fit", "-", "-", "-")
+            continue
+        seconds = row.get("seconds_at_micro_batch", row["seconds_per_target_batch"])
+        table.add_row(row["label"] + chosen, str(row["largest_micro_batch"]),
+                      f"{row['micro_batch']} × {row['accumulation_steps']}",
+                      format_bytes(row["verified_peak_bytes"]),
+                      f"{seconds:.3f} s" if seconds is not None else "-")
     return table
 
 
@@ -125,6 +153,11 @@ def print_probe(result: Data, *, as_json: bool, out: TextIO | None = None) -> No
         return
     console = Console(file=out)
     console.print(probe_table(result))
+    if "strategies" in result:
+        console.print(strategies_table(result))
+        console.print(f"strategies chosen: {result['choice_label']} (fastest per target batch "
+                      "that fits; largest micro-batch where there are no timings)",
+                      highlight=False)
     for line in probe_choice_lines(result):
         console.print(line, highlight=False)
 
@@ -153,6 +186,9 @@ class Reporter:
 
     def on_oom(self, e: ev.OutOfMemory) -> None:
         """A target batch is redone smaller."""
+
+    def on_overflow(self, e: ev.Overflow) -> None:
+        """fp16 gradients overflowed: a target batch skipped."""
 
     def on_resume(self, e: ev.Resume) -> None:
         """The run continues from a checkpoint."""
@@ -201,6 +237,9 @@ class PlainReporter(Reporter):
 
     def on_oom(self, e: ev.OutOfMemory) -> None:
         self._err(oom_line(e))
+
+    def on_overflow(self, e: ev.Overflow) -> None:
+        self._err(overflow_line(e))
 
     def on_done(self, e: ev.Done) -> None:
         if self.show_summary:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mbp_cli.errors import UsageError
 from mbp_cli.losses import LossFn
+from mbp_cli.strategies.precision import Precision
 
 TARGET_KEYS = ("labels", "label", "target")  # looked up in dict batches, in this order
 OUTPUT_KEYS = ("logits", "out")  # looked up in dict or object outputs, in this order
@@ -120,17 +121,25 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
 
 
 class MicroStep:
-    """Forward and loss for one micro-batch, as training, the probe and evaluation run it."""
+    """Forward and loss for one micro-batch, as training, the probe and evaluation run it,
+    under the run's precision (autocast for bf16 and fp16)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, device: torch.device,
                  dtype: torch.dtype, *, output_key: str | int | None = None,
-                 target_key: str | None = None) -> None:
+                 target_key: str | None = None, precision: Precision | None = None) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.output_key, self.target_key = output_key, target_key
+        self.precision = precision or Precision("fp32", device)
 
     def __call__(self, batch: Any) -> MicroResult:
         """Run the model on one micro-batch and return its loss sum and item count."""
+        if self.precision.dtype is None:
+            return self._forward(batch)
+        with self.precision.autocast():
+            return self._forward(batch)
+
+    def _forward(self, batch: Any) -> MicroResult:
         args, kwargs, target = split_batch(batch, self.target_key)
         _check_tensor(target, "target")
         for value in (*args, *kwargs.values()):

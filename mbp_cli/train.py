@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from mbp_cli.events import (
     Done,
     Eval,
     OutOfMemory,
+    Overflow,
     Probe,
     RunWarning,
     Sink,
@@ -41,7 +43,7 @@ from mbp_cli.events import (
     Step,
     Stopped,
 )
-from mbp_cli.memory.probe import ProbeOptions, probe_setup
+from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
 from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
@@ -53,6 +55,7 @@ from mbp_cli.resume import resume_state
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop
+from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 
 
 @dataclass(frozen=True)
@@ -69,29 +72,54 @@ class RunOptions:
 
 def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool) -> StepTotals | None:
     """One target batch's gradient, or None when it ran out of memory (gradients cleared)."""
+
+    def accumulate() -> StepTotals:
+        with setup.target_batch():  # BatchNorm's running statistics: one update, at the end
+            return accumulate_gradients(setup.micro_step, pieces)
+
     with explained_step_errors(is_first):
-        return unless_out_of_memory(lambda: accumulate_gradients(setup.micro_step, pieces),
-                                    setup.device, setup.model)
+        return unless_out_of_memory(accumulate, setup.device, setup.model)
 
 
-def starting_micro_batch(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
-                         options: RunOptions, emit: Sink) -> tuple[int, dict | None]:
-    """The recipe's micro-batch, or for `auto` the probe's choice (and its answer, to be saved
-    as probe.json; a resumed run takes it from there)."""
-    if recipe.batch.micro != "auto":
-        return recipe.batch.micro, None
+def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
+                   options: RunOptions, emit: Sink, resumed_micro_batch: int | None
+                   ) -> tuple[StrategyChoice, int, dict | None]:
+    """The strategies and the micro-batch to start with: the recipe's, or where it says `auto`
+    the probe's choice (and its answer, to be saved as probe.json; a resumed run takes it from
+    there)."""
+    uses_offload = recipe.memory.offload == "on"
+    fixed = fixed_choice(recipe, setup.block_count() if uses_offload else 0)
+    micro_batch = resumed_micro_batch or recipe.batch.micro
+    if micro_batch != "auto" and not is_auto(recipe):
+        return fixed, micro_batch, None
     saved = options.run_dir / "probe.json"
     if options.resume and saved.exists():
-        micro_batch = int(json.loads(saved.read_text())["micro_batch"])
-        emit(Probe(micro_batch, reused=str(saved)))
-        return micro_batch, None
+        answer = json.loads(saved.read_text())
+        choice = StrategyChoice(**answer["choice"]) if "choice" in answer else fixed
+        micro_batch = resumed_micro_batch or int(answer["micro_batch"])
+        emit(Probe(micro_batch, reused=str(saved),
+                   strategies=choice.label if is_auto(recipe) else None))
+        return choice, micro_batch, None
     capacity = options.simulated_memory.capacity_bytes if options.simulated_memory else None
+    probe_options = ProbeOptions(setup.device, budget_bytes=options.budget_bytes,
+                                 capacity_bytes=capacity)
     with explained_step_errors(True):
-        result = probe_setup(recipe, setup, optimizer, ProbeOptions(
-            setup.device, budget_bytes=options.budget_bytes, capacity_bytes=capacity))
-    emit(Probe(result.micro_batch, result.accumulation_steps, result.budget_bytes,
-               result.predicted_peak_bytes, result.verified_peak_bytes, result.backend))
-    return result.micro_batch, result.to_dict()
+        if is_auto(recipe):
+            choices = candidates(recipe, setup.device, setup.block_count(), estimate=False)
+            weighed = probe_strategies(recipe, setup, optimizer, probe_options, choices,
+                                       micro_batch=None if micro_batch == "auto" else micro_batch)
+            choice, result = weighed.choice, weighed.chosen_result
+            answer = weighed.to_dict()
+        else:
+            choice = fixed
+            setup.use(choice)
+            result = probe_setup(recipe, setup, optimizer, probe_options)
+            answer = result.to_dict()
+    micro_batch = result.micro_batch if micro_batch == "auto" else micro_batch
+    emit(Probe(micro_batch, result.accumulation_steps, result.budget_bytes,
+               result.predicted_peak_bytes, result.verified_peak_bytes, result.backend,
+               strategies=choice.label if is_auto(recipe) else None))
+    return choice, micro_batch, answer
 
 
 def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[str, Any]:
@@ -121,10 +149,12 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
         simulated.register(training_state_tensors(model, optimizer))
     memory = PeakMemory(device, simulated)
     setup.train_mode()  # the probe measures the step as training runs it
-    if loop is None:
-        micro_batch, folder.probe = starting_micro_batch(recipe, setup, optimizer, options,
-                                                         emit)
-        loop = LoopState(micro_batch)
+    choice, micro_batch, folder.probe = starting_point(
+        recipe, setup, optimizer, options, emit, loop.micro_batch if loop else None)
+    loop = loop or LoopState(micro_batch)
+    setup.use(choice, micro_batch=loop.micro_batch)
+    precision = setup.micro_step.precision
+    precision.load_state_dict(loop.loss_scale)
     first_step = loop.step
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, stop_step, recipe.train.num_workers,
@@ -134,7 +164,7 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                accumulation_steps(target, loop.micro_batch), total_steps, stop_step, loop.step,
                per_epoch, len(setup.train_set),
                len(setup.eval_set) if setup.eval_set is not None else 0,
-               sum(p.numel() for p in model.parameters()), str(run_dir)))
+               sum(p.numel() for p in model.parameters()), str(run_dir), choice.label))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: their statistics are computed per micro-batch of "
@@ -142,6 +172,7 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
             "(batch.batchnorm: frozen keeps them in eval mode, for fine-tuning)"))
 
     def checkpoint() -> Path:
+        loop.loss_scale = precision.state_dict()
         return save_checkpoint(run_dir, model, optimizer, scheduler, loop,
                                recipe.train.keep_checkpoints)
 
@@ -159,11 +190,15 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                 if not math.isfinite(totals.loss):
                     handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
                 else:
+                    precision.unscale_(optimizer)
                     grad_norm = clip_gradients(model, recipe.optim.clip_grad_norm,
                                                recipe.optim.clip_grad_value)
-                    optimizer.step()
-                    loop.last_loss = totals.loss
-                scheduler.step()
+                    if precision.step(optimizer):
+                        loop.last_loss = totals.loss
+                    else:  # fp16 overflow: the whole target batch is skipped, once
+                        loop.overflow_skips += 1
+                        emit(Overflow(loop.step + 1, precision.scale))
+                step_schedule(scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 step_seconds = time.perf_counter() - step_started
                 loop.step += 1
@@ -185,11 +220,20 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
             folder.close()
 
     save_state_dict(run_dir / "model.pt", model.state_dict())
-    summary = summarize(recipe, loop, total_steps, memory, time.perf_counter() - started,
-                        device, run_dir)
+    summary = summarize(recipe, loop, choice, total_steps, memory,
+                        time.perf_counter() - started, device, run_dir)
     write_json(run_dir / "summary.json", summary)
     emit(Done(summary))
     return summary
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the schedule once per target batch, stepped or skipped (a skipped first update
+    is not the ordering mistake torch warns about)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                category=UserWarning)
+        scheduler.step()
 
 
 def is_due(step: int, every: int, total_steps: int) -> bool:
@@ -197,7 +241,8 @@ def is_due(step: int, every: int, total_steps: int) -> bool:
     return step == total_steps or bool(every and step % every == 0)
 
 
-def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMemory,
+def summarize(recipe: Recipe, loop: LoopState, choice: StrategyChoice, total_steps: int,
+              memory: PeakMemory,
               wall_seconds: float, device: torch.device, run_dir: Path) -> dict[str, Any]:
     """summary.json: what the run did, how fast, in how much memory, with which versions."""
     target = recipe.batch.target
@@ -207,6 +252,8 @@ def summarize(recipe: Recipe, loop: LoopState, total_steps: int, memory: PeakMem
         **loop.eval_result, "target_batch": target, "micro_batch": loop.micro_batch,
         "accumulation_steps": accumulation_steps(target, loop.micro_batch),
         "oom_retries": loop.oom_retries, "skipped_steps": loop.skipped_steps,
+        "overflow_skips": loop.overflow_skips, "precision": choice.precision,
+        "strategies": choice.label,
         "samples_per_second": (loop.samples_seen / loop.train_seconds
                                if loop.train_seconds else None),
         "peak_memory_bytes": memory.peak_bytes(), "peak_memory_source": memory.source,

@@ -23,11 +23,12 @@ from mbp_cli.build import (
     build_optimizer,
     smallest_micro_batch,
 )
-from mbp_cli.errors import UsageError, does_not_fit
+from mbp_cli.errors import DoesNotFitError, UsageError, does_not_fit
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
-from mbp_cli.memory.step import StepRunner, batch_maker, preserved_training_state
+from mbp_cli.memory.step import BatchMaker, StepRunner, batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import available_bytes
 from mbp_cli.recipe import Recipe
+from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 from mbp_cli.trial import sample_batch
 from mbp_cli.units import parse_bytes
 
@@ -159,18 +160,123 @@ def backend_for(options: ProbeOptions) -> str:
 
 def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
                 options: ProbeOptions) -> ProbeResult:
-    """Probe a built run, leaving its model, optimizer and RNG state exactly as found."""
-    runner = StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set, setup.collate),
-                        backend_for(options), options.capacity_bytes)
+    """Probe a built run with its current strategies, leaving its model, optimizer and RNG
+    state exactly as found."""
     with preserved_training_state(setup.model, optimizer, setup.device):
-        return _probe(recipe, options, runner)
+        return _probe(recipe, options, _runner(setup, optimizer, options))
 
 
-def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
-    """Build the recipe (on fake tensors for an estimate) and probe it."""
-    if not options.estimate:
+@dataclass(frozen=True)
+class FakeParts:
+    """What an estimate measures in: the fake tensor mode, and fake batches of any size."""
+
+    mode: FakeTensorMode
+    make_batch: BatchMaker
+
+
+def _runner(setup: Setup, optimizer: torch.optim.Optimizer, options: ProbeOptions,
+            fake: FakeParts | None = None) -> StepRunner:
+    if fake is not None:
+        return StepRunner(setup.micro_step, optimizer, fake.make_batch, "estimate",
+                          context=lambda: fake.mode)
+    return StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set, setup.collate),
+                      backend_for(options), options.capacity_bytes)
+
+
+@dataclass(frozen=True)
+class WeighedStrategies:
+    """Each combination of strategies probed, and the one chosen."""
+
+    rows: list[tuple[StrategyChoice, ProbeResult | None]]  # None: not even the smallest fits
+    choice: StrategyChoice
+    chosen_result: ProbeResult
+    seconds_at_micro_batch: dict[str, float] = field(default_factory=dict)  # fixed micro-batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """The chosen combination's probe answer, with `choice` (its strategies) and
+        `strategies` (the table), for --json and probe.json."""
+        table = []
+        for choice, result in self.rows:
+            row: dict[str, Any] = {"label": choice.label, **choice.to_dict(),
+                                   "fits": result is not None}
+            if result is not None:
+                row.update(micro_batch=result.micro_batch,
+                           largest_micro_batch=result.largest_micro_batch,
+                           accumulation_steps=result.accumulation_steps,
+                           verified_peak_bytes=result.verified_peak_bytes,
+                           seconds_per_target_batch=result.seconds_per_target_batch)
+            if choice.label in self.seconds_at_micro_batch:
+                row["seconds_at_micro_batch"] = self.seconds_at_micro_batch[choice.label]
+            table.append(row)
+        return {**self.chosen_result.to_dict(), "choice": self.choice.to_dict(),
+                "choice_label": self.choice.label, "strategies": table}
+
+
+def probe_strategies(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
+                     options: ProbeOptions, choices: list[StrategyChoice], *,
+                     micro_batch: int | None = None,
+                     fake: FakeParts | None = None) -> WeighedStrategies:
+    """Probe each combination of strategies and pick the fastest per target batch that fits
+    (with a fixed `micro_batch`: the fastest step at that size among those where it fits;
+    for an estimate, which has no timings: the largest micro-batch, the simplest first)."""
+    rows: list[tuple[StrategyChoice, ProbeResult | None]] = []
+    seconds: dict[str, float] = {}
+    with preserved_training_state(setup.model, optimizer, setup.device):
+        for choice in choices:
+            setup.use(choice, estimate=fake is not None)
+            runner = _runner(setup, optimizer, options, fake)
+            try:
+                result = _probe(recipe, options, runner)
+            except DoesNotFitError:
+                result = None
+            rows.append((choice, result))
+            if result is not None and micro_batch is not None \
+                    and result.largest_micro_batch >= micro_batch and fake is None:
+                seconds[choice.label] = runner.measure(micro_batch).step_seconds
+    fitting = [(c, r) for c, r in rows if r is not None
+               and (micro_batch is None or r.largest_micro_batch >= micro_batch)]
+    if not fitting:
+        smallest = micro_batch or smallest_micro_batch(setup.model)
+        raise DoesNotFitError(f"no combination of strategies fits a micro-batch of {smallest} "
+                              f"(tried: {', '.join(c.label for c in choices)})")
+    if seconds:
+        choice, result = min(fitting, key=lambda row: seconds[row[0].label])
+    elif fake is None:
+        choice, result = min(fitting, key=lambda row: row[1].seconds_per_target_batch)
+    else:
+        choice, result = max(fitting, key=lambda row: row[1].largest_micro_batch)
+    return WeighedStrategies(rows, choice, result, seconds)
+
+
+def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
+                 every_strategy: bool = False) -> ProbeResult | WeighedStrategies:
+    """Build the recipe (on fake tensors for an estimate) and probe it with the recipe's
+    strategies, or weigh every strategy that applies (`every_strategy`)."""
+    fake = None
+    if options.estimate:
+        setup, optimizer, fake = _fake_setup(recipe)
+    else:
         setup = build(recipe, options.device)
-        return probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
+        optimizer = build_optimizer(recipe, setup.model)
+    setup.train_mode()
+    device = torch.device("cuda") if options.estimate else setup.device
+    if every_strategy or is_auto(recipe):
+        choices = candidates(recipe, device, setup.block_count(), estimate=options.estimate,
+                             every=every_strategy)
+        micro_batch = recipe.batch.micro if isinstance(recipe.batch.micro, int) \
+            and not every_strategy else None
+        return probe_strategies(recipe, setup, optimizer, options, choices,
+                                micro_batch=micro_batch, fake=fake)
+    uses_offload = recipe.memory.offload == "on"
+    setup.use(fixed_choice(recipe, setup.block_count() if uses_offload else 0),
+              estimate=options.estimate)
+    if fake is not None:
+        return _probe(recipe, options, _runner(setup, optimizer, options, fake))
+    return probe_setup(recipe, setup, optimizer, options)
+
+
+def _fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
+    """The recipe's model and optimizer on fake tensors (no data: fake batches are made)."""
     sample, _ = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
     with torch.device("meta"):  # initialized on meta: some inits (ViT's) read values
@@ -186,9 +292,9 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions) -> ProbeResult:
 
     micro_step = build_micro_step(recipe, model, loss_fn, torch.device("cpu"),
                                   DTYPES[recipe.train.dtype])
-    runner = StepRunner(micro_step, optimizer, make_fake_batch, "estimate",
-                        context=lambda: fake_mode)
-    return _probe(recipe, options, runner)
+    setup = Setup(micro_step, [], None, freeze_batchnorm=recipe.batch.batchnorm == "frozen",
+                  block_classes=recipe.memory.checkpoint_modules)
+    return setup, optimizer, FakeParts(fake_mode, make_fake_batch)
 
 
 def fake_parameters(model: nn.Module) -> None:

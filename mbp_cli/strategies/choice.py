@@ -1,0 +1,92 @@
+"""Which strategies a run uses: the recipe's, or for `auto` the candidates the probe weighs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mbp_cli.errors import UsageError
+from mbp_cli.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """One combination of strategies."""
+
+    precision: str = "fp32"
+    checkpointing: bool = False
+    offload_blocks: int = 0  # the first k blocks' saved activations in host memory
+
+    @property
+    def label(self) -> str:
+        """`bf16 + checkpointing`, `fp32 + offload 4 blocks`, `fp32`."""
+        parts = [self.precision]
+        if self.checkpointing:
+            parts.append("checkpointing")
+        if self.offload_blocks:
+            parts.append(f"offload {self.offload_blocks} blocks")
+        return " + ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for probe.json and --json."""
+        return asdict(self)
+
+
+def offload_refusal(device: torch.device) -> str:
+    """Why offload means nothing on this device (empty when it applies)."""
+    if device.type == "cuda":
+        return ""
+    return (f"memory.offload: activations on a {device.type} device already live in host "
+            "memory, so there is nothing to offload (it moves them from a CUDA GPU; ask "
+            "`mbp probe --estimate` about a GPU)")
+
+
+def is_auto(recipe: Recipe) -> bool:
+    """Whether the recipe leaves a strategy for the probe to choose."""
+    return "auto" in (recipe.train.precision, recipe.memory.checkpointing, recipe.memory.offload)
+
+
+def fixed_choice(recipe: Recipe, block_count: int) -> StrategyChoice:
+    """The recipe's own choice where it names one (auto counts as off here)."""
+    memory = recipe.memory
+    offload = 0
+    if memory.offload == "on":
+        offload = min(memory.offload_blocks or block_count, block_count)
+    precision = recipe.train.precision if recipe.train.precision != "auto" else "fp32"
+    return StrategyChoice(precision, memory.checkpointing == "on", offload)
+
+
+def candidates(recipe: Recipe, device: torch.device, block_count: int, *, estimate: bool,
+               every: bool = False) -> list[StrategyChoice]:
+    """The combinations to weigh: each `auto` (or, with `every`, each strategy) tried off and
+    on, the others as the recipe sets them. bf16 where the device runs it; offload on CUDA
+    (or in an estimate); block strategies where the model has blocks."""
+    fixed = fixed_choice(recipe, block_count)
+    memory = recipe.memory
+    bf16 = device.type == "cpu" or estimate or (device.type == "cuda"
+                                                 and torch.cuda.is_bf16_supported())
+    precisions = ["fp32", "bf16"] if bf16 and (every or recipe.train.precision == "auto") \
+        else [fixed.precision]
+    checkpointing = [False, True] if block_count and (every or memory.checkpointing == "auto") \
+        else [fixed.checkpointing]
+    offload_applies = block_count and (estimate or not offload_refusal(device))
+    offloads = [0, memory.offload_blocks or block_count] \
+        if offload_applies and (every or memory.offload == "auto") else [fixed.offload_blocks]
+    found = []
+    for precision, is_checkpointed, offload in itertools.product(precisions, checkpointing,
+                                                                 offloads):
+        if is_checkpointed and offload:
+            continue  # a checkpointed block keeps only its input: little left to offload
+        found.append(StrategyChoice(precision, is_checkpointed, offload))
+    return found
+
+
+def check_choice(choice: StrategyChoice, device: torch.device, *, estimate: bool) -> None:
+    """Refuse what cannot run here, with the reason."""
+    if choice.offload_blocks and not estimate and offload_refusal(device):
+        raise UsageError(offload_refusal(device))
+    if choice.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("train.precision: bf16 is not supported by this GPU; use fp16")
