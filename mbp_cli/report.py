@@ -110,10 +110,11 @@ def strategies_table(result: Data) -> Table:
     """The strategies weighed: largest micro-batch, split, peak and time per target batch."""
     table = Table(title=f"strategies for a target batch of {result['target_batch']} "
                         f"({result['backend']}, {result['device']})")
-    for column in ("strategies", "largest micro-batch", "split", "peak", "per target batch"):
+    table.add_column("strategies", no_wrap=True)
+    for column in ("largest", "split", "peak", "per target batch"):
         table.add_column(column, justify="right")
     for row in result["strategies"]:
-        chosen = " ←" if row["label"] == result["choice_label"] else ""
+        chosen = " ← chosen" if row["label"] == result["choice_label"] else ""
         if not row["fits"]:
             table.add_row(row["label"] + chosen, "does not fit", "-", "-", "-")
             continue

@@ -87,8 +87,7 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
     """The strategies and the micro-batch to start with: the recipe's, or where it says `auto`
     the probe's choice (and its answer, to be saved as probe.json; a resumed run takes it from
     there)."""
-    uses_offload = recipe.memory.offload == "on"
-    fixed = fixed_choice(recipe, setup.block_count() if uses_offload else 0)
+    fixed = fixed_choice(recipe, setup.device, lambda: len(setup.blocks("memory.offload")))
     micro_batch = resumed_micro_batch or recipe.batch.micro
     if micro_batch != "auto" and not is_auto(recipe):
         return fixed, micro_batch, None

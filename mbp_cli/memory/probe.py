@@ -243,8 +243,8 @@ def probe_strategies(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimi
         choice, result = min(fitting, key=lambda row: seconds[row[0].label])
     elif fake is None:
         choice, result = min(fitting, key=lambda row: row[1].seconds_per_target_batch)
-    else:
-        choice, result = max(fitting, key=lambda row: row[1].largest_micro_batch)
+    else:  # fewest micro-batches per target batch, then the least added work
+        choice, result = min(fitting, key=lambda row: (row[1].accumulation_steps, row[0].cost))
     return WeighedStrategies(rows, choice, result, seconds)
 
 
@@ -267,9 +267,8 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
             and not every_strategy else None
         return probe_strategies(recipe, setup, optimizer, options, choices,
                                 micro_batch=micro_batch, fake=fake)
-    uses_offload = recipe.memory.offload == "on"
-    setup.use(fixed_choice(recipe, setup.block_count() if uses_offload else 0),
-              estimate=options.estimate)
+    setup.use(fixed_choice(recipe, device, lambda: len(setup.blocks("memory.offload")),
+                           estimate=options.estimate), estimate=options.estimate)
     if fake is not None:
         return _probe(recipe, options, _runner(setup, optimizer, options, fake))
     return probe_setup(recipe, setup, optimizer, options)

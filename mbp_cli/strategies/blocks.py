@@ -53,7 +53,7 @@ def find_blocks(model: nn.Module, class_names: list[str] | None = None) -> Block
     blocks: where a module has two or more children of the same class that themselves have
     children (ResNet's layers, a ViT's encoder layers, a ModuleList of transformer blocks,
     the stages of ConvNeXt, EfficientNet or MobileNet), those children are blocks — or, where
-    such a child again holds repeated blocks, the blocks inside it.
+    such a child directly holds repeated children (a stage of blocks), the blocks inside it.
     """
     if class_names:
         wanted = set(class_names)
@@ -73,14 +73,18 @@ def _collect_by_class(module: nn.Module, prefix: str, wanted: set[str],
             _collect_by_class(child, f"{path}.", wanted, found)
 
 
+def _repeated_classes(module: nn.Module) -> set[type]:
+    counts = Counter(type(c) for c in module.children() if _has_children(c))
+    return {cls for cls, count in counts.items() if count >= 2}
+
+
 def _repeated_blocks(module: nn.Module, prefix: str) -> Blocks:
-    children = [(f"{prefix}{name}", child) for name, child in module.named_children()]
-    classes = Counter(type(c) for _, c in children if _has_children(c))
+    repeated = _repeated_classes(module)
     found: Blocks = []
-    for path, child in children:
-        if classes[type(child)] >= 2:
-            inner = _repeated_blocks(child, f"{path}.")
-            found += inner if inner else [(path, child)]
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if type(child) in repeated and not _repeated_classes(child):
+            found.append((path, child))
         else:
             found += _repeated_blocks(child, f"{path}.")
     return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,12 @@ class StrategyChoice:
             parts.append(f"offload {self.offload_blocks} blocks")
         return " + ".join(parts)
 
+    @property
+    def cost(self) -> int:
+        """How much work the strategies add, to break ties without timings: recomputing a
+        block costs more than copying its activations; bf16 costs nothing."""
+        return 2 * self.checkpointing + bool(self.offload_blocks)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for probe.json and --json."""
         return asdict(self)
@@ -49,11 +56,17 @@ def is_auto(recipe: Recipe) -> bool:
     return "auto" in (recipe.train.precision, recipe.memory.checkpointing, recipe.memory.offload)
 
 
-def fixed_choice(recipe: Recipe, block_count: int) -> StrategyChoice:
-    """The recipe's own choice where it names one (auto counts as off here)."""
+def fixed_choice(recipe: Recipe, device: torch.device, count_blocks: Callable[[], int], *,
+                 estimate: bool = False) -> StrategyChoice:
+    """The recipe's own choice where it names one (auto counts as off here); offload refused
+    where it means nothing. `count_blocks` is asked only for offload, and raises where the
+    model has no blocks."""
     memory = recipe.memory
     offload = 0
     if memory.offload == "on":
+        if not estimate and offload_refusal(device):
+            raise UsageError(offload_refusal(device))
+        block_count = count_blocks()
         offload = min(memory.offload_blocks or block_count, block_count)
     precision = recipe.train.precision if recipe.train.precision != "auto" else "fp32"
     return StrategyChoice(precision, memory.checkpointing == "on", offload)
@@ -64,7 +77,7 @@ def candidates(recipe: Recipe, device: torch.device, block_count: int, *, estima
     """The combinations to weigh: each `auto` (or, with `every`, each strategy) tried off and
     on, the others as the recipe sets them. bf16 where the device runs it; offload on CUDA
     (or in an estimate); block strategies where the model has blocks."""
-    fixed = fixed_choice(recipe, block_count)
+    fixed = fixed_choice(recipe, device, lambda: block_count, estimate=estimate)
     memory = recipe.memory
     bf16 = device.type == "cpu" or estimate or (device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported())

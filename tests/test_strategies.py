@@ -1,0 +1,170 @@
+"""Memory strategies through the real `mbp train`: activation checkpointing gives the very same
+model (dropout and BatchNorm included), BatchNorm's running statistics move once per target
+batch as the full batch moves them, bf16 stays within its rounding of the full-batch gradient,
+and an fp16 overflow skips its whole target batch once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from mbp_cli.accumulate import accumulate_gradients
+from mbp_cli.batching import epoch_target_batches
+from mbp_cli.step import MicroStep
+from mbp_cli.strategies.blocks import find_blocks
+from mbp_cli.strategies.precision import Precision
+from tests import user_blocks
+from tests.conftest import small_recipe
+
+USER = Path(user_blocks.__file__)
+
+
+def _recipe(model: dict, data: dict, *, target: int = 12, micro: int = 4, steps: int = 2,
+            **sections: dict) -> dict:
+    train = {"steps": steps, "eval_every": 0, "device": "cpu", "dtype": "float64",
+             **sections.pop("train", {})}
+    return small_recipe(model=model, data=data, batch={"target": target, "micro": micro},
+                        train=train, **sections)
+
+
+def _train(cli, write_recipe, tmp_path: Path, recipe: dict, name: str) -> dict:
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    run = tmp_path / name
+    result = cli("train", write_recipe(recipe, f"{name}.yaml"), "--out", run, "--json")
+    assert result.exit_code == 0, result.output
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+VIT = {"name": "torchvision.models.vision_transformer:VisionTransformer",
+       "args": {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2,
+                "hidden_dim": 16, "mlp_dim": 32, "dropout": 0.1, "attention_dropout": 0.1,
+                "num_classes": 10}}
+CHECKPOINTED = {
+    "ResNet-18 (BatchNorm)": ({"name": "resnet18", "args": {"num_classes": 10}}, None),
+    "ViT (dropout)": (VIT, None),
+    "own blocks named (dropout, BatchNorm)": ({"name": "user_blocks:SmallNet"}, ["Residual"]),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINTED)
+def test_checkpointing_trains_the_same_model(cli, write_recipe, tmp_path, case):
+    model, classes = CHECKPOINTED[case]
+    data = {"name": "user_blocks:Images"}
+    plain = _train(cli, write_recipe, tmp_path, _recipe(model, data), "plain")
+    memory = {"checkpointing": "on", "checkpoint_modules": classes}
+    checkpointed = _train(cli, write_recipe, tmp_path, _recipe(model, data, memory=memory),
+                          "checkpointed")
+    moved = [k for k in plain if plain[k].is_floating_point()
+             and _relative(plain[k], torch.zeros_like(plain[k])) > 0]
+    assert moved
+    for key, value in plain.items():  # parameters and BatchNorm's running statistics
+        assert _relative(checkpointed[key], value) <= 1e-12, key
+
+
+def test_blocks_are_found_in_torchvision_models_and_module_lists():
+    def names(model: nn.Module) -> list[str]:
+        return [name for name, _ in find_blocks(model)]
+
+    resnet = torchvision.models.resnet18()
+    assert names(resnet) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    vit = torchvision.models.vit_b_16()
+    assert names(vit) == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    for name, block_class in (("convnext_tiny", "CNBlock"), ("efficientnet_b0", "MBConv"),
+                              ("mobilenet_v3_small", "InvertedResidual")):
+        model = torchvision.models.get_model(name)
+        blocks = names(model)
+        inside = [module for module, m in model.named_modules()
+                  if type(m).__name__ == block_class]
+        # every block of the stage sits in exactly one checkpointed piece (a single-block
+        # stage is taken whole)
+        assert all(sum(m == b or m.startswith(b + ".") for b in blocks) == 1 for m in inside)
+        assert len(blocks) >= len(inside) / 2
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    assert names(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)) == [
+        "layers.0", "layers.1", "layers.2"]
+    assert names(user_blocks.SmallNet()) == ["first", "second"]
+    named = find_blocks(resnet, ["Sequential"])  # the user's choice: whole stages
+    assert [name for name, _ in named] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_batchnorm_running_statistics_move_once_per_target_batch(cli, write_recipe, tmp_path):
+    target, micro = 20, 7  # 7 + 7 + 6
+    recipe = _recipe({"name": "user_blocks:NormFirst"}, {"name": "user_blocks:Features"},
+                     target=target, micro=micro, steps=1)
+    got = _train(cli, write_recipe, tmp_path, recipe, "run")
+
+    data = user_blocks.Features(train=True)
+    batch = epoch_target_batches(len(data), target, seed=0, epoch=0, drop_last=False)[0]
+    norm = nn.BatchNorm1d(4).double().train()
+    norm(data.x[batch].double())  # the full batch, as torch updates the statistics
+    assert int(got["norm.num_batches_tracked"]) == 1
+    assert _relative(got["norm.running_mean"], norm.running_mean) <= 1e-10
+    assert _relative(got["norm.running_var"], norm.running_var) <= 1e-10
+
+
+def test_bf16_autocast_accumulates_the_full_batch_gradient_within_its_rounding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(29, 6), torch.randint(4, (29,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    step = MicroStep(model, lambda out, t: (F.cross_entropy(out, t, reduction="sum"),
+                                            torch.tensor(t.numel())),
+                     torch.device("cpu"), torch.float32,
+                     precision=Precision("bf16", torch.device("cpu")))
+    pieces = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 29, 8)]  # 8 + 8 + 8 + 5
+    totals = accumulate_gradients(step, pieces)
+    assert totals.items == 29
+    for p, want in zip(model.parameters(), expected):
+        assert _relative(p.grad, want) <= 1e-2  # bf16 keeps 8 bits of mantissa
+
+
+def test_fp16_overflow_in_one_micro_batch_skips_its_target_batch_once(cli, write_recipe,
+                                                                      tmp_path):
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    recipe = small_recipe(
+        model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
+        data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
+              "eval_fraction": 0.0},
+        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
+        train={"steps": 2, "eval_every": 0, "device": "cpu", "precision": "fp16"})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    overflows = [e for e in events if e["event"] == "overflow"]
+    summary = events[-1]
+    assert summary["overflow_skips"] == 1 and len(overflows) == 1
+    first_scale = 2.0 ** 14  # 2**16 for a micro-batch of 4 whose loss is a sum of 4 items
+    assert overflows[0]["loss_scale"] == first_scale / 2  # dropped once, not per micro-batch
+    assert summary["strategies"] == "fp16"
+
+
+def test_offload_on_a_cpu_device_is_refused_with_the_reason(cli, write_recipe, tmp_path):
+    recipe = small_recipe(memory={"offload": "on"})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "nothing to offload" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpointing_a_model_without_blocks_names_the_classes_to_choose(cli, write_recipe,
+                                                                         tmp_path):
+    recipe = small_recipe(memory={"checkpointing": "on", "checkpoint_modules": ["Blok"]})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "Blok" in result.output and "Sequential" in result.output
