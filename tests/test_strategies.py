@@ -78,7 +78,8 @@ def test_blocks_are_found_in_torchvision_models_and_module_lists():
         return [name for name, _ in find_blocks(model)]
 
     resnet = torchvision.models.resnet18()
-    assert names(resnet) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert names(resnet) == ["maxpool"] + [f"layer{i}.{j}" for i in range(1, 5)
+                                           for j in range(2)]
     vit = torchvision.models.vit_b_16()
     assert names(vit) == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
     for name, block_class in (("convnext_tiny", "CNBlock"), ("efficientnet_b0", "MBConv"),

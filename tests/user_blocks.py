@@ -10,11 +10,11 @@ from torch.utils.data import Dataset
 
 
 class Images(Dataset):
-    """3×32×32 random images with one of 10 classes."""
+    """3×size×size random images with one of 10 classes."""
 
-    def __init__(self, train: bool = True, n: int = 40) -> None:
+    def __init__(self, train: bool = True, n: int = 40, size: int = 32) -> None:
         g = torch.Generator().manual_seed(1 if train else 2)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.x = torch.randn(n, 3, size, size, generator=g)
         self.y = torch.randint(10, (n,), generator=g)
 
     def __len__(self) -> int:

@@ -1,0 +1,94 @@
+"""The probe weighs the strategies: measured under a tracked budget on the CPU, estimated on
+fake tensors for a GPU we don't have, chosen for `auto` and kept for a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import user_blocks
+from tests.conftest import REPO
+
+USER = Path(user_blocks.__file__)
+
+
+def _probe(cli, recipe: Path, *args: str) -> dict:
+    result = cli("probe", recipe, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _user_recipe(write_recipe, tmp_path: Path, recipe: dict) -> Path:
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    return write_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_checkpointing_lets_resnet18_take_half_again_as_many_samples(cli, write_recipe,
+                                                                       tmp_path):
+    recipe = _user_recipe(write_recipe, tmp_path, {
+        "model": {"name": "resnet18", "args": {"num_classes": 10}},
+        "data": {"name": "user_blocks:Images", "args": {"n": 512, "size": 64}},
+        "batch": {"target": 512, "micro": "auto"},
+        "optim": {"name": "SGD", "args": {"lr": 0.1}}, "train": {"steps": 1, "device": "cpu"}})
+    plain = _probe(cli, recipe, "--budget", "400MiB")
+    checkpointed = _probe(cli, recipe, "--budget", "400MiB", "--set", "memory.checkpointing=on")
+    assert plain["backend"] == checkpointed["backend"] == "tracked"
+    assert checkpointed["largest_micro_batch"] >= 1.5 * plain["largest_micro_batch"]
+
+
+@pytest.mark.slow
+def test_estimate_offload_and_checkpointing_each_raise_resnet50_for_a_24gib_gpu(cli):
+    recipe = REPO / "recipes" / "imagefolder-resnet50.yaml"  # 224×224; no images needed
+    args = ("--estimate", "--device-memory", "24GiB", "--set", "batch.target=4096")
+    plain = _probe(cli, recipe, *args)["largest_micro_batch"]
+    for strategy in ("memory.offload=on", "memory.checkpointing=on"):
+        assert _probe(cli, recipe, *args, "--set", strategy)["largest_micro_batch"] > 1.3 * plain
+
+
+def test_probe_strategies_shows_each_combination_and_the_fastest_that_fits(cli, write_recipe,
+                                                                             tmp_path):
+    recipe = _user_recipe(write_recipe, tmp_path, {
+        "model": {"name": "user_blocks:SmallNet"},
+        "data": {"name": "user_blocks:Images", "args": {"n": 64}},
+        "batch": {"target": 64, "micro": "auto"},
+        "optim": {"name": "SGD", "args": {"lr": 0.1}}, "train": {"steps": 1, "device": "cpu"}})
+    answer = _probe(cli, recipe, "--budget", "64MiB", "--strategies")
+    labels = [row["label"] for row in answer["strategies"]]
+    assert labels == ["fp32", "fp32 + checkpointing", "bf16", "bf16 + checkpointing"]
+    assert answer["choice_label"] in labels  # offload is not offered on a CPU
+    chosen = next(r for r in answer["strategies"] if r["label"] == answer["choice_label"])
+    fitting = [r for r in answer["strategies"] if r["fits"]]
+    assert chosen["seconds_per_target_batch"] == min(r["seconds_per_target_batch"]
+                                                      for r in fitting)
+    assert answer["micro_batch"] == chosen["micro_batch"]
+
+    shown = cli("probe", recipe, "--budget", "64MiB", "--strategies")
+    assert shown.exit_code == 0 and "← chosen" in shown.output
+
+
+def test_auto_strategies_are_probed_saved_and_reused_on_resume(cli, write_recipe, tmp_path):
+    recipe = _user_recipe(write_recipe, tmp_path, {
+        "model": {"name": "user_blocks:SmallNet"},
+        "data": {"name": "user_blocks:Images", "args": {"n": 48}},
+        "batch": {"target": 24, "micro": "auto", "memory_budget": "64MiB"},
+        "optim": {"name": "SGD", "args": {"lr": 0.1}},
+        "memory": {"checkpointing": "auto"},
+        "train": {"steps": 2, "eval_every": 0, "device": "cpu", "precision": "auto"}})
+    run = tmp_path / "run"
+    first = cli("train", recipe, "--out", run, "--max-steps", "1", "--json")
+    assert first.exit_code == 0, first.output
+    saved = json.loads((run / "probe.json").read_text())
+    summary = json.loads(first.stdout.splitlines()[-1])
+    assert summary["strategies"] == saved["choice_label"]
+    assert len(saved["strategies"]) == 4
+
+    resumed = cli("train", "--resume", run, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    probe = next(e for e in events if e["event"] == "probe")
+    assert probe["reused"] and probe["strategies"] == saved["choice_label"]
+    assert events[-1]["strategies"] == saved["choice_label"] and events[-1]["steps"] == 2
