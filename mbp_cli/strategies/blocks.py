@@ -153,7 +153,7 @@ def offloaded(*, estimate: bool = False) -> Iterator[None]:
             return value
         if how == "shape":
             device, size, stride, dtype = value
-            return torch.empty_strided(size, stride, dtype=dtype, device=device)
+            return torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
         device, host = value
         return host.to(device, non_blocking=pin)
 
