@@ -140,6 +140,8 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     torch.manual_seed(recipe.seed)
     train_set, eval_set = build_data(recipe)
     model = build_model(recipe, device)
+    if recipe.train.compile:
+        model.compile()  # in place: the state dict keeps its keys
     micro_step = build_micro_step(recipe, model, build_loss(recipe), device,
                                   DTYPES[recipe.train.dtype])
     return Setup(micro_step, train_set, eval_set, build_collate(recipe),

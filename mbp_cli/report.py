@@ -63,6 +63,8 @@ def summary_table(s: Data) -> Table:
         ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
         ("wall time", f"{s['wall_seconds']:.1f} s"), ("run folder", s["run_dir"]),
     ]
+    if s.get("compile_seconds") is not None:
+        rows.insert(-2, ("compile time", f"{s['compile_seconds']:.1f} s (not in samples/s)"))
     for key, value in rows:
         table.add_row(key, value)
     return table

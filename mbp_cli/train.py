@@ -44,6 +44,7 @@ from mbp_cli.events import (
     Stopped,
 )
 from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
+from mbp_cli.memory.step import batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
@@ -154,6 +155,8 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     setup.use(choice, micro_batch=loop.micro_batch)
     precision = setup.micro_step.precision
     precision.load_state_dict(loop.loss_scale)
+    compile_seconds = compile_now(setup, optimizer, loop.micro_batch) \
+        if recipe.train.compile else None
     first_step = loop.step
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, stop_step, recipe.train.num_workers,
@@ -221,9 +224,21 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     save_state_dict(run_dir / "model.pt", model.state_dict())
     summary = summarize(recipe, loop, choice, total_steps, memory,
                         time.perf_counter() - started, device, run_dir)
+    summary["compile_seconds"] = compile_seconds
     write_json(run_dir / "summary.json", summary)
     emit(Done(summary))
     return summary
+
+
+def compile_now(setup: Setup, optimizer: torch.optim.Optimizer, micro_batch: int) -> float:
+    """Compile the model before the clock starts (one forward and backward at the
+    micro-batch, everything put back) and return how long it took."""
+    make_batch = batch_maker(setup.train_set, setup.collate)
+    started = time.perf_counter()
+    with preserved_training_state(setup.model, optimizer, setup.device), \
+            explained_step_errors(True):
+        setup.micro_step.precision.backward(setup.micro_step(make_batch(micro_batch)).loss_sum)
+    return time.perf_counter() - started
 
 
 def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:

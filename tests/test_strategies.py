@@ -131,7 +131,7 @@ def test_bf16_autocast_accumulates_the_full_batch_gradient_within_its_rounding()
     pieces = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 29, 8)]  # 8 + 8 + 8 + 5
     totals = accumulate_gradients(step, pieces)
     assert totals.items == 29
-    for p, want in zip(model.parameters(), expected):
+    for p, want in zip(model.parameters(), expected, strict=True):
         assert _relative(p.grad, want) <= 1e-2  # bf16 keeps 8 bits of mantissa
 
 
@@ -207,9 +207,25 @@ def test_offloaded_activations_give_the_same_gradients():
     offloaded = BlockStrategies(find_blocks(model), offload_blocks=1).apply()
     got = gradients()
     offloaded.remove()
-    assert all(_relative(g, p) <= 1e-15 for g, p in zip(got, plain))
+    assert all(_relative(g, p) <= 1e-15 for g, p in zip(got, plain, strict=True))
     # the estimate's hooks keep shapes only: the block's activations really pass through them
     shapes_only = BlockStrategies(find_blocks(model), offload_blocks=1, estimate=True).apply()
     garbled = gradients()
     shapes_only.remove()
-    assert not all(torch.equal(g, p) for g, p in zip(garbled, plain))
+    assert not all(torch.equal(g, p) for g, p in zip(garbled, plain, strict=True))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one_and_reports_its_compile_time(
+        cli, write_recipe, tmp_path):
+    train = {"steps": 2, "eval_every": 0, "device": "cpu"}
+    recipe = small_recipe(batch={"target": 64, "micro": 32}, train=train)
+    eager = _train(cli, write_recipe, tmp_path, recipe, "eager")
+    compiled_recipe = small_recipe(batch={"target": 64, "micro": 32},
+                                   train={**train, "compile": True})
+    compiled = _train(cli, write_recipe, tmp_path, compiled_recipe, "compiled")
+    assert compiled.keys() == eager.keys()  # the state dict keeps its keys
+    for key, value in eager.items():
+        assert _relative(compiled[key], value) <= 1e-4, key
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0
