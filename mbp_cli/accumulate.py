@@ -31,20 +31,30 @@ def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) ->
     the number of micro-batches instead would be exact only when every piece held as many items.
     Expects the gradients to be None (`zero_grad(set_to_none=True)`) on entry.
     """
-    # Running totals stay on the device (no sync per micro-batch) and in place, so memory
-    # does not grow with the number of micro-batches.
-    loss_sum = torch.zeros((), device=micro_step.device, dtype=torch.float64)
-    items = torch.zeros((), device=micro_step.device, dtype=torch.float64)
+    # On a GPU the running totals stay on the device (no sync per micro-batch) and in place;
+    # on the CPU every op has already run when it returns, so reading the number is free and
+    # cheaper than a tensor add. Both add in float64, so both give the same totals.
+    on_host = micro_step.device.type == "cpu"
+    loss_sum: Any = 0.0 if on_host else torch.zeros((), device=micro_step.device,
+                                                     dtype=torch.float64)
+    items: Any = 0.0 if on_host else torch.zeros_like(loss_sum)
     samples = micro_count = 0
     backward = micro_step.precision.backward  # scaled for fp16
     for batch in micro_batches:
         result = micro_step(batch)
         backward(result.loss_sum)
-        loss_sum += result.loss_sum.detach()
-        items += result.items
+        if on_host:
+            loss_sum += result.loss_sum.item()
+            items += float(result.items)
+        else:
+            loss_sum += result.loss_sum.detach()
+            items += result.items
         samples += result.samples
         micro_count += 1
-    total_loss, item_count = torch.stack([loss_sum, items]).tolist()  # the one sync
+    if on_host:
+        total_loss, item_count = loss_sum, items
+    else:
+        total_loss, item_count = torch.stack([loss_sum, items]).tolist()  # the one sync
     if item_count:
         grads = [p.grad for p in micro_step.model.parameters() if p.grad is not None]
         torch._foreach_div_(grads, item_count)

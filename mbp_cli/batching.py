@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -66,7 +67,7 @@ class MicroBatchPlan(torch.utils.data.Sampler):
         size = min(self.target_batch, self.num_samples - position * self.target_batch)
         return accumulation_steps(size, self.micro_batch)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _target_batches(self) -> Iterator[list[int]]:
         epoch, batches = None, []
         for step in range(self.start_step, self.stop_step):
             step_epoch, position = divmod(step, self.steps_per_epoch)
@@ -74,7 +75,21 @@ class MicroBatchPlan(torch.utils.data.Sampler):
                 epoch = step_epoch
                 batches = epoch_target_batches(self.num_samples, self.target_batch, self.seed,
                                                epoch, self.drop_last)
-            yield from split_micro(batches[position], self.micro_batch)
+            yield batches[position]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self._target_batches():
+            yield from split_micro(indices, self.micro_batch)
+
+    def index_tensors(self) -> Iterator[Tensor]:
+        """The same micro-batches as index tensors, for data already in memory: one conversion
+        per target batch, views after that. The indices are host bookkeeping, like the list
+        they come from, so they are not made as torch storage that would count as memory
+        growing with the target batch."""
+        for indices in self._target_batches():
+            order = numpy.asarray(indices, dtype=numpy.int64)
+            for start in range(0, len(order), self.micro_batch):
+                yield torch.from_numpy(order[start:start + self.micro_batch])
 
     def __len__(self) -> int:
         return sum(self.micro_batches_per_step(s) for s in range(self.start_step, self.stop_step))
@@ -86,6 +101,8 @@ def _as_batch(batch: object) -> object:
 
 def _tensor_stream(dataset: TensorPairs, batch_sampler: Iterable[list[int]],
                    pin_memory: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    if isinstance(batch_sampler, MicroBatchPlan):
+        batch_sampler = batch_sampler.index_tensors()
     for indices in batch_sampler:
         inputs, targets = dataset.__getitems__(indices)
         yield (inputs.pin_memory(), targets.pin_memory()) if pin_memory else (inputs, targets)

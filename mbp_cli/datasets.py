@@ -27,7 +27,7 @@ class TensorPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.inputs[index], self.targets[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
         # The DataLoader calls this with a micro-batch's indices; one gather beats N lookups.
         index = torch.as_tensor(indices)
         return self.inputs[index], self.targets[index]

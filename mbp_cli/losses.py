@@ -144,7 +144,7 @@ class ClassificationLoss:
             return total, torch.tensor(target.numel() // target.shape[1], device=target.device)
         counted = target != self.ignore_index
         if weight is None:
-            return total, counted.sum()
+            return total, torch.count_nonzero(counted)
         return total, (weight[torch.where(counted, target, 0)] * counted).sum()
 
     def correct(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
