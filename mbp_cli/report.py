@@ -118,7 +118,8 @@ def strategies_table(result: Data) -> Table:
     for row in result["strategies"]:
         chosen = " ← chosen" if row["label"] == result["choice_label"] else ""
         if not row["fits"]:
-            table.add_row(row["label"] + chosen, "does not fit", "-", "-", "-")
+            shown = f"{row['slower']:.0f}× slower" if row.get("slower") else row["note"]
+            table.add_row(row["label"], shown, "-", "-", "-")
             continue
         seconds = row.get("seconds_at_micro_batch", row["seconds_per_target_batch"])
         table.add_row(row["label"] + chosen, str(row["largest_micro_batch"]),

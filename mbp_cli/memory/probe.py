@@ -183,33 +183,63 @@ def _runner(setup: Setup, optimizer: torch.optim.Optimizer, options: ProbeOption
                       backend_for(options), options.capacity_bytes)
 
 
+SLOWER_CUTOFF = 3.0  # a combination this many times slower per sample is not probed further
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """One combination of strategies and what the probe found for it."""
+
+    choice: StrategyChoice
+    result: ProbeResult | None  # None: it does not fit, or is far slower (see note)
+    note: str = ""
+    seconds_at_micro_batch: float | None = None  # a step at the recipe's fixed micro-batch
+    slower: float | None = None  # per sample than the fastest, where not probed further
+
+    def to_dict(self) -> dict[str, Any]:
+        """One row of the `strategies` table."""
+        row: dict[str, Any] = {"label": self.choice.label, **self.choice.to_dict(),
+                               "fits": self.result is not None, "note": self.note,
+                               "slower": self.slower}
+        if self.result is not None:
+            result = self.result
+            row.update(micro_batch=result.micro_batch,
+                       largest_micro_batch=result.largest_micro_batch,
+                       accumulation_steps=result.accumulation_steps,
+                       verified_peak_bytes=result.verified_peak_bytes,
+                       seconds_per_target_batch=result.seconds_per_target_batch)
+        if self.seconds_at_micro_batch is not None:
+            row["seconds_at_micro_batch"] = self.seconds_at_micro_batch
+        return row
+
+
 @dataclass(frozen=True)
 class WeighedStrategies:
     """Each combination of strategies probed, and the one chosen."""
 
-    rows: list[tuple[StrategyChoice, ProbeResult | None]]  # None: not even the smallest fits
-    choice: StrategyChoice
-    chosen_result: ProbeResult
-    seconds_at_micro_batch: dict[str, float] = field(default_factory=dict)  # fixed micro-batch
+    rows: list[StrategyRow]
+    chosen: StrategyRow
+
+    @property
+    def choice(self) -> StrategyChoice:
+        """The strategies chosen."""
+        return self.chosen.choice
+
+    @property
+    def chosen_result(self) -> ProbeResult:
+        """The probe's answer for them."""
+        return self.chosen.result
 
     def to_dict(self) -> dict[str, Any]:
         """The chosen combination's probe answer, with `choice` (its strategies) and
         `strategies` (the table), for --json and probe.json."""
-        table = []
-        for choice, result in self.rows:
-            row: dict[str, Any] = {"label": choice.label, **choice.to_dict(),
-                                   "fits": result is not None}
-            if result is not None:
-                row.update(micro_batch=result.micro_batch,
-                           largest_micro_batch=result.largest_micro_batch,
-                           accumulation_steps=result.accumulation_steps,
-                           verified_peak_bytes=result.verified_peak_bytes,
-                           seconds_per_target_batch=result.seconds_per_target_batch)
-            if choice.label in self.seconds_at_micro_batch:
-                row["seconds_at_micro_batch"] = self.seconds_at_micro_batch[choice.label]
-            table.append(row)
         return {**self.chosen_result.to_dict(), "choice": self.choice.to_dict(),
-                "choice_label": self.choice.label, "strategies": table}
+                "choice_label": self.choice.label,
+                "strategies": [row.to_dict() for row in self.rows]}
+
+
+def _per_sample(result: ProbeResult) -> float:
+    return result.seconds_per_target_batch / result.target_batch
 
 
 def probe_strategies(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
@@ -218,34 +248,57 @@ def probe_strategies(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimi
                      fake: FakeParts | None = None) -> WeighedStrategies:
     """Probe each combination of strategies and pick the fastest per target batch that fits
     (with a fixed `micro_batch`: the fastest step at that size among those where it fits;
-    for an estimate, which has no timings: the largest micro-batch, the simplest first)."""
-    rows: list[tuple[StrategyChoice, ProbeResult | None]] = []
-    seconds: dict[str, float] = {}
+    for an estimate, which has no timings: the fewest micro-batches, the least work first).
+
+    A combination whose step at the fastest one's micro-batch is more than SLOWER_CUTOFF
+    times slower per sample is not probed further (bf16 on a CPU without bf16 units is ~30×
+    slower: its full probe would take minutes and could not win).
+    """
+    rows: list[StrategyRow] = []
     with preserved_training_state(setup.model, optimizer, setup.device):
         for choice in choices:
             setup.use(choice, estimate=fake is not None)
             runner = _runner(setup, optimizer, options, fake)
-            try:
-                result = _probe(recipe, options, runner)
-            except DoesNotFitError:
-                result = None
-            rows.append((choice, result))
-            if result is not None and micro_batch is not None \
-                    and result.largest_micro_batch >= micro_batch and fake is None:
-                seconds[choice.label] = runner.measure(micro_batch).step_seconds
-    fitting = [(c, r) for c, r in rows if r is not None
-               and (micro_batch is None or r.largest_micro_batch >= micro_batch)]
+            rows.append(_probe_one(recipe, options, runner, choice, rows, micro_batch,
+                                   fake is not None))
+    fitting = [row for row in rows if row.result is not None
+               and (micro_batch is None or row.result.largest_micro_batch >= micro_batch)]
     if not fitting:
         smallest = micro_batch or smallest_micro_batch(setup.model)
         raise DoesNotFitError(f"no combination of strategies fits a micro-batch of {smallest} "
                               f"(tried: {', '.join(c.label for c in choices)})")
-    if seconds:
-        choice, result = min(fitting, key=lambda row: seconds[row[0].label])
-    elif fake is None:
-        choice, result = min(fitting, key=lambda row: row[1].seconds_per_target_batch)
-    else:  # fewest micro-batches per target batch, then the least added work
-        choice, result = min(fitting, key=lambda row: (row[1].accumulation_steps, row[0].cost))
-    return WeighedStrategies(rows, choice, result, seconds)
+    if fake is not None:  # fewest micro-batches per target batch, then the least added work
+        chosen = min(fitting, key=lambda row: (row.result.accumulation_steps, row.choice.cost))
+    elif micro_batch is not None:
+        chosen = min(fitting, key=lambda row: row.seconds_at_micro_batch)
+    else:
+        chosen = min(fitting, key=lambda row: row.result.seconds_per_target_batch)
+    return WeighedStrategies(rows, chosen)
+
+
+def _probe_one(recipe: Recipe, options: ProbeOptions, runner: StepRunner,
+               choice: StrategyChoice, done: list[StrategyRow], micro_batch: int | None,
+               is_estimate: bool) -> StrategyRow:
+    timed = [row for row in done if row.result is not None and not is_estimate]
+    if timed:
+        fastest = min(timed, key=lambda row: _per_sample(row.result))
+        size = fastest.result.micro_batch
+        quick = runner.measure(size)
+        if quick.peak_bytes is not None:
+            slower = quick.step_seconds / size / _per_sample(fastest.result)
+            if slower > SLOWER_CUTOFF:
+                return StrategyRow(choice, None, f"{slower:.0f}× slower per sample than "
+                                                 f"{fastest.choice.label}: not probed further",
+                                   slower=slower)
+    try:
+        result = _probe(recipe, options, runner)
+    except DoesNotFitError:
+        return StrategyRow(choice, None, "does not fit")
+    seconds = None
+    if micro_batch is not None and result.largest_micro_batch >= micro_batch \
+            and not is_estimate:
+        seconds = runner.measure(micro_batch).step_seconds
+    return StrategyRow(choice, result, "", seconds)
 
 
 def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
