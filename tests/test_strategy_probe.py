@@ -47,6 +47,11 @@ def test_estimate_offload_and_checkpointing_each_raise_resnet50_for_a_24gib_gpu(
     plain = _probe(cli, recipe, *args)["largest_micro_batch"]
     for strategy in ("memory.offload=on", "memory.checkpointing=on"):
         assert _probe(cli, recipe, *args, "--set", strategy)["largest_micro_batch"] > 1.3 * plain
+    # auto: offload only as many of the first blocks as the chosen micro-batch needs
+    answer = _probe(cli, recipe, *args, "--set", "memory.offload=auto")
+    chosen = answer["choice"]["offload_blocks"]
+    assert 0 < chosen < 17 and answer["micro_batch"] > plain  # 16 bottlenecks and the max-pool
+    assert answer["verified_peak_bytes"] <= answer["usable_bytes"]
 
 
 def test_probe_strategies_shows_each_combination_and_the_fastest_that_fits(cli, write_recipe,

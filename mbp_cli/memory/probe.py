@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -273,7 +274,34 @@ def probe_strategies(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimi
         chosen = min(fitting, key=lambda row: row.seconds_at_micro_batch)
     else:
         chosen = min(fitting, key=lambda row: row.result.seconds_per_target_batch)
+    if chosen.choice.offload_blocks > 1:
+        with preserved_training_state(setup.model, optimizer, setup.device):
+            chosen = _fewest_offloaded_blocks(setup, optimizer, options, fake, chosen)
+        rows.append(chosen)
     return WeighedStrategies(rows, chosen)
+
+
+def _fewest_offloaded_blocks(setup: Setup, optimizer: torch.optim.Optimizer,
+                             options: ProbeOptions, fake: FakeParts | None,
+                             row: StrategyRow) -> StrategyRow:
+    """The same micro-batch with the fewest blocks offloaded that still fits: the blocks saved
+    first are needed last in the backward pass, so offloading the first k stalls least."""
+    result = row.result
+    fits, too_few = row.choice.offload_blocks, 0
+    peak = result.verified_peak_bytes
+    while fits - too_few > 1:
+        middle = (fits + too_few) // 2
+        setup.use(dataclasses.replace(row.choice, offload_blocks=middle),
+                  estimate=fake is not None)
+        measured = _runner(setup, optimizer, options, fake).measure(result.micro_batch)
+        if measured.fits(result.usable_bytes):
+            fits, peak = middle, measured.peak_bytes
+        else:
+            too_few = middle
+    choice = dataclasses.replace(row.choice, offload_blocks=fits)
+    return StrategyRow(choice, dataclasses.replace(result, verified_peak_bytes=peak),
+                       f"the fewest blocks to offload for micro-batch {result.micro_batch}",
+                       row.seconds_at_micro_batch)
 
 
 def _probe_one(recipe: Recipe, options: ProbeOptions, runner: StepRunner,
