@@ -169,9 +169,11 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                sum(p.numel() for p in model.parameters()), str(run_dir), choice.label))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
-            "the model has BatchNorm layers: their statistics are computed per micro-batch of "
-            f"{loop.micro_batch}, so training is not exactly equal to full batches of {target} "
-            "(batch.batchnorm: frozen keeps them in eval mode, for fine-tuning)"))
+            "the model has BatchNorm layers: they normalize by the statistics of each "
+            f"micro-batch of {loop.micro_batch}, so training is not exactly equal to full "
+            f"batches of {target} (their running statistics are updated once per target batch, "
+            "as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
+            "fine-tuning)"))
 
     def checkpoint() -> Path:
         loop.loss_scale = precision.state_dict()
