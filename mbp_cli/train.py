@@ -226,7 +226,7 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     save_state_dict(run_dir / "model.pt", model.state_dict())
     summary = summarize(recipe, loop, choice, total_steps, memory,
                         time.perf_counter() - started, device, run_dir)
-    summary["compile_seconds"] = compile_seconds
+    summary.update(compile_seconds=compile_seconds, loss_scale=precision.scale)
     write_json(run_dir / "summary.json", summary)
     emit(Done(summary))
     return summary

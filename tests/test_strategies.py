@@ -229,3 +229,24 @@ def test_compiled_model_trains_like_the_eager_one_and_reports_its_compile_time(
         assert _relative(compiled[key], value) <= 1e-4, key
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["compile_seconds"] > 0
+
+
+def test_fp16_resume_continues_with_the_saved_loss_scale(cli, write_recipe, tmp_path):
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    recipe = write_recipe(small_recipe(
+        model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
+        data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
+              "eval_fraction": 0.0},
+        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
+        train={"steps": 4, "eval_every": 0, "checkpoint_every": 1, "device": "cpu",
+               "precision": "fp16"}))
+    straight = cli("train", recipe, "--out", tmp_path / "straight", "--json")
+    first = cli("train", recipe, "--out", tmp_path / "resumed", "--max-steps", "2", "--json")
+    resumed = cli("train", "--resume", tmp_path / "resumed", "--json")
+    assert straight.exit_code == first.exit_code == resumed.exit_code == 0, resumed.output
+    ends = [json.loads(r.stdout.splitlines()[-1]) for r in (straight, resumed)]
+    assert ends[0]["overflow_skips"] == ends[1]["overflow_skips"] == 2  # the outlier, twice
+    assert ends[0]["loss_scale"] == ends[1]["loss_scale"] == 2.0 ** 12
+    got = [torch.load(tmp_path / run / "model.pt", weights_only=True)
+           for run in ("straight", "resumed")]
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
