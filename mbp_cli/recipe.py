@@ -214,10 +214,14 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     if train.precision in ("bf16", "fp16") and train.dtype != "float32":
         problems.append(f"train.precision: {train.precision} autocasts float32 parameters; "
                         f"train.dtype is {train.dtype}")
-    names = recipe.memory.checkpoint_modules
+    memory = recipe.memory
+    names = memory.checkpoint_modules
     if names is not None and not (names and all(isinstance(n, str) for n in names)):
         problems.append("memory.checkpoint_modules: expected a list of class names such as "
                         f"[Block], got {names!r}")
+    elif names and memory.checkpointing == "off" and memory.offload == "off":
+        problems.append("memory.checkpoint_modules: names blocks, but memory.checkpointing and "
+                        "memory.offload are off; set memory.checkpointing: on (or auto)")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
 

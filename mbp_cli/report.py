@@ -51,7 +51,9 @@ def eval_line(e: ev.Eval) -> str:
 
 def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
-    table = Table(title=f"{s['name']}: done", show_header=False)
+    status = "done" if s["steps"] >= s["total_steps"] else \
+        f"stopped after step {s['steps']} of {s['total_steps']}"
+    table = Table(title=f"{s['name']}: {status}", show_header=False)
     rows = [
         ("steps", str(s["steps"])), ("samples seen", f"{s['samples_seen']:,}"),
         ("batch", f"{s['target_batch']} = {s['micro_batch']} × {s['accumulation_steps']}"),
@@ -117,8 +119,8 @@ def strategies_table(result: Data) -> Table:
         table.add_column(column, justify="right")
     for row in result["strategies"]:
         chosen = " ← chosen" if row["label"] == result["choice_label"] else ""
-        if not row["fits"]:
-            shown = f"{row['slower']:.0f}× slower" if row.get("slower") else row["note"]
+        if row["fits"] is not True:
+            shown = f"{row['slower']:.0f}× slower/sample" if row.get("slower") else row["note"]
             table.add_row(row["label"], shown, "-", "-", "-")
             continue
         seconds = row.get("seconds_at_micro_batch", row["seconds_per_target_batch"])
@@ -141,8 +143,9 @@ def probe_choice_lines(result: Data) -> list[str]:
         f"largest micro-batch that fits: {result['largest_micro_batch']}",
         f"choice: micro-batch {result['micro_batch']} × {result['accumulation_steps']} "
         f"accumulation steps for a target batch of {result['target_batch']}",
-        f"peak at the choice: {format_bytes(result['verified_peak_bytes'])} measured, "
-        f"{format_bytes(result['predicted_peak_bytes'])} predicted",
+        f"peak at the choice: {format_bytes(result['verified_peak_bytes'])} "
+        f"{'estimated' if result['backend'] == 'estimate' else 'measured'}, "
+        f"{format_bytes(result['predicted_peak_bytes'])} predicted by the fit",
     ]
     if per_target is not None:
         lines.append(f"estimated time per target batch: {per_target:.3f} s")
@@ -159,9 +162,10 @@ def print_probe(result: Data, *, as_json: bool, out: TextIO | None = None) -> No
     console.print(probe_table(result))
     if "strategies" in result:
         console.print(strategies_table(result))
-        console.print(f"strategies chosen: {result['choice_label']} (fastest per target batch "
-                      "that fits; largest micro-batch where there are no timings)",
-                      highlight=False)
+        why = ("fewest micro-batches per target batch, then the least added work: an estimate "
+               "has no timings") if result["backend"] == "estimate" else \
+            "the fastest per target batch that fits"
+        console.print(f"strategies chosen: {result['choice_label']} ({why})", highlight=False)
     for line in probe_choice_lines(result):
         console.print(line, highlight=False)
 

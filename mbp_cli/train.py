@@ -28,7 +28,7 @@ from mbp_cli.build import (
     smallest_micro_batch,
 )
 from mbp_cli.checkpoint import LoopState, save_checkpoint
-from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError
+from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.events import (
     Done,
@@ -116,7 +116,8 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
             result = probe_setup(recipe, setup, optimizer, probe_options)
             answer = result.to_dict()
     micro_batch = result.micro_batch if micro_batch == "auto" else micro_batch
-    emit(Probe(micro_batch, result.accumulation_steps, result.budget_bytes,
+    emit(Probe(micro_batch, accumulation_steps(recipe.batch.target, micro_batch),
+               result.budget_bytes,
                result.predicted_peak_bytes, result.verified_peak_bytes, result.backend,
                strategies=choice.label if is_auto(recipe) else None))
     return choice, micro_batch, answer
@@ -139,6 +140,9 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
     emit = Sinks([folder.metrics, *sinks])
     loop = resume_state(run_dir, model, optimizer, scheduler, emit) if options.resume else None
+    if loop is not None and loop.step >= total_steps:  # nothing to do: leave the run as it is
+        raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing to "
+                         "resume (to train longer: --resume with --set train.steps=N)")
     if options.resume:
         folder.open()  # it exists: log into it from the start
     stop_step = total_steps

@@ -18,12 +18,15 @@ from mbp_cli.build import (
     build_model,
     check_not_empty,
     check_target_batch,
+    resolve_device,
     split_transforms,
 )
 from mbp_cli.errors import UsageError, UserCodeError
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
+from mbp_cli.strategies.blocks import check_blocks
+from mbp_cli.strategies.choice import fixed_choice
 
 LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta device
 
@@ -42,6 +45,7 @@ def trial_step(recipe: Recipe) -> str:
     device = meta if is_meta else cpu
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
+    check_strategies(recipe, model)
     step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
@@ -49,6 +53,15 @@ def trial_step(recipe: Recipe) -> str:
     loss = "" if is_meta else f", loss {float(result.loss_sum) / max(float(result.items), 1):.4g}"
     return (f"one forward + loss on {where}: output {tuple(result.output.shape)}{loss}; "
             f"{parameters:,} parameters")
+
+
+def check_strategies(recipe: Recipe, model: torch.nn.Module) -> None:
+    """Refuse, as training would, memory strategies that cannot apply: offload on a device
+    without a GPU, named block classes the model does not have."""
+    memory = recipe.memory
+    fixed_choice(recipe, resolve_device(recipe.train.device), lambda: 1)
+    if memory.checkpoint_modules or "on" in (memory.checkpointing, memory.offload):
+        check_blocks(model, memory.checkpoint_modules, "memory.checkpointing")
 
 
 # One sample's shape, for --estimate where the dataset is not on this machine.

@@ -250,3 +250,23 @@ def test_fp16_resume_continues_with_the_saved_loss_scale(cli, write_recipe, tmp_
     got = [torch.load(tmp_path / run / "model.pt", weights_only=True)
            for run in ("straight", "resumed")]
     assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+@pytest.mark.parametrize(("memory", "said"), [
+    ({"offload": "on"}, "nothing to offload"),
+    ({"checkpointing": "on", "checkpoint_modules": ["NoSuchBlock"]}, "NoSuchBlock"),
+    ({"checkpoint_modules": ["Residual"]}, "memory.checkpointing: on"),
+])
+def test_validate_refuses_the_strategies_training_would_refuse(cli, write_recipe, memory, said):
+    result = cli("validate", write_recipe(small_recipe(memory=memory)))
+    assert result.exit_code == 2 and said in result.output
+
+
+def test_resuming_a_finished_run_changes_nothing(cli, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", write_recipe(small_recipe()), "--out", run).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (run / "summary.json", run / "metrics.jsonl")}
+    again = cli("train", "--resume", run)
+    assert again.exit_code == 2 and "already trained all 3 steps" in again.output
+    assert before == {p.name: p.read_bytes() for p in (run / "summary.json",
+                                                        run / "metrics.jsonl")}

@@ -193,6 +193,7 @@ class StrategyRow:
 
     choice: StrategyChoice
     result: ProbeResult | None  # None: it does not fit, or is far slower (see note)
+    # (in the table `fits` is then false, or null where it was not probed: too slow)
     note: str = ""
     seconds_at_micro_batch: float | None = None  # a step at the recipe's fixed micro-batch
     slower: float | None = None  # per sample than the fastest, where not probed further
@@ -200,7 +201,8 @@ class StrategyRow:
     def to_dict(self) -> dict[str, Any]:
         """One row of the `strategies` table."""
         row: dict[str, Any] = {"label": self.choice.label, **self.choice.to_dict(),
-                               "fits": self.result is not None, "note": self.note,
+                               "fits": None if self.slower else self.result is not None,
+                               "note": self.note,
                                "slower": self.slower}
         if self.result is not None:
             result = self.result
