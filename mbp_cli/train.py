@@ -170,7 +170,8 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                accumulation_steps(target, loop.micro_batch), total_steps, stop_step, loop.step,
                per_epoch, len(setup.train_set),
                len(setup.eval_set) if setup.eval_set is not None else 0,
-               sum(p.numel() for p in model.parameters()), str(run_dir), choice.label))
+               sum(p.numel() for p in model.parameters()), str(run_dir),
+               " on ".join(filter(None, (choice.label, setup.describe_blocks())))))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: they normalize by the statistics of each "

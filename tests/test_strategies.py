@@ -270,3 +270,13 @@ def test_resuming_a_finished_run_changes_nothing(cli, write_recipe, tmp_path):
     assert again.exit_code == 2 and "already trained all 3 steps" in again.output
     assert before == {p.name: p.read_bytes() for p in (run / "summary.json",
                                                         run / "metrics.jsonl")}
+
+
+def test_the_start_says_which_blocks_are_checkpointed(cli, write_recipe, tmp_path):
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    recipe = _recipe({"name": "user_blocks:SmallNet"}, {"name": "user_blocks:Images"},
+                     steps=1, memory={"checkpointing": "on"})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run", "--json")
+    start = next(json.loads(line) for line in result.stdout.splitlines()
+                 if json.loads(line)["event"] == "start")
+    assert start["strategies"] == "fp32 + checkpointing on first … second"

@@ -211,7 +211,7 @@ class BlockStrategies:
         self._undo.clear()
 
     def describe(self) -> str:
-        """Which blocks, for messages: `layer1.0 … layer4.1 (8 blocks)`."""
-        names = [name for name, _ in self.blocks]
-        shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
-        return f"{shown} ({len(names)} blocks)"
+        """Which blocks are wrapped, for messages: `layer1.0 … layer4.1`."""
+        count = len(self.blocks) if self.checkpointing else self.offload_blocks
+        names = [name for name, _ in self.blocks[:count]]
+        return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
