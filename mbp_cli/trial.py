@@ -26,7 +26,7 @@ from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
 from mbp_cli.strategies.blocks import check_blocks
-from mbp_cli.strategies.choice import fixed_choice
+from mbp_cli.strategies.choice import refuse_offload_here
 
 LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta device
 
@@ -59,7 +59,8 @@ def check_strategies(recipe: Recipe, model: torch.nn.Module) -> None:
     """Refuse, as training would, memory strategies that cannot apply: offload on a device
     without a GPU, named block classes the model does not have."""
     memory = recipe.memory
-    fixed_choice(recipe, resolve_device(recipe.train.device), lambda: 1)
+    if memory.offload == "on":
+        refuse_offload_here(resolve_device(recipe.train.device))
     if memory.checkpoint_modules or "on" in (memory.checkpointing, memory.offload):
         check_blocks(model, memory.checkpoint_modules, "memory.checkpointing")
 

@@ -51,6 +51,13 @@ def offload_refusal(device: torch.device) -> str:
             "`mbp probe --estimate` about a GPU)")
 
 
+def refuse_offload_here(device: torch.device) -> None:
+    """A UsageError with the reason where offload means nothing on this device."""
+    reason = offload_refusal(device)
+    if reason:
+        raise UsageError(reason)
+
+
 def is_auto(recipe: Recipe) -> bool:
     """Whether the recipe leaves a strategy for the probe to choose."""
     return "auto" in (recipe.train.precision, recipe.memory.checkpointing, recipe.memory.offload)
@@ -64,8 +71,8 @@ def fixed_choice(recipe: Recipe, device: torch.device, count_blocks: Callable[[]
     memory = recipe.memory
     offload = 0
     if memory.offload == "on":
-        if not estimate and offload_refusal(device):
-            raise UsageError(offload_refusal(device))
+        if not estimate:
+            refuse_offload_here(device)
         block_count = count_blocks()
         offload = min(memory.offload_blocks or block_count, block_count)
     precision = recipe.train.precision if recipe.train.precision != "auto" else "fp32"
@@ -99,7 +106,7 @@ def candidates(recipe: Recipe, device: torch.device, block_count: int, *, estima
 
 def check_choice(choice: StrategyChoice, device: torch.device, *, estimate: bool) -> None:
     """Refuse what cannot run here, with the reason."""
-    if choice.offload_blocks and not estimate and offload_refusal(device):
-        raise UsageError(offload_refusal(device))
+    if choice.offload_blocks and not estimate:
+        refuse_offload_here(device)
     if choice.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("train.precision: bf16 is not supported by this GPU; use fp16")
