@@ -195,7 +195,7 @@ class StrategyRow:
     result: ProbeResult | None  # None: it does not fit, or is far slower (see note)
     # (in the table `fits` is then false, or null where it was not probed: too slow)
     note: str = ""
-    seconds_at_micro_batch: float | None = None  # a step at the recipe's fixed micro-batch
+    seconds_at_micro_batch: float | None = None  # per target batch, at the recipe's micro-batch
     slower: float | None = None  # per sample than the fastest, where not probed further
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,7 +327,8 @@ def _probe_one(recipe: Recipe, options: ProbeOptions, runner: StepRunner,
     seconds = None
     if micro_batch is not None and result.largest_micro_batch >= micro_batch \
             and not is_estimate:
-        seconds = runner.measure(micro_batch).step_seconds
+        steps = accumulation_steps(result.target_batch, micro_batch)
+        seconds = runner.measure(micro_batch).step_seconds * steps
     return StrategyRow(choice, result, "", seconds)
 
 
