@@ -71,7 +71,7 @@ class StepRunner:
         started = time.perf_counter()
         with tracker if tracker is not None else contextlib.nullcontext():
             result = self.micro_step(batch)
-            result.loss_sum.backward()
+            self.micro_step.precision.backward(result.loss_sum)  # scaled, as training does
             del result  # the output and the graph go before the optimizer step, as in training
             step_bytes = self._peak(tracker)
             self._reset_peak(tracker)
