@@ -13,11 +13,21 @@ from mbp_cli.step import MicroStep
 
 
 @dataclass(frozen=True)
+class StepSums:
+    """What a target batch (or one rank's share of it) added up to before normalizing."""
+
+    loss_sum: float  # sum of the loss items
+    items: float  # loss items: samples, non-ignored tokens, or the sum of their class weights
+    samples: int
+    micro_batches: int
+
+
+@dataclass(frozen=True)
 class StepTotals:
     """What one target batch contributed: its mean loss and the counts behind it."""
 
     loss: float  # sum of loss items / number of items
-    items: float  # loss items: samples, non-ignored tokens, or the sum of their class weights
+    items: float
     samples: int
     micro_batches: int
 
@@ -31,6 +41,12 @@ def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) ->
     the number of micro-batches instead would be exact only when every piece held as many items.
     Expects the gradients to be None (`zero_grad(set_to_none=True)`) on entry.
     """
+    return normalize_gradients(micro_step.model, backward_sums(micro_step, micro_batches))
+
+
+def backward_sums(micro_step: MicroStep, micro_batches: Iterable[Any]) -> StepSums:
+    """Backpropagate each micro-batch's loss *sum* into `.grad` (summed by autograd) and
+    return the totals; nothing is divided yet."""
     # On a GPU the running totals stay on the device (no sync per micro-batch) and in place;
     # on the CPU every op has already run when it returns, so reading the number is free and
     # cheaper than a tensor add. Both add in float64, so both give the same totals.
@@ -51,15 +67,18 @@ def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) ->
             items += result.items
         samples += result.samples
         micro_count += 1
-    if on_host:
-        total_loss, item_count = loss_sum, items
-    else:
-        total_loss, item_count = torch.stack([loss_sum, items]).tolist()  # the one sync
-    if item_count:
-        grads = [p.grad for p in micro_step.model.parameters() if p.grad is not None]
-        torch._foreach_div_(grads, item_count)
-    mean_loss = total_loss / item_count if item_count else float("nan")
-    return StepTotals(mean_loss, item_count, samples, micro_count)
+    if not on_host:
+        loss_sum, items = torch.stack([loss_sum, items]).tolist()  # the one sync
+    return StepSums(loss_sum, items, samples, micro_count)
+
+
+def normalize_gradients(model: nn.Module, sums: StepSums) -> StepTotals:
+    """Divide the summed gradients by the target batch's item count: its mean loss's gradient."""
+    if sums.items:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_div_(grads, sums.items)
+    mean_loss = sums.loss_sum / sums.items if sums.items else float("nan")
+    return StepTotals(mean_loss, sums.items, sums.samples, sums.micro_batches)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy
@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mbp_cli.datasets import TensorPairs
+from mbp_cli.distributed import share_bounds
 from mbp_cli.errors import UsageError
 from mbp_cli.step import describe
 
@@ -44,15 +45,36 @@ def split_micro(indices: list[int], micro_batch: int) -> list[list[int]]:
 
 
 class MicroBatchPlan(torch.utils.data.Sampler):
-    """Yields the micro-batch index lists of steps `start_step` … `stop_step - 1`, in order."""
+    """Yields the micro-batch index lists of steps `start_step` … `stop_step - 1`, in order.
+
+    With several ranks, each streams its own share of every target batch (`shares`: samples
+    per rank of a full target batch); the target batches are the ones a single process draws.
+    """
 
     def __init__(self, num_samples: int, target_batch: int, micro_batch: int, seed: int,
-                 drop_last: bool, start_step: int, stop_step: int) -> None:
+                 drop_last: bool, start_step: int, stop_step: int,
+                 shares: Sequence[int] = (), rank: int = 0) -> None:
         self.num_samples, self.target_batch = num_samples, target_batch
         self.micro_batch = micro_batch
         self.seed, self.drop_last = seed, drop_last
         self.start_step, self.stop_step = start_step, stop_step
+        self.shares, self.rank = shares, rank
         self.steps_per_epoch = steps_per_epoch(num_samples, target_batch, drop_last)
+
+    def _own_share(self, indices: list[int]) -> list[int]:
+        if not self.shares:
+            return indices
+        start, stop = share_bounds(len(indices), self.shares, self.rank)
+        return indices[start:stop]
+
+    def share_at(self, step: int) -> int:
+        """How many samples of step `step`'s target batch this rank streams."""
+        position = step % self.steps_per_epoch
+        size = min(self.target_batch, self.num_samples - position * self.target_batch)
+        if not self.shares:
+            return size
+        start, stop = share_bounds(size, self.shares, self.rank)
+        return stop - start
 
     def target_batch_at(self, step: int) -> list[int]:
         """Sample indices of the target batch that optimizer step `step` (0-based) trains on."""
@@ -63,9 +85,7 @@ class MicroBatchPlan(torch.utils.data.Sampler):
 
     def micro_batches_per_step(self, step: int) -> int:
         """How many micro-batches step `step` streams."""
-        position = step % self.steps_per_epoch
-        size = min(self.target_batch, self.num_samples - position * self.target_batch)
-        return accumulation_steps(size, self.micro_batch)
+        return accumulation_steps(self.share_at(step), self.micro_batch)
 
     def _target_batches(self) -> Iterator[list[int]]:
         epoch, batches = None, []
@@ -75,7 +95,7 @@ class MicroBatchPlan(torch.utils.data.Sampler):
                 epoch = step_epoch
                 batches = epoch_target_batches(self.num_samples, self.target_batch, self.seed,
                                                epoch, self.drop_last)
-            yield batches[position]
+            yield self._own_share(batches[position])
 
     def __iter__(self) -> Iterator[list[int]]:
         for indices in self._target_batches():
@@ -163,10 +183,12 @@ class MicroBatchStream:
 
     def __init__(self, dataset: Dataset, target_batch: int, micro_batch: int, seed: int,
                  drop_last: bool, total_steps: int, num_workers: int, pin_memory: bool,
-                 start_step: int = 0, collate: Collate | None = None) -> None:
+                 start_step: int = 0, collate: Collate | None = None,
+                 shares: Sequence[int] = (), rank: int = 0) -> None:
         self.dataset, self.target_batch, self.seed = dataset, target_batch, seed
         self.drop_last, self.total_steps = drop_last, total_steps
         self.num_workers, self.pin_memory, self.collate = num_workers, pin_memory, collate
+        self.shares, self.rank = shares, rank
         self.restart(start_step, micro_batch)
 
     @property
@@ -174,10 +196,13 @@ class MicroBatchStream:
         """The micro-batch size streamed now."""
         return self.plan.micro_batch
 
-    def restart(self, step: int, micro_batch: int) -> None:
-        """Stream from the start of `step` in micro-batches of `micro_batch`."""
+    def restart(self, step: int, micro_batch: int, shares: Sequence[int] | None = None) -> None:
+        """Stream from the start of `step` in micro-batches of `micro_batch` (and new shares,
+        where given)."""
+        if shares is not None:
+            self.shares = shares
         self.plan = MicroBatchPlan(len(self.dataset), self.target_batch, micro_batch, self.seed,
-                                   self.drop_last, step, self.total_steps)
+                                   self.drop_last, step, self.total_steps, self.shares, self.rank)
         self._stream = iter(micro_batch_loader(self.dataset, self.plan, self.num_workers,
                                                self.pin_memory, seed=self.seed + step,
                                                collate=self.collate))

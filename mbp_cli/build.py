@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from mbp_cli import registry
 from mbp_cli.datasets import build_split, hold_out, image_transform
+from mbp_cli.distributed import Ranks
 from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import LossFn
 from mbp_cli.pretrained import build_pretrained, weights_transforms
@@ -96,13 +97,14 @@ class Setup:
         """Which blocks the strategies wrap now ('' when none)."""
         return self._wrapped.describe() if self._wrapped is not None else ""
 
-    def target_batch(self) -> AbstractContextManager:
-        """Around one target batch: BatchNorm's running statistics updated once at its end."""
+    def target_batch(self, ranks: Ranks | None = None) -> AbstractContextManager:
+        """Around one target batch: BatchNorm's running statistics updated once at its end
+        (from every rank's micro-batches)."""
         if self.freeze_batchnorm:
             return nullcontext()
         if self._statistics is None:
             self._statistics = TargetBatchStatistics(self.model, self.recompute)
-        return self._statistics.target_batch()
+        return self._statistics.target_batch(ranks)
 
     def train_mode(self) -> None:
         """The model in training mode; BatchNorm layers kept in eval mode where frozen (their

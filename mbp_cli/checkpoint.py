@@ -29,6 +29,9 @@ class LoopState:
     skipped_steps: int = 0
     overflow_skips: int = 0  # fp16 target batches skipped for overflowing gradients
     loss_scale: dict[str, Any] = field(default_factory=dict)  # fp16's GradScaler state
+    world_size: int = 1  # processes training together
+    shares: list[int] = field(default_factory=list)  # each rank's samples of a target batch
+    speed_window: list[list[float]] = field(default_factory=list)  # per rank: samples, seconds
     eval_result: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -37,13 +40,21 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / FOLDER / f"step-{step:06d}.pt"
 
 
+def rank_state(micro_batch: int) -> dict[str, Any]:
+    """What differs between ranks and a checkpoint keeps for each: its micro-batch and RNGs."""
+    return {"micro_batch": micro_batch, "rng": rng_states()}
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, loop: LoopState, keep: int) -> Path:
-    """Write the state after `loop.step` steps atomically; keep only the newest `keep`."""
+                    scheduler: Any, loop: LoopState, keep: int,
+                    ranks: list[dict[str, Any]]) -> Path:
+    """Write the state after `loop.step` steps atomically (with every rank's `rank_state`, in
+    rank order); keep only the newest `keep`."""
     path = checkpoint_path(run_dir, loop.step)
     path.parent.mkdir(exist_ok=True)
     state = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": rng_states()}
+             "scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": ranks[0]["rng"],
+             "ranks": ranks}
     try:
         save_state_dict(path, state, what="checkpoint")
     except MbpError as exc:
@@ -81,10 +92,16 @@ def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] |
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> LoopState:
-    """Load a checkpoint's state into the run and return the loop state to continue from."""
+            scheduler: Any, rank: int = 0, world_size: int = 1) -> LoopState:
+    """Load a checkpoint's state into the run and return the loop state to continue from: with
+    as many ranks as saved it, each rank takes back its own micro-batch and RNGs, else rank 0's
+    (the caller recomputes the shares)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng_states(state["rng"])
-    return LoopState(**state["loop"])
+    loop = LoopState(**state["loop"])
+    saved = state.get("ranks") or [{"micro_batch": loop.micro_batch, "rng": state["rng"]}]
+    own = saved[rank] if len(saved) == world_size else saved[0]
+    restore_rng_states(own["rng"])
+    loop.micro_batch = own["micro_batch"]
+    return loop

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from mbp_cli import __version__
-from mbp_cli.errors import EXIT_RUNTIME, MbpError
+from mbp_cli.errors import EXIT_RUNTIME, MbpError, NonFiniteLossError, StoppedError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,18 +28,22 @@ SetOption = Annotated[list[str] | None, typer.Option(
 def user_errors(as_json: bool = False) -> Iterator[None]:
     """Turn known errors into one message on stderr and their exit code (with --json, also a
     last JSON line on stdout); re-raise the rest."""
+    rank = int(os.environ.get("RANK", 0))
     try:
         yield
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
+        if rank and isinstance(exc, StoppedError | NonFiniteLossError):
+            raise typer.Exit(exc.exit_code) from None  # every rank agreed; rank 0 says it
         if as_json:
             typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
                                    "message": str(exc)}))
         details = getattr(exc, "details", "")
         if details:
             typer.echo(details.rstrip(), err=True)  # the user's own code: its traceback
-        typer.echo(f"{exc.label}: {exc}", err=True)
+        who = f"rank {rank}: " if rank else ""
+        typer.echo(f"{who}{exc.label}: {exc}", err=True)
         if exc.label == "error" and not details:
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -86,8 +90,13 @@ def train(
     simulate_memory: Annotated[str | None, typer.Option(
         "--simulate-memory", help="Train as if the device had only this much memory, e.g. "
                                   "64MiB: tensors are tracked and allocations past it fail "
-                                  "with out-of-memory (to try sizing and recovery on a CPU).")
+                                  "with out-of-memory (to try sizing and recovery on a CPU). "
+                                  "With several ranks, one size or one per rank: 64MiB,16MiB.")
     ] = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Train as N processes on this machine with torch.distributed "
+                               "(a GPU each on CUDA, gloo on CPU); for several machines, "
+                               "start `python -m mbp_cli train` with torchrun.")] = 1,
 ) -> None:
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors(as_json=json_):
@@ -114,8 +123,16 @@ def train(
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         resolve_device(loaded.train.device)  # a device that is not here, before any work
-        sinks = terminal_sinks(as_json=json_, quiet=quiet, log_every=loaded.train.log_every)
-        capacity = _memory_size(simulate_memory, "--simulate-memory")
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
+            from mbp_cli.launch import launch
+
+            args = _rank_arguments(recipe, set_, resume, run_dir, overwrite, max_steps, device,
+                                   json_, quiet, budget, simulate_memory)
+            raise typer.Exit(launch(nproc, args, f"mbp train --resume {run_dir} --nproc {nproc}"))
+        is_main = int(os.environ.get("RANK", 0)) == 0
+        sinks = terminal_sinks(as_json=json_, quiet=quiet or not is_main,
+                               log_every=loaded.train.log_every)
+        capacity = _memory_size(_rank_entry(simulate_memory), "--simulate-memory")
         options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
                              StorageTracker(capacity) if capacity else None,
                              resume=resume is not None, overwrite=overwrite)
@@ -124,6 +141,37 @@ def train(
         finally:
             for sink in sinks:
                 getattr(sink, "close", lambda: None)()  # a live display stops
+
+
+def _rank_arguments(recipe: Path | None, set_: list[str] | None, resume: Path | None,
+                    run_dir: Path, overwrite: bool, max_steps: int | None, device: str | None,
+                    json_: bool, quiet: bool, budget: str | None,
+                    simulate_memory: str | None) -> list[str]:
+    """`mbp train` arguments for each rank: the launcher's, with the run folder it chose."""
+    args = ["train", *([str(recipe)] if recipe else [])]
+    for value in set_ or []:
+        args += ["--set", value]
+    args += ["--resume", str(resume)] if resume else ["--out", str(run_dir)]
+    options = {"--max-steps": max_steps, "--device": device, "--budget": budget,
+               "--simulate-memory": simulate_memory}
+    for option, value in options.items():
+        if value is not None:
+            args += [option, str(value)]
+    flags = {"--overwrite": overwrite, "--json": json_, "--quiet": quiet}
+    return args + [flag for flag, is_on in flags.items() if is_on]
+
+
+def _rank_entry(value: str | None) -> str | None:
+    """This rank's entry of a comma-separated list, one per rank (or one for all)."""
+    if value is None or "," not in value:
+        return value
+    entries = value.split(",")
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if len(entries) != size:
+        from mbp_cli.errors import UsageError
+
+        raise UsageError(f"{value!r} gives {len(entries)} values for {size} ranks")
+    return entries[rank].strip()
 
 
 def _overrides(set_: list[str] | None, device: str | None) -> list[str]:

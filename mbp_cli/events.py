@@ -45,6 +45,8 @@ class Start(Event):
     parameters: int
     run_dir: str
     strategies: str = "fp32"  # precision and memory strategies, e.g. "bf16 + checkpointing"
+    micro_batches: list[int] | None = None  # several ranks: each one's micro-batch
+    shares: list[int] | None = None  # several ranks: each one's samples of a target batch
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Step(Event):
     samples_per_second: float
     peak_memory_bytes: int
     grad_norm: float | None = None  # before clipping, with optim.clip_grad_norm or _value
+    ranks: list[dict[str, Any]] | None = None  # several ranks: share, micro-batch, speed, peak
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,17 @@ class OutOfMemory(Event):
     micro_batch_before: int
     micro_batch: int
     accumulation_steps: int
+    rank: int | None = None  # several ranks: the one that ran out
+
+
+@dataclass(frozen=True)
+class Rebalance(Event):
+    """batch.balance: dynamic moved the shares towards the faster ranks."""
+
+    kind: ClassVar[str] = "rebalance"
+    step: int
+    shares: list[int]
+    samples_per_second: list[float]
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,7 @@ class Done(Event):
 
 Sink = Callable[[Event], None]
 KINDS = {cls.kind: cls for cls in (Start, Step, Eval, Probe, RunWarning, OutOfMemory, Overflow,
-                                   Resume, Stopped, Done)}
+                                   Rebalance, Resume, Stopped, Done)}
 
 
 def dispatch(receiver: object, event: Event) -> None:

@@ -41,12 +41,15 @@ class DataSpec:
 @dataclass(frozen=True)
 class BatchSpec:
     target: int = spec(minimum=1)
-    micro: int | str = spec(minimum=1)  # or "auto": the probe picks it
+    micro: int | str | list = spec(minimum=1)  # or "auto": the probe picks it; or one per rank
     drop_last: bool = spec(False)  # drop an epoch's smaller last target batch
     memory_budget: int | str | None = spec(None)  # "20GiB"; default: free memory × fraction
     memory_fraction: float = spec(0.9, minimum=0.01, maximum=1.0)
     memory_margin: float = spec(0.05, minimum=0.0, maximum=0.5)  # kept free below the budget
     batchnorm: str = spec("micro", choices=("micro", "frozen"))  # frozen: BatchNorm in eval mode
+    shares: list | None = spec(None)  # several ranks: each one's weight (default: even)
+    balance: str = spec("even", choices=("even", "dynamic"))  # dynamic: shares follow speed
+    rebalance_every: int = spec(0, minimum=0)  # steps between rebalances; 0: each epoch
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class TrainSpec:
     on_nonfinite: str = spec("stop", choices=("stop", "skip"))  # a NaN or infinite loss
     precision: str = spec("fp32", choices=("fp32", "bf16", "fp16", "auto"))  # autocast
     compile: bool = spec(False)  # torch.compile the model
+    collective_timeout: float = spec(300.0, minimum=1.0)  # seconds a rank waits for the others
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,18 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     batch, train = recipe.batch, recipe.train
     if isinstance(batch.micro, str) and batch.micro != "auto":
         problems.append(f"batch.micro: expected an integer or 'auto', got {batch.micro!r}")
+    per_rank = batch.micro if isinstance(batch.micro, list) else []
+    if isinstance(batch.micro, list) and not (per_rank and all(
+            m == "auto" or _is_count(m) and (not _is_count(batch.target) or m <= batch.target)
+            for m in per_rank)):
+        problems.append("batch.micro: a list gives each rank its micro-batch: positive integers "
+                        f"up to batch.target, or 'auto'; got {batch.micro!r}")
+    shares = batch.shares
+    if shares is not None and not (shares and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in shares)
+            and sum(shares) > 0):
+        problems.append("batch.shares: expected each rank's weight, numbers >= 0 not all 0, "
+                        f"such as [2, 1]; got {shares!r}")
     if batch.memory_budget is not None:
         try:
             parse_bytes(batch.memory_budget)
@@ -224,6 +240,10 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
                         "memory.offload are off; set memory.checkpointing: on (or auto)")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def recipe_folders(recipe: Recipe) -> tuple[str, ...]:

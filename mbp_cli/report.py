@@ -27,8 +27,14 @@ def _number(value: float | None, spec: str = ".4f") -> str:
 def step_line(e: ev.Step) -> str:
     """One plain progress line for a step event."""
     rate = _number(e.samples_per_second, ",.0f")
-    return (f"step {e.step}/{e.total_steps}  epoch {e.epoch}  loss {e.loss:.4f}  "
+    line = (f"step {e.step}/{e.total_steps}  epoch {e.epoch}  loss {e.loss:.4f}  "
             f"lr {e.lr:.4g}  {rate} samples/s  peak {format_bytes(e.peak_memory_bytes)}")
+    return line + (f"  shares {shares_text(e.ranks)}" if e.ranks else "")
+
+
+def shares_text(ranks: list[Data]) -> str:
+    """Each rank's share and speed, e.g. `341@1,210/s 171@602/s`."""
+    return " ".join(f"{r['share']}@{_number(r['samples_per_second'], ',.0f')}/s" for r in ranks)
 
 
 def start_line(e: ev.Start) -> str:
@@ -37,9 +43,13 @@ def start_line(e: ev.Start) -> str:
     if e.stop_step < e.total_steps:
         steps += f" (stopping after step {e.stop_step})"
     how = e.dtype if e.strategies == "fp32" else f"{e.dtype}, {e.strategies}"
+    split = f"micro-batch {e.micro_batch} × {e.accumulation_steps} accumulation steps"
+    if e.shares:
+        pairs = zip(e.shares, e.micro_batches or [], strict=True)
+        split = f"{len(e.shares)} ranks' shares " + " + ".join(
+            f"{share} (micro-batch {micro})" for share, micro in pairs)
     return (f"training {e.name} on {e.device} ({how}): target batch "
-            f"{e.target_batch} = micro-batch {e.micro_batch} × {e.accumulation_steps} "
-            f"accumulation steps, {steps}, {e.train_samples:,} training "
+            f"{e.target_batch} = {split}, {steps}, {e.train_samples:,} training "
             f"samples, {e.parameters:,} parameters → {e.run_dir}")
 
 
@@ -91,8 +101,16 @@ def overflow_line(e: ev.Overflow) -> str:
 
 def oom_line(e: ev.OutOfMemory) -> str:
     """The plain line for an out-of-memory retry."""
-    return (f"out of memory at step {e.step} with micro-batch {e.micro_batch_before}: "
+    where = f" on rank {e.rank}" if e.rank is not None else ""
+    return (f"out of memory{where} at step {e.step} with micro-batch {e.micro_batch_before}: "
             f"redoing the whole target batch with micro-batch {e.micro_batch}")
+
+
+def rebalance_line(e: ev.Rebalance) -> str:
+    """The plain line for new shares (batch.balance: dynamic)."""
+    speeds = ", ".join(f"{s:,.0f}" for s in e.samples_per_second)
+    return (f"rebalanced after step {e.step}: shares {' + '.join(map(str, e.shares))} "
+            f"(samples/s per rank: {speeds})")
 
 
 def probe_table(result: Data) -> Table:
@@ -198,6 +216,9 @@ class Reporter:
     def on_overflow(self, e: ev.Overflow) -> None:
         """fp16 gradients overflowed: a target batch skipped."""
 
+    def on_rebalance(self, e: ev.Rebalance) -> None:
+        """The ranks' shares moved."""
+
     def on_resume(self, e: ev.Resume) -> None:
         """The run continues from a checkpoint."""
 
@@ -249,6 +270,9 @@ class PlainReporter(Reporter):
     def on_overflow(self, e: ev.Overflow) -> None:
         self._err(overflow_line(e))
 
+    def on_rebalance(self, e: ev.Rebalance) -> None:
+        self._err(rebalance_line(e))
+
     def on_done(self, e: ev.Done) -> None:
         if self.show_summary:
             Console(file=self.out, width=100).print(summary_table(e.summary))
@@ -284,9 +308,10 @@ class RichReporter(PlainReporter):
         self.progress.start()
 
     def on_step(self, e: ev.Step) -> None:
+        shares = {"split": shares_text(e.ranks)} if e.ranks else {}
         self.progress.update(self.task, completed=e.step, epoch=e.epoch, loss=f"{e.loss:.4f}",
                              rate=_number(e.samples_per_second, ",.0f"),
-                             peak=format_bytes(e.peak_memory_bytes))
+                             peak=format_bytes(e.peak_memory_bytes), **shares)
 
     def on_eval(self, e: ev.Eval) -> None:
         self.progress.console.print(eval_line(e), highlight=False)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
+from mbp_cli.distributed import World
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Resume, RunWarning, Sink
 from mbp_cli.recipe import Recipe, load_recipe
@@ -56,14 +57,18 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
 
 
 def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, emit: Sink) -> LoopState | None:
-    """Restore the newest good checkpoint (None: start over); keep metrics up to its step."""
+                 scheduler: Any, emit: Sink, world: World) -> LoopState | None:
+    """Restore the newest good checkpoint (None: start over); keep metrics up to its step
+    (rank 0 writes them)."""
     path, state, notes = newest_good_checkpoint(run_dir)
     for note in notes:
         emit(RunWarning(note))
-    loop = restore(state, model, optimizer, scheduler) if state is not None else None
+    loop = None
+    if state is not None:
+        loop = restore(state, model, optimizer, scheduler, world.rank, world.size)
     step = loop.step if loop is not None else 0
-    trim_metrics(run_dir / "metrics.jsonl", step)
+    if world.is_main:
+        trim_metrics(run_dir / "metrics.jsonl", step)
     emit(Resume(step, str(path) if path else None))
     return loop
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -15,7 +16,14 @@ from typing import Any
 import torch
 
 import mbp_cli
-from mbp_cli.accumulate import StepTotals, accumulate_gradients, clip_gradients
+from mbp_cli.accumulate import (
+    StepSums,
+    StepTotals,
+    backward_sums,
+    clip_gradients,
+    normalize_gradients,
+)
+from mbp_cli.balance import balanced_shares, is_rebalance_due, record_speeds, starting_shares
 from mbp_cli.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.build import (
     Setup,
@@ -27,7 +35,15 @@ from mbp_cli.build import (
     resolve_device,
     smallest_micro_batch,
 )
-from mbp_cli.checkpoint import LoopState, save_checkpoint
+from mbp_cli.checkpoint import LoopState, rank_state, save_checkpoint
+from mbp_cli.distributed import (
+    RankReport,
+    Ranks,
+    World,
+    process_group,
+    rank_device,
+    world_from_env,
+)
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.events import (
@@ -36,6 +52,7 @@ from mbp_cli.events import (
     OutOfMemory,
     Overflow,
     Probe,
+    Rebalance,
     RunWarning,
     Sink,
     Sinks,
@@ -71,32 +88,74 @@ class RunOptions:
     overwrite: bool = False  # replace the results of an earlier run in run_dir
 
 
-def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool) -> StepTotals | None:
-    """One target batch's gradient, or None when it ran out of memory (gradients cleared)."""
+@dataclass(frozen=True)
+class StepOutcome:
+    """One target batch over every rank: its totals (None when some rank ran out of memory:
+    gradients cleared, redo it) and what each rank did."""
 
-    def accumulate() -> StepTotals:
-        with setup.target_batch():  # BatchNorm's running statistics: one update, at the end
-            return accumulate_gradients(setup.micro_step, pieces)
+    totals: StepTotals | None
+    reports: list[RankReport]
 
-    with explained_step_errors(is_first):
-        return unless_out_of_memory(accumulate, setup.device, setup.model)
+
+class _RedoTargetBatch(Exception):
+    """Some rank ran out of memory: every rank drops this target batch."""
+
+
+def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool, ranks: Ranks,
+             micro_batch: int, share: int, memory: PeakMemory) -> StepOutcome:
+    """One target batch's gradient: this rank's share backpropagated as micro-batches, the
+    ranks agreeing on the outcome (one gather), their gradients summed, then normalized by the
+    item count of the whole target batch."""
+    started = time.perf_counter()
+    model = setup.model
+    params = list(model.parameters())
+    try:
+        # BatchNorm's running statistics: one update, at the end, from every rank's pieces
+        with explained_step_errors(is_first), setup.target_batch(ranks):
+            sums = unless_out_of_memory(lambda: backward_sums(setup.micro_step, pieces),
+                                        setup.device, model)
+            mine = RankReport(*(dataclasses.astuple(sums) if sums else (0.0, 0.0, 0, 0)),
+                              sums is None, time.perf_counter() - started, memory.peak_bytes(),
+                              micro_batch, share)
+            reports, has_grad = ranks.gather_reports(mine, [p.grad is not None for p in params])
+            if any(r.out_of_memory for r in reports):
+                model.zero_grad(set_to_none=True)
+                raise _RedoTargetBatch
+            ranks.sum_gradients(params, has_grad)
+            total = StepSums(sum(r.loss_sum for r in reports), sum(r.items for r in reports),
+                             sum(r.samples for r in reports),
+                             sum(r.micro_batches for r in reports))
+            return StepOutcome(normalize_gradients(model, total), reports)
+    except _RedoTargetBatch:
+        return StepOutcome(None, reports)
+
+
+def rank_micro_batch(micro: int | str | list, world: World) -> int | str:
+    """This rank's batch.micro: the recipe's, or its own entry of a list of one per rank."""
+    if not isinstance(micro, list):
+        return micro
+    if len(micro) != world.size:
+        raise UsageError(f"batch.micro gives {len(micro)} micro-batches for {world.size} "
+                         "ranks; give one per rank (or one for all)")
+    return micro[world.rank]
 
 
 def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
-                   options: RunOptions, emit: Sink, resumed_micro_batch: int | None
-                   ) -> tuple[StrategyChoice, int, dict | None]:
+                   options: RunOptions, emit: Sink, resumed_micro_batch: int | None,
+                   world: World) -> tuple[StrategyChoice, int, dict | None]:
     """The strategies and the micro-batch to start with: the recipe's, or where it says `auto`
     the probe's choice (and its answer, to be saved as probe.json; a resumed run takes it from
-    there)."""
+    there). Each rank probes its own device."""
     fixed = fixed_choice(recipe, setup.device, lambda: len(setup.blocks("memory.offload")))
-    micro_batch = resumed_micro_batch or recipe.batch.micro
+    micro_batch = resumed_micro_batch or rank_micro_batch(recipe.batch.micro, world)
     if micro_batch != "auto" and not is_auto(recipe):
         return fixed, micro_batch, None
     saved = options.run_dir / "probe.json"
     if options.resume and saved.exists():
         answer = json.loads(saved.read_text())
         choice = StrategyChoice(**answer["choice"]) if "choice" in answer else fixed
-        micro_batch = resumed_micro_batch or int(answer["micro_batch"])
+        micro_batch = resumed_micro_batch or int(
+            answer.get("micro_batches", [answer["micro_batch"]] * world.size)[world.rank])
         emit(Probe(micro_batch, reused=str(saved),
                    strategies=choice.label if is_auto(recipe) else None))
         return choice, micro_batch, None
@@ -125,10 +184,23 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
 
 def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[str, Any]:
     """Train the recipe into `options.run_dir` and return the summary; events go to `sinks`
-    (and to metrics.jsonl)."""
+    (and to metrics.jsonl). Under torchrun (or `mbp train --nproc`), every rank calls it and
+    rank 0 alone reports and writes."""
+    world = world_from_env()
+    device = rank_device(resolve_device(recipe.train.device), world)
+    with process_group(world, device, recipe.train.collective_timeout) as ranks:
+        return _train(recipe, options, sinks, ranks, device)
+
+
+def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ranks,
+           device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
-    device = resolve_device(recipe.train.device)
+    world = ranks.world
+    if not world.is_main:
+        ranks.barrier()  # rank 0 builds first: a download happens once
     setup = build(recipe, device)
+    if world.is_main:
+        ranks.barrier()
     model, target = setup.model, recipe.batch.target
     check_target_batch(recipe, len(setup.train_set))
     optimizer = build_optimizer(recipe, model)
@@ -136,14 +208,15 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real schedule
 
-    run_dir = options.run_dir
+    run_dir = ranks.broadcast(options.run_dir)  # torchrun's ranks may have named it apart
     folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
-    emit = Sinks([folder.metrics, *sinks])
-    loop = resume_state(run_dir, model, optimizer, scheduler, emit) if options.resume else None
+    emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
+    loop = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
+        if options.resume else None
     if loop is not None and loop.step >= total_steps:  # nothing to do: leave the run as it is
         raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing to "
                          "resume (to train longer: --resume with --set train.steps=N)")
-    if options.resume:
+    if options.resume and world.is_main:
         folder.open()  # it exists: log into it from the start
     stop_step = total_steps
     if options.max_steps is not None:
@@ -154,9 +227,20 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     memory = PeakMemory(device, simulated)
     setup.train_mode()  # the probe measures the step as training runs it
     choice, micro_batch, folder.probe = starting_point(
-        recipe, setup, optimizer, options, emit, loop.micro_batch if loop else None)
-    loop = loop or LoopState(micro_batch)
+        recipe, setup, optimizer, options, emit, loop.micro_batch if loop else None, world)
+    loop = loop or LoopState(micro_batch, world_size=world.size)
     setup.use(choice, micro_batch=loop.micro_batch)
+    micro_batches = ranks.gather_objects(loop.micro_batch)
+    if folder.probe is not None and world.is_distributed:
+        folder.probe["micro_batches"] = micro_batches
+    if len(loop.shares) != world.size or loop.world_size != world.size:
+        if loop.world_size != world.size:
+            emit(RunWarning(
+                f"the checkpoint was made by {loop.world_size} rank(s), this run has "
+                f"{world.size}: each rank's share is recomputed; every update is still the "
+                "full batch's, but the run is no longer bitwise equal to an uninterrupted one"))
+        loop.world_size, loop.speed_window = world.size, []
+        loop.shares = starting_shares(recipe.batch, world.size)
     precision = setup.micro_step.precision
     precision.load_state_dict(loop.loss_scale)
     compile_seconds = compile_now(setup, optimizer, loop.micro_batch) \
@@ -165,13 +249,14 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, stop_step, recipe.train.num_workers,
                               device.type == "cuda", start_step=loop.step,
-                              collate=setup.collate)
+                              collate=setup.collate, shares=loop.shares, rank=world.rank)
     emit(Start(recipe.name, str(device), recipe.train.dtype, target, loop.micro_batch,
                accumulation_steps(target, loop.micro_batch), total_steps, stop_step, loop.step,
                per_epoch, len(setup.train_set),
                len(setup.eval_set) if setup.eval_set is not None else 0,
                sum(p.numel() for p in model.parameters()), str(run_dir),
-               " on ".join(filter(None, (choice.label, setup.describe_blocks())))))
+               " on ".join(filter(None, (choice.label, setup.describe_blocks()))),
+               micro_batches if world.is_distributed else None, loop.shares or None))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: they normalize by the statistics of each "
@@ -180,23 +265,32 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
             "as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
             "fine-tuning)"))
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        """Every rank takes part (their RNG states are gathered); rank 0 writes."""
         loop.loss_scale = precision.state_dict()
+        states = ranks.gather_objects(rank_state(loop.micro_batch))
+        if not world.is_main:
+            return None
         return save_checkpoint(run_dir, model, optimizer, scheduler, loop,
-                               recipe.train.keep_checkpoints)
+                               recipe.train.keep_checkpoints, states)
 
     with graceful_stop() as stop, (simulated or contextlib.nullcontext()):
         try:
             while loop.step < stop_step:
                 step_started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
-                totals = run_step(setup, stream.pieces(loop.step), loop.step == first_step)
+                outcome = run_step(setup, stream.pieces(loop.step), loop.step == first_step,
+                                   ranks, loop.micro_batch, stream.plan.share_at(loop.step),
+                                   memory)
+                totals = outcome.totals
                 if totals is None:  # out of memory: redo this whole target batch, smaller
-                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), target, emit)
+                    shrink_micro_batch(loop, stream, smallest_micro_batch(model), target,
+                                       outcome.reports, world, emit)
                     continue
-                folder.open()
+                if world.is_main:
+                    folder.open()
                 grad_norm = None
-                if not math.isfinite(totals.loss):
+                if not math.isfinite(totals.loss):  # the same on every rank: the global mean
                     handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
                 else:
                     precision.unscale_(optimizer)
@@ -213,28 +307,54 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
                 loop.step += 1
                 loop.train_seconds += step_seconds
                 loop.samples_seen += totals.samples
+                per_rank = [r.to_dict(i) for i, r in enumerate(outcome.reports)] \
+                    if world.is_distributed else None
                 emit(Step(loop.step, total_steps, (loop.step - 1) // per_epoch + 1, totals.loss,
                           lr, totals.samples, totals.items, totals.micro_batches, step_seconds,
-                          totals.samples / step_seconds, memory.peak_bytes(), grad_norm))
-                if is_due(loop.step, recipe.train.eval_every, stop_step):
+                          totals.samples / step_seconds, memory.peak_bytes(), grad_norm,
+                          per_rank))
+                if world.is_distributed:
+                    rebalance(recipe, loop, stream, outcome.reports, per_epoch, emit)
+                if is_due(loop.step, recipe.train.eval_every, stop_step) and world.is_main:
                     loop.eval_result = evaluate(setup, stream.micro_batch,
                                                 recipe.train.num_workers)
                     if loop.eval_result:
                         emit(Eval(loop.step, **loop.eval_result))
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
-                if stop.is_set:
+                if ranks.any(stop.is_set):  # every rank stops after the same target batch
                     stop_now(stop, loop, checkpoint, emit)
         finally:
             folder.close()
 
-    save_state_dict(run_dir / "model.pt", model.state_dict())
     summary = summarize(recipe, loop, choice, total_steps, memory,
                         time.perf_counter() - started, device, run_dir)
     summary.update(compile_seconds=compile_seconds, loss_scale=precision.scale)
-    write_json(run_dir / "summary.json", summary)
+    if world.is_distributed:
+        summary.update(world_size=world.size, micro_batches=ranks.gather_objects(
+            loop.micro_batch), shares=loop.shares)
+    if world.is_main:
+        save_state_dict(run_dir / "model.pt", model.state_dict())
+        write_json(run_dir / "summary.json", summary)
     emit(Done(summary))
     return summary
+
+
+def rebalance(recipe: Recipe, loop: LoopState, stream: MicroBatchStream,
+              reports: list[RankReport], per_epoch: int, emit: Sink) -> None:
+    """batch.balance: dynamic — when due, move the shares towards the faster ranks (every rank
+    computes the same shares from the same gathered timings)."""
+    if recipe.batch.balance != "dynamic":
+        return
+    record_speeds(loop, reports)
+    if not is_rebalance_due(recipe.batch, loop.step, per_epoch):
+        return
+    shares, speeds = balanced_shares(recipe.batch.target, loop,
+                                     [r.micro_batch for r in reports])
+    if shares != loop.shares:
+        loop.shares = shares
+        stream.restart(loop.step, loop.micro_batch, shares)
+        emit(Rebalance(loop.step, shares, speeds))
 
 
 def compile_now(setup: Setup, optimizer: torch.optim.Optimizer, micro_batch: int) -> float:
@@ -285,21 +405,29 @@ def summarize(recipe: Recipe, loop: LoopState, choice: StrategyChoice, total_ste
 
 
 def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
-                       target_batch: int, emit: Sink) -> None:
-    """After an out-of-memory step: halve the micro-batch and restart this step's batch."""
-    if loop.micro_batch <= smallest:
-        raise DoesNotFitError("out of memory during training even with a micro-batch of "
-                              f"{loop.micro_batch}")
-    smaller = max(smallest, loop.micro_batch // 2)
+                       target_batch: int, reports: list[RankReport], world: World,
+                       emit: Sink) -> None:
+    """After an out-of-memory step on any rank: each rank that ran out halves its micro-batch,
+    and every rank restarts this step's target batch (all decide alike, from the reports)."""
+    for rank, report in enumerate(reports):
+        if not report.out_of_memory:
+            continue
+        where = f" on rank {rank}" if world.is_distributed else ""
+        if report.micro_batch <= smallest:
+            raise DoesNotFitError(f"out of memory during training{where} even with a "
+                                  f"micro-batch of {report.micro_batch}")
+        smaller = max(smallest, report.micro_batch // 2)
+        emit(OutOfMemory(loop.step + 1, report.micro_batch, smaller,
+                         accumulation_steps(target_batch, smaller),
+                         rank if world.is_distributed else None))
+        if rank == world.rank:
+            loop.micro_batch = smaller
     loop.oom_retries += 1
-    emit(OutOfMemory(loop.step + 1, loop.micro_batch, smaller,
-                     accumulation_steps(target_batch, smaller)))
-    loop.micro_batch = smaller
     stream.restart(loop.step, loop.micro_batch)
 
 
 def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
-                     optimizer: torch.optim.Optimizer, checkpoint: Callable[[], Path],
+                     optimizer: torch.optim.Optimizer, checkpoint: Callable[[], Path | None],
                      emit: Sink) -> None:
     """A NaN or infinite loss: stop with a checkpoint of the last good state, or skip the batch."""
     optimizer.zero_grad(set_to_none=True)  # the update is dropped either way
@@ -316,11 +444,13 @@ def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
         "train.on_nonfinite: skip to drop such batches")
 
 
-def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path],
+def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path | None],
              emit: Sink) -> None:
-    """After a stop signal: checkpoint the finished target batch and end with 130 or 143."""
+    """After a stop signal (on any rank): checkpoint the finished target batch and end with
+    130 or 143."""
     path = checkpoint()
-    emit(Stopped(loop.step, stop.signal.name, str(path)))
-    raise StoppedError(f"by {stop.signal.name} after step {loop.step}; checkpoint "
-                       f"{path}. Resume with: mbp train --resume {path.parent.parent}",
-                       exit_code=stop.exit_code)
+    name = stop.signal.name if stop.is_set else "SIGTERM"  # another rank's signal
+    emit(Stopped(loop.step, name, str(path)))
+    raise StoppedError(f"by {name} after step {loop.step}; checkpoint {path}. Resume with: "
+                       f"mbp train --resume {path.parent.parent if path else ''}",
+                       exit_code=stop.exit_code if stop.is_set else 143)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mbp_cli.distributed import Ranks
 from mbp_cli.strategies.blocks import Recompute
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -54,9 +55,10 @@ class TargetBatchStatistics:
         self._moments: dict[_BatchNorm, _Moments] = {}
 
     @contextlib.contextmanager
-    def target_batch(self) -> Iterator[None]:
+    def target_batch(self, ranks: Ranks | None = None) -> Iterator[None]:
         """Around one target batch's micro-batches: update the running statistics once, at the
-        end; leave them untouched if the target batch fails (out of memory, an error)."""
+        end (from every rank's micro-batches, where there are several); leave them untouched if
+        the target batch fails (out of memory, an error)."""
         layers = [m for m in self.layers if m.training]
         if not layers:
             yield
@@ -71,6 +73,8 @@ class TargetBatchStatistics:
         try:
             yield
             is_done = True
+            if ranks is not None and ranks.is_distributed:
+                self._moments = self._merged_over_ranks(layers, ranks)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -96,6 +100,38 @@ class TargetBatchStatistics:
                 self._moments[module] = _Moments(count, mean.clone(), m2.clone())
             else:
                 moments.merge(count, mean, m2)
+
+    def _merged_over_ranks(self, layers: list[_BatchNorm], ranks: Ranks
+                           ) -> dict[_BatchNorm, _Moments]:
+        """Every rank's moments of each layer combined, in rank order (one gather); a rank
+        with an empty share adds none."""
+        parts = []
+        for m in layers:
+            moments = self._moments.get(m)
+            if moments is None:
+                channels = m.running_mean.numel()
+                parts.append(torch.zeros(1 + 2 * channels, dtype=torch.float64))
+            else:
+                parts.append(torch.cat([torch.tensor([float(moments.count)]),
+                                        moments.mean.cpu(), moments.m2.cpu()]))
+        rows = ranks.gather_rows(torch.cat(parts))
+        merged: dict[_BatchNorm, _Moments] = {}
+        offset = 0
+        for m, part in zip(layers, parts, strict=True):
+            channels = (part.numel() - 1) // 2
+            device = m.running_mean.device
+            for row in rows[:, offset:offset + part.numel()]:
+                count = int(row[0])
+                if not count:
+                    continue
+                mean = row[1:1 + channels].to(device)
+                m2 = row[1 + channels:].to(device)
+                if m in merged:
+                    merged[m].merge(count, mean, m2)
+                else:
+                    merged[m] = _Moments(count, mean.clone(), m2.clone())
+            offset += part.numel()
+        return merged
 
     @staticmethod
     def _update(module: _BatchNorm, moments: _Moments) -> None:

@@ -1,0 +1,254 @@
+"""Several processes on one target batch, on torch.distributed (gloo on CPU, NCCL on CUDA).
+
+Each rank streams its share of every target batch in micro-batches of its own size. Once per
+target batch the ranks exchange what they did (loss and item sums, out-of-memory, timings) in
+one gather, so every rank takes the same decision, and then sum their gradients in one
+all-reduce: the update is the single-process full-batch update whatever the shares.
+
+DDP's own gradient hooks are not used: they start the all-reduce inside the last micro-batch's
+backward, before the ranks could agree that every rank's target batch fitted in memory, and they
+need every rank to run a backward, which a rank with an empty share does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import math
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+BUCKET_BYTES = 64 * 2**20  # gradients are summed in flat pieces of at most this size
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints and writes the run folder."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether there are other ranks."""
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """The world torchrun (or `mbp train --nproc`) describes in the environment."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                 int(env.get("LOCAL_RANK", 0)))
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """Each rank on a machine takes its own GPU (LOCAL_RANK) when the device names none."""
+    if world.is_distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def _die_with_parent() -> None:
+    """A worker is killed when its launcher dies (kill -9 included), as in a crash, rather
+    than training on as an orphan; Linux only."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank did with its share of a target batch."""
+
+    loss_sum: float
+    items: float
+    samples: int
+    micro_batches: int
+    out_of_memory: bool
+    seconds: float  # its own work, before waiting for the others
+    peak_bytes: int
+    micro_batch: int
+    share: int
+
+    @property
+    def samples_per_second(self) -> float | None:
+        """Its speed on its share (None for an empty share)."""
+        return self.samples / self.seconds if self.samples and self.seconds else None
+
+    def to_dict(self, rank: int) -> dict[str, Any]:
+        """Its figures for the metrics."""
+        return {"rank": rank, "share": self.share, "micro_batch": self.micro_batch,
+                "samples_per_second": self.samples_per_second,
+                "peak_memory_bytes": self.peak_bytes}
+
+
+_FIELDS = len(RankReport.__dataclass_fields__)
+
+
+class Ranks:
+    """The collectives mbp needs, each a no-op for a single process."""
+
+    def __init__(self, world: World, device: torch.device) -> None:
+        self.world = world
+        # NCCL moves CUDA tensors only; gloo, host ones.
+        self.device = device if device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether there are other ranks."""
+        return self.world.is_distributed
+
+    def gather_reports(self, report: RankReport, has_grad: Sequence[bool]
+                       ) -> tuple[list[RankReport], list[bool]]:
+        """Every rank's report, in rank order, and which parameters have a gradient on any rank
+        (one gather)."""
+        if not self.is_distributed:
+            return [report], list(has_grad)
+        row = torch.tensor([float(v) for v in report.__dict__.values()] + list(has_grad),
+                           dtype=torch.float64, device=self.device)
+        rows = self._all_gather(row).tolist()
+        reports = [RankReport(r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), r[5], int(r[6]),
+                              int(r[7]), int(r[8])) for r in rows]
+        anywhere = [any(r[_FIELDS + i] for r in rows) for i in range(len(has_grad))]
+        return reports, anywhere
+
+    def sum_gradients(self, params: Sequence[nn.Parameter], has_grad: Sequence[bool]) -> None:
+        """Sum each parameter's gradient over the ranks, in place. A parameter that has one on
+        some rank gets zeros where it has none (an empty share); one that has none anywhere
+        stays None, as in a single process."""
+        if not self.is_distributed:
+            return
+        grads = []
+        for param, needed in zip(params, has_grad, strict=True):
+            if needed and param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if needed:
+                grads.append(param.grad)
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat.to(self.device) if flat.device != self.device else flat)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+    def gather_rows(self, row: Tensor) -> Tensor:
+        """Every rank's float64 vector (of one length), stacked in rank order."""
+        if not self.is_distributed:
+            return row.unsqueeze(0)
+        return self._all_gather(row.to(self.device, torch.float64)).cpu()
+
+    def any(self, flag: bool) -> bool:
+        """Whether the flag is set on any rank."""
+        if not self.is_distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's picklable value, in rank order."""
+        if not self.is_distributed:
+            return [value]
+        values: list[Any] = [None] * self.world.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's picklable value, on every rank."""
+        if not self.is_distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.is_distributed:
+            dist.barrier()
+
+    def _all_gather(self, row: Tensor) -> Tensor:
+        rows = [torch.empty_like(row) for _ in range(self.world.size)]
+        dist.all_gather(rows, row)
+        return torch.stack(rows)
+
+
+def _buckets(grads: list[Tensor]) -> Iterator[list[Tensor]]:
+    """Gradients grouped by device and dtype, in pieces of at most BUCKET_BYTES."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    for group in groups.values():
+        bucket, size = [], 0
+        for grad in group:
+            nbytes = grad.numel() * grad.element_size()
+            if bucket and size + nbytes > BUCKET_BYTES:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(grad)
+            size += nbytes
+        if bucket:
+            yield bucket
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device, timeout_seconds: float) -> Iterator[Ranks]:
+    """Join the other ranks for the run (gloo on CPU, NCCL on CUDA) and leave at the end; a
+    collective that waits longer than `timeout_seconds` fails instead of hanging."""
+    ranks = Ranks(world, device)
+    if not world.is_distributed:
+        yield ranks
+        return
+    _die_with_parent()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_seconds))
+    try:
+        yield ranks
+    finally:
+        with contextlib.suppress(Exception):  # a peer already gone: nothing left to close
+            dist.destroy_process_group()
+
+
+def split_shares(total: int, weights: Sequence[float], floors: Sequence[int] = ()) -> list[int]:
+    """`total` samples cut in proportion to `weights` (largest remainders), as integers that
+    sum to `total`; a rank with a positive weight gets at least its floor (one micro-batch)
+    where the total allows."""
+    weight_sum = sum(weights)
+    exact = [total * w / weight_sum for w in weights]
+    shares = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
+    for i in by_remainder[:total - sum(shares)]:
+        shares[i] += 1
+    for i, floor in enumerate(floors):
+        wanted = min(floor, total // len(weights))
+        while weights[i] > 0 and shares[i] < wanted:
+            donor = max(range(len(shares)), key=lambda j: shares[j])
+            shares[donor] -= 1
+            shares[i] += 1
+    return shares
+
+
+def share_bounds(size: int, shares: Sequence[int], rank: int) -> tuple[int, int]:
+    """Where a rank's share of a target batch of `size` starts and stops: the shares
+    themselves for a full target batch, in proportion for a smaller last one."""
+    if sum(shares) != size:
+        shares = split_shares(size, shares)
+    start = sum(shares[:rank])
+    return start, start + shares[rank]

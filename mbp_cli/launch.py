@@ -1,0 +1,51 @@
+"""`mbp train --nproc N`: N local ranks started by torch's elastic launcher (what torchrun
+runs), each running `python -m mbp_cli train …` with RANK, WORLD_SIZE and LOCAL_RANK set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+
+from mbp_cli.errors import EXIT_RUNTIME, MbpError
+
+SHUTDOWN_SECONDS = 600  # after Ctrl-C, how long ranks may take to finish their target batch
+
+
+def launch(nproc: int, args: list[str], resume_hint: str) -> int:
+    """Run `mbp ARGS` as `nproc` ranks on this machine and return the exit code: 0, a rank's
+    own code (rank 0's first), or 128 + the signal that stopped the launcher."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # Ranks sharing the CPU's cores: one thread pool each of its part, unless the user says.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mbp-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+        monitor_interval=0.1, logs_specs=DefaultLogsSpecs(redirects=Std.NONE, tee=Std.NONE),
+        shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        elastic_launch(config, sys.executable)("-m", "mbp_cli", *args)
+    except ChildFailedError as exc:
+        return failure_code(exc.failures, resume_hint)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def failure_code(failures: dict, resume_hint: str) -> int:
+    """The exit code for failed ranks: a rank killed by a signal is named (the others then
+    lost it); otherwise the ranks explained themselves, rank 0 first."""
+    for rank, failure in sorted(failures.items()):
+        if failure.exitcode < 0:
+            name = signal.Signals(-failure.exitcode).name
+            raise MbpError(f"rank {rank} died ({name}); the other ranks stopped. Continue from "
+                           f"the last checkpoint with: {resume_hint}")
+    rank, failure = min(failures.items())
+    return failure.exitcode or EXIT_RUNTIME
