@@ -46,6 +46,11 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         typer.echo(f"{who}{exc.label}: {exc}", err=True)
         if exc.label == "error" and not details:
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
+        if getattr(exc, "exit_at_once", False):
+            # A broken process group aborts the interpreter's cleanup: leave without it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -124,8 +129,10 @@ def train(
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         resolve_device(loaded.train.device)  # a device that is not here, before any work
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
+            from mbp_cli.balance import check_rank_lists
             from mbp_cli.launch import launch
 
+            check_rank_lists(loaded.batch, nproc)
             args = _rank_arguments(recipe, set_, resume, run_dir, overwrite, max_steps, device,
                                    json_, quiet, budget, simulate_memory)
             raise typer.Exit(launch(nproc, args, f"mbp train --resume {run_dir} --nproc {nproc}"))

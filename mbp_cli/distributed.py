@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mbp_cli.errors import MbpError
+
 BUCKET_BYTES = 64 * 2**20  # gradients are summed in flat pieces of at most this size
 
 
@@ -100,6 +102,22 @@ class RankReport:
 _FIELDS = len(RankReport.__dataclass_fields__)
 
 
+class LostRankError(MbpError):
+    """Another rank stopped answering: it died, or it waited past train.collective_timeout."""
+
+    exit_at_once = True  # the process group is broken: nothing left to clean up
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        reason = str(exc).split(". ")[0].split("] ")[-1]
+        raise LostRankError(f"lost contact with another rank while {what} ({reason}); "
+                            "the run stops (its last checkpoint is intact)") from exc
+
+
 class Ranks:
     """The collectives mbp needs, each a no-op for a single process."""
 
@@ -121,7 +139,8 @@ class Ranks:
             return [report], list(has_grad)
         row = torch.tensor([float(v) for v in report.__dict__.values()] + list(has_grad),
                            dtype=torch.float64, device=self.device)
-        rows = self._all_gather(row).tolist()
+        with _collective("agreeing on a target batch"):
+            rows = self._all_gather(row).tolist()
         reports = [RankReport(r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), r[5], int(r[6]),
                               int(r[7]), int(r[8])) for r in rows]
         anywhere = [any(r[_FIELDS + i] for r in rows) for i in range(len(has_grad))]
@@ -141,7 +160,8 @@ class Ranks:
                 grads.append(param.grad)
         for bucket in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat.to(self.device) if flat.device != self.device else flat)
+            with _collective("summing gradients"):
+                dist.all_reduce(flat.to(self.device) if flat.device != self.device else flat)
             offset = 0
             for grad in bucket:
                 grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
@@ -151,14 +171,16 @@ class Ranks:
         """Every rank's float64 vector (of one length), stacked in rank order."""
         if not self.is_distributed:
             return row.unsqueeze(0)
-        return self._all_gather(row.to(self.device, torch.float64)).cpu()
+        with _collective("merging BatchNorm statistics"):
+            return self._all_gather(row.to(self.device, torch.float64)).cpu()
 
     def any(self, flag: bool) -> bool:
         """Whether the flag is set on any rank."""
         if not self.is_distributed:
             return flag
         value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        with _collective("checking for a stop signal"):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
     def gather_objects(self, value: Any) -> list[Any]:
@@ -166,7 +188,8 @@ class Ranks:
         if not self.is_distributed:
             return [value]
         values: list[Any] = [None] * self.world.size
-        dist.all_gather_object(values, value)
+        with _collective("gathering every rank's state"):
+            dist.all_gather_object(values, value)
         return values
 
     def broadcast(self, value: Any) -> Any:
@@ -174,13 +197,15 @@ class Ranks:
         if not self.is_distributed:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        with _collective("starting"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.is_distributed:
-            dist.barrier()
+            with _collective("waiting for the other ranks"):
+                dist.barrier()
 
     def _all_gather(self, row: Tensor) -> Tensor:
         rows = [torch.empty_like(row) for _ in range(self.world.size)]
@@ -221,6 +246,11 @@ def process_group(world: World, device: torch.device, timeout_seconds: float) ->
                             timeout=datetime.timedelta(seconds=timeout_seconds))
     try:
         yield ranks
+        ranks.barrier()  # leave together: a rank closing its links early aborts the others
+    except MbpError as exc:
+        if not getattr(exc, "exit_at_once", False):  # the ranks agreed on it: all are here
+            ranks.barrier()
+        raise
     finally:
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to close
             dist.destroy_process_group()

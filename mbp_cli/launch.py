@@ -22,7 +22,9 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # the agent's notes are not the user's
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # Ranks sharing the CPU's cores: one thread pool each of its part, unless the user says.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(
@@ -40,12 +42,16 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
 
 
 def failure_code(failures: dict, resume_hint: str) -> int:
-    """The exit code for failed ranks: a rank killed by a signal is named (the others then
-    lost it); otherwise the ranks explained themselves, rank 0 first."""
-    for rank, failure in sorted(failures.items()):
-        if failure.exitcode < 0:
-            name = signal.Signals(-failure.exitcode).name
-            raise MbpError(f"rank {rank} died ({name}); the other ranks stopped. Continue from "
-                           f"the last checkpoint with: {resume_hint}")
-    rank, failure = min(failures.items())
-    return failure.exitcode or EXIT_RUNTIME
+    """The exit code for failed ranks. A rank killed by a signal is named (the others then lost
+    it, and the launcher stopped them); otherwise the ranks explained themselves: rank 0's
+    code first."""
+    stopping = (signal.SIGTERM, signal.SIGINT)  # how the launcher stops the ranks left
+    ordered = sorted(failures.items())
+    died = [(rank, f) for rank, f in ordered if f.exitcode < 0 and -f.exitcode not in stopping]
+    for rank, failure in died or [(r, f) for r, f in ordered if f.exitcode < 0][:1]:
+        if any(f.exitcode > 0 for _, f in ordered) and not died:
+            break
+        name = signal.Signals(-failure.exitcode).name
+        raise MbpError(f"rank {rank} died ({name}); the other ranks stopped. Continue from "
+                       f"the last checkpoint with: {resume_hint}")
+    return next((f.exitcode for _, f in ordered if f.exitcode > 0), EXIT_RUNTIME)

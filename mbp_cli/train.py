@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,7 +24,13 @@ from mbp_cli.accumulate import (
     clip_gradients,
     normalize_gradients,
 )
-from mbp_cli.balance import balanced_shares, is_rebalance_due, record_speeds, starting_shares
+from mbp_cli.balance import (
+    balanced_shares,
+    is_rebalance_due,
+    rank_micro_batch,
+    record_speeds,
+    starting_shares,
+)
 from mbp_cli.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.build import (
     Setup,
@@ -128,16 +135,6 @@ def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool, ranks: Ranks,
             return StepOutcome(normalize_gradients(model, total), reports)
     except _RedoTargetBatch:
         return StepOutcome(None, reports)
-
-
-def rank_micro_batch(micro: int | str | list, world: World) -> int | str:
-    """This rank's batch.micro: the recipe's, or its own entry of a list of one per rank."""
-    if not isinstance(micro, list):
-        return micro
-    if len(micro) != world.size:
-        raise UsageError(f"batch.micro gives {len(micro)} micro-batches for {world.size} "
-                         "ranks; give one per rank (or one for all)")
-    return micro[world.rank]
 
 
 def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
@@ -451,6 +448,8 @@ def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path |
     path = checkpoint()
     name = stop.signal.name if stop.is_set else "SIGTERM"  # another rank's signal
     emit(Stopped(loop.step, name, str(path)))
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
     raise StoppedError(f"by {name} after step {loop.step}; checkpoint {path}. Resume with: "
-                       f"mbp train --resume {path.parent.parent if path else ''}",
+                       f"mbp train --resume {path.parent.parent if path else ''}"
+                       + (f" --nproc {ranks}" if ranks > 1 else ""),
                        exit_code=stop.exit_code if stop.is_set else 143)
