@@ -127,12 +127,13 @@ def train(
             check_run_dir(run_dir, overwrite)  # refuse early; the run makes the folder
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
-        resolve_device(loaded.train.device)  # a device that is not here, before any work
+        chosen = resolve_device(loaded.train.device)  # one that is not here, before any work
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
             from mbp_cli.balance import check_rank_lists
-            from mbp_cli.launch import launch
+            from mbp_cli.launch import check_gpus, launch
 
             check_rank_lists(loaded.batch, nproc)
+            check_gpus(chosen, nproc)
             args = _rank_arguments(recipe, set_, resume, run_dir, overwrite, max_steps, device,
                                    json_, quiet, budget, simulate_memory)
             raise typer.Exit(launch(nproc, args, f"mbp train --resume {run_dir} --nproc {nproc}"))

@@ -9,7 +9,9 @@ import signal
 import sys
 import uuid
 
-from mbp_cli.errors import EXIT_RUNTIME, MbpError
+import torch
+
+from mbp_cli.errors import EXIT_RUNTIME, MbpError, UsageError
 
 SHUTDOWN_SECONDS = 600  # after Ctrl-C, how long ranks may take to finish their target batch
 
@@ -41,17 +43,33 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     return 0
 
 
+def check_gpus(device: torch.device, nproc: int) -> None:
+    """Each rank on CUDA takes a GPU of its own: refuse more ranks than GPUs (a set index,
+    cuda:1, would put every rank on one GPU: refused too)."""
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        raise UsageError(f"--nproc {nproc} gives each rank a GPU of its own; train.device "
+                         f"{device} names one. Use train.device: cuda (or auto), and "
+                         "CUDA_VISIBLE_DEVICES to choose the GPUs")
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise UsageError(f"--nproc {nproc} needs a GPU per rank; this machine has {count}. "
+                         f"Use --nproc {count}, or train.device: cpu")
+
+
 def failure_code(failures: dict, resume_hint: str) -> int:
     """The exit code for failed ranks. A rank killed by a signal is named (the others then lost
-    it, and the launcher stopped them); otherwise the ranks explained themselves: rank 0's
-    code first."""
+    it, and the launcher stopped them); otherwise the ranks explained themselves, and the code
+    that says why (2, 3, 4, 130, 143) wins over a lost contact's 1."""
     stopping = (signal.SIGTERM, signal.SIGINT)  # how the launcher stops the ranks left
     ordered = sorted(failures.items())
+    codes = [f.exitcode for _, f in ordered]
     died = [(rank, f) for rank, f in ordered if f.exitcode < 0 and -f.exitcode not in stopping]
-    for rank, failure in died or [(r, f) for r, f in ordered if f.exitcode < 0][:1]:
-        if any(f.exitcode > 0 for _, f in ordered) and not died:
-            break
+    if not died and not any(code > 0 for code in codes):  # only stopped by the launcher
+        died = ordered[:1]
+    for rank, failure in died[:1]:
         name = signal.Signals(-failure.exitcode).name
         raise MbpError(f"rank {rank} died ({name}); the other ranks stopped. Continue from "
                        f"the last checkpoint with: {resume_hint}")
-    return next((f.exitcode for _, f in ordered if f.exitcode > 0), EXIT_RUNTIME)
+    return next((code for code in codes if code > EXIT_RUNTIME), EXIT_RUNTIME)

@@ -12,15 +12,19 @@ from torch.utils.data import Dataset
 
 
 class Points(Dataset):
-    """(features, class) pairs; on rank `slow_rank`, each sample takes `delay` seconds more,
-    and on rank `dying_rank` the process is killed at its `die_after`-th sample."""
+    """(features, class) pairs; on rank `slow_rank`, each sample takes `delay` seconds more;
+    on rank `dying_rank` the process is killed at its `die_after`-th sample; on rank
+    `nan_rank` every feature is NaN."""
 
     def __init__(self, train: bool = True, n: int = 240, slow_rank: int = -1,
-                 delay: float = 0.0, dying_rank: int = -1, die_after: int = 0) -> None:
+                 delay: float = 0.0, dying_rank: int = -1, die_after: int = 0,
+                 nan_rank: int = -1) -> None:
         g = torch.Generator().manual_seed(1 if train else 2)
         self.x = torch.randn(n, 6, generator=g)
         self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
         self.rank = int(os.environ.get("RANK", 0))
+        if self.rank == nan_rank:
+            self.x = torch.full_like(self.x, float("nan"))
         self.delay = delay if self.rank == slow_rank else 0.0
         self.dies_after = die_after if self.rank == dying_rank else None
         self.served = 0

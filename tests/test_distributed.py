@@ -247,6 +247,45 @@ def test_dynamic_balance_moves_shares_to_the_fast_rank(tmp_path):
     assert not events(tmp_path / "even", "rebalance")
 
 
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    recipe = ranked_recipe(tmp_path, {"nan_rank": 1})
+    run = mbp("train", recipe, "--out", "run", "--nproc", 2, cwd=tmp_path)
+    assert run.returncode == 4, run.stderr
+    assert run.stderr.count("the loss at step 1 is nan") == 1  # said once, by rank 0
+    assert (tmp_path / "run/checkpoints/step-000000.pt").exists()
+
+
+@pytest.mark.slow
+def test_each_rank_probes_its_own_memory(tmp_path):
+    recipe = digits_recipe(tmp_path, micro="auto")
+    run = mbp("train", recipe, "--out", "run", "--nproc", 2,
+              "--simulate-memory", "8MiB,1500KiB", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    (start,) = events(tmp_path / "run", "start")
+    big, small = start["micro_batches"]
+    assert big > small >= 1
+    assert json.loads((tmp_path / "run/probe.json").read_text())["micro_batches"] == [big, small]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_training(tmp_path):
+    """`torchrun --nproc-per-node 2 -m mbp_cli train RECIPE`, no --out: the ranks agree on rank
+    0's run folder, and train what `mbp train --nproc 2` trains."""
+    recipe = digits_recipe(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "mbp_cli", "train", str(recipe), "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert torchrun.returncode == 0, torchrun.stderr
+    launched = mbp("train", recipe, "--out", "launched", "--nproc", 2, "-q", cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr
+    (folder,) = (tmp_path / "runs").iterdir()
+    a, b = parameters(folder), parameters(tmp_path / "launched")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_list_per_rank_must_match_the_ranks(cli, tmp_path):
     recipe = digits_recipe(tmp_path, shares=[1, 2, 3])
     result = cli("train", recipe, "--out", tmp_path / "run", "--nproc", "2")
