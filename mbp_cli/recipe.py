@@ -87,7 +87,7 @@ class TrainSpec:
     on_nonfinite: str = spec("stop", choices=("stop", "skip"))  # a NaN or infinite loss
     precision: str = spec("fp32", choices=("fp32", "bf16", "fp16", "auto"))  # autocast
     compile: bool = spec(False)  # torch.compile the model
-    collective_timeout: float = spec(300.0, minimum=1.0)  # seconds a rank waits for the others
+    collective_timeout: float = spec(1800.0, minimum=1.0)  # seconds a rank waits for the others
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,15 @@ def eval_line(e: ev.Eval) -> str:
             f"accuracy {_percent(e.eval_accuracy)}")
 
 
+def batch_split(s: Data) -> str:
+    """How a run cut its target batch: micro-batch × steps, or each rank's share (micro)."""
+    if s.get("shares"):
+        return f"{s['target_batch']} = " + " + ".join(
+            f"{share} ({micro})" for share, micro in zip(s["shares"], s["micro_batches"],
+                                                        strict=True)) + " (micro-batches)"
+    return f"{s['target_batch']} = {s['micro_batch']} × {s['accumulation_steps']}"
+
+
 def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
     status = "done" if s["steps"] >= s["total_steps"] else \
@@ -66,7 +75,7 @@ def summary_table(s: Data) -> Table:
     table = Table(title=f"{s['name']}: {status}", show_header=False)
     rows = [
         ("steps", str(s["steps"])), ("samples seen", f"{s['samples_seen']:,}"),
-        ("batch", f"{s['target_batch']} = {s['micro_batch']} × {s['accumulation_steps']}"),
+        ("batch", batch_split(s)),
         ("final train loss", _number(s["final_train_loss"])),
         ("eval loss", _number(s.get("eval_loss"))),
         ("eval accuracy", _percent(s.get("eval_accuracy"))),

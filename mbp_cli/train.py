@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -320,7 +319,7 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
                 if ranks.any(stop.is_set):  # every rank stops after the same target batch
-                    stop_now(stop, loop, checkpoint, emit)
+                    stop_now(stop, loop, checkpoint, emit, world.size)
         finally:
             folder.close()
 
@@ -442,14 +441,13 @@ def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
 
 
 def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path | None],
-             emit: Sink) -> None:
+             emit: Sink, world_size: int) -> None:
     """After a stop signal (on any rank): checkpoint the finished target batch and end with
     130 or 143."""
     path = checkpoint()
     name = stop.signal.name if stop.is_set else "SIGTERM"  # another rank's signal
     emit(Stopped(loop.step, name, str(path)))
-    ranks = int(os.environ.get("WORLD_SIZE", 1))
     raise StoppedError(f"by {name} after step {loop.step}; checkpoint {path}. Resume with: "
                        f"mbp train --resume {path.parent.parent if path else ''}"
-                       + (f" --nproc {ranks}" if ranks > 1 else ""),
+                       + (f" --nproc {world_size}" if world_size > 1 else ""),
                        exit_code=stop.exit_code if stop.is_set else 143)
