@@ -67,6 +67,7 @@ class Step(Event):
     peak_memory_bytes: int
     grad_norm: float | None = None  # before clipping, with optim.clip_grad_norm or _value
     ranks: list[dict[str, Any]] | None = None  # several ranks: share, micro-batch, speed, peak
+    micro_batch: int | None = None  # the micro-batch size (rank 0's)
 
 
 @dataclass(frozen=True)

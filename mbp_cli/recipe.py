@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from mbp_cli.errors import RecipeError, UsageError
+from mbp_cli.errors import RecipeError, UsageError, suggest
 from mbp_cli.recipe_fields import build_section, kind, spec, typed, unknown_keys
 from mbp_cli.recipe_yaml import apply_overrides, parse_yaml
 from mbp_cli.units import parse_bytes
@@ -79,6 +79,7 @@ class TrainSpec:
     epochs: int | None = spec(None, minimum=1)
     eval_every: int = spec(50, minimum=0)
     log_every: int = spec(10, minimum=1)
+    log: list | None = spec(None)  # loggers besides metrics.jsonl: [tensorboard]
     device: str = spec("auto")
     dtype: str = spec("float32", choices=("float32", "float64"))
     num_workers: int = spec(0, minimum=0)
@@ -238,6 +239,12 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     elif names and memory.checkpointing == "off" and memory.offload == "off":
         problems.append("memory.checkpoint_modules: names blocks, but memory.checkpointing and "
                         "memory.offload are off; set memory.checkpointing: on (or auto)")
+    from mbp_cli.loggers import LOGGERS
+
+    for name in train.log or []:
+        if name not in LOGGERS:
+            problems.append(f"train.log: {name!r} is not a logger mbp has; it has "
+                            f"{', '.join(LOGGERS)}" + suggest(str(name), list(LOGGERS)))
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
 

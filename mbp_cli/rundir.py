@@ -18,7 +18,7 @@ from mbp_cli.events import MetricsFile
 from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
-                "checkpoints")
+                "checkpoints", "tensorboard")
 
 
 def default_run_dir(name: str) -> Path:
@@ -104,6 +104,7 @@ class RunFolder:
         self.resume, self.overwrite = resume, overwrite
         self.metrics = MetricsFile()
         self.probe: dict[str, Any] | None = None  # probe.json, for `micro: auto`
+        self.loggers: list[Any] = []  # train.log's, closed with the metrics
         self.is_open = False
 
     def open(self) -> None:
@@ -120,5 +121,7 @@ class RunFolder:
         self.is_open = True
 
     def close(self) -> None:
-        """Close metrics.jsonl."""
+        """Close metrics.jsonl and the loggers."""
         self.metrics.close()
+        for logger in self.loggers:
+            logger.close()

@@ -66,6 +66,7 @@ from mbp_cli.events import (
     Step,
     Stopped,
 )
+from mbp_cli.loggers import LOGGERS
 from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
 from mbp_cli.memory.step import batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import (
@@ -214,6 +215,11 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                          "resume (to train longer: --resume with --set train.steps=N)")
     if options.resume and world.is_main:
         folder.open()  # it exists: log into it from the start
+    if world.is_main:
+        loggers = [LOGGERS[name](run_dir, loop.step if loop else 0)
+                   for name in recipe.train.log or []]
+        emit.sinks += loggers
+        folder.loggers = loggers
     stop_step = total_steps
     if options.max_steps is not None:
         stop_step = min(total_steps, (loop.step if loop else 0) + options.max_steps)
@@ -308,7 +314,7 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 emit(Step(loop.step, total_steps, (loop.step - 1) // per_epoch + 1, totals.loss,
                           lr, totals.samples, totals.items, totals.micro_batches, step_seconds,
                           totals.samples / step_seconds, memory.peak_bytes(), grad_norm,
-                          per_rank))
+                          per_rank, loop.micro_batch))
                 if world.is_distributed:
                     rebalance(recipe, loop, stream, outcome.reports, per_epoch, emit)
                 if is_due(loop.step, recipe.train.eval_every, stop_step) and world.is_main:
