@@ -269,6 +269,124 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
         typer.echo(f"{recipe}: valid recipe {loaded.name!r}; {trial}")
 
 
+RunArg = Annotated[Path, typer.Argument(help="A run folder.", show_default=False)]
+
+
+@app.command("eval")
+def eval_(
+    run: RunArg,
+    set_: SetOption = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Evaluate this checkpoint's weights instead of model.pt.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate a run's weights on its held-out split (or another dataset: --set data.name=…)."""
+    with user_errors(as_json=json_):
+        from mbp_cli.inference import evaluate_run, load_run
+
+        result = evaluate_run(load_run(run, _overrides(set_, None), checkpoint))
+        if json_:
+            typer.echo(json.dumps(result))
+            return
+        accuracy = result.get("eval_accuracy")
+        shown = "" if accuracy is None else f"  accuracy {100 * accuracy:.2f}%"
+        typer.echo(f"{run}: loss {result['eval_loss']:.4f}{shown}  on {result['samples']:,} "
+                   f"held-out samples ({result['weights']})")
+
+
+@app.command()
+def predict(
+    run: RunArg,
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Image files, or tensor files (torch.save) of one sample or a batch.",
+        show_default=False)],
+    top: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
+    out: Annotated[Path, typer.Option(
+        help="Where outputs that are not class scores are saved (torch.save).")]
+    = Path("predictions.pt"),
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """The top classes a run's model gives each input, with their probabilities."""
+    with user_errors(as_json=json_):
+        import torch
+
+        from mbp_cli.inference import load_run, read_inputs
+        from mbp_cli.inference import predict as run_predict
+
+        loaded = load_run(run, [])
+        answers = run_predict(loaded, read_inputs(loaded, inputs), top)
+        raw = {str(path): a.pop("output") for path, a in zip(inputs, answers, strict=True)
+               if "output" in a}
+        if raw:
+            torch.save(raw, out)
+        rows = [{"input": str(path), **answer}
+                for path, answer in zip(inputs, answers, strict=True)]
+        if json_:
+            typer.echo(json.dumps(rows))
+            return
+        for row in rows:
+            if "top" not in row:
+                typer.echo(f"{row['input']}: output saved to {out}")
+                continue
+            for i, ranked in enumerate(row["top"]):
+                label = row["input"] if len(row["top"]) == 1 else f"{row['input']}[{i}]"
+                shown = ", ".join(f"{c['name'] or c['class']} ({100 * c['probability']:.1f}%)"
+                                  for c in ranked)
+                typer.echo(f"{label}: {shown}")
+
+
+@app.command("runs")
+def list_runs(
+    folder: Annotated[Path, typer.Argument(help="Where the run folders are.")] = Path("runs"),
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """List the runs in a folder: status (done, stopped at step k, failed at step k, running),
+    steps, best eval, wall time."""
+    with user_errors(as_json=json_):
+        from rich.console import Console
+
+        from mbp_cli.run_report import runs_table
+        from mbp_cli.runs import find_runs
+
+        records = find_runs(folder)
+        if json_:
+            typer.echo(json.dumps([r.to_dict() for r in records]))
+        elif not records:
+            typer.echo(f"no runs in {folder}", err=True)
+        else:
+            Console(width=max(100, Console().width)).print(runs_table(records))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, overlaid in the pictures.",
+                                               show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        help="The picture: loss, accuracy, lr, samples/s and peak memory against steps "
+             "(PNG; needs matplotlib). Default: report.png in the (first) run folder.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON list of the runs, "
+                                        "their summaries and curves; no picture.")] = False,
+) -> None:
+    """Pictures of one or more runs (done, stopped or still running) and their summaries side
+    by side."""
+    with user_errors(as_json=json_):
+        from rich.console import Console
+
+        from mbp_cli.run_report import comparison_table
+        from mbp_cli.runs import read_run
+
+        records = [read_run(path) for path in runs]
+        if json_:
+            typer.echo(json.dumps([{**r.to_dict(), "events": r.events} for r in records]))
+            return
+        from mbp_cli.plot import plot_runs
+
+        picture = out or records[0].path / "report.png"
+        plot_runs(records, picture)
+        Console(width=max(100, Console().width)).print(comparison_table(records))
+        typer.echo(f"wrote {picture}")
+
+
 @app.command("recipes")
 def list_recipes() -> None:
     """List the bundled recipes, one line each."""

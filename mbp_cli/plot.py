@@ -1,4 +1,5 @@
-"""`mbp probe --plot`: memory against micro-batch, with the fit and the budget (matplotlib)."""
+"""Pictures (matplotlib): `mbp probe --plot` (memory against micro-batch, the fit, the budget)
+and `mbp report` (a run's curves against steps, several runs overlaid)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def require_pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib "
+        raise UsageError("pictures need matplotlib: pip install 'mbp-cli[plot]' "
                          "(make install includes it)") from exc
     return plt
 
@@ -51,3 +52,46 @@ def plot_probe(result: dict[str, Any], path: Path) -> None:
         raise UsageError(f"--plot: cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         plt.close(figure)
+
+
+RUN_PANELS = [  # (title, event kind, field, y scale)
+    ("train loss", "step", "loss", "log"), ("eval loss", "eval", "eval_loss", "log"),
+    ("eval accuracy", "eval", "eval_accuracy", "linear"), ("learning rate", "step", "lr", "linear"),
+    ("samples/s", "step", "samples_per_second", "linear"),
+    ("peak memory (MiB)", "step", "peak_memory_bytes", "linear"),
+]
+
+
+def plot_runs(records: list[Any], path: Path) -> dict[str, list[list[float]]]:
+    """Each run's curves against optimizer steps, the runs overlaid, into a PNG file; return
+    the steps each panel drew, a list per run."""
+    plt = require_pyplot()
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    drawn: dict[str, list[list[float]]] = {}
+    for axes, (title, kind, key, scale) in zip(grid.flat, RUN_PANELS, strict=True):
+        for record in records:
+            points = [(e["step"], e[key]) for e in record.events.get(kind, [])
+                      if e.get(key) is not None]
+            if key == "peak_memory_bytes":
+                points = [(x, y / 2**20) for x, y in points]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axes.plot(xs, ys, "-" if kind == "step" else "o-", label=record.path.name,
+                          markersize=3)
+        axes.set_title(title)
+        drawn[title] = [list(line.get_xdata()) for line in axes.lines]
+        values = [y for line in axes.lines for y in line.get_ydata()]
+        if scale == "log" and values and min(values) > 0 and max(values) > 20 * min(values):
+            axes.set_yscale("log")  # losses falling by orders of magnitude
+        axes.grid(alpha=0.3)
+    for axes in grid[1]:
+        axes.set_xlabel("optimizer step")
+    grid.flat[0].legend(fontsize="small")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+    return drawn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.events import MetricsFile
 from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
+from mbp_cli.runs import held_lock
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints", "tensorboard")
@@ -106,6 +108,7 @@ class RunFolder:
         self.probe: dict[str, Any] | None = None  # probe.json, for `micro: auto`
         self.loggers: list[Any] = []  # train.log's, closed with the metrics
         self.is_open = False
+        self._lock = contextlib.ExitStack()
 
     def open(self) -> None:
         """Make the folder (a resumed run has it), write the recipe and start the metrics."""
@@ -113,6 +116,10 @@ class RunFolder:
             return
         if not self.resume:
             prepare_run_dir(self.path, self.overwrite)
+        try:
+            self._lock.enter_context(held_lock(self.path))
+        except BlockingIOError:
+            raise UsageError(f"{self.path} is in use by another mbp train") from None
         text = f"{READ_FROM}{self.recipe.folder}\n" + dump_recipe(self.recipe)
         write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
         if self.probe is not None:
@@ -125,3 +132,4 @@ class RunFolder:
         self.metrics.close()
         for logger in self.loggers:
             logger.close()
+        self._lock.close()

@@ -78,6 +78,7 @@ from mbp_cli.memory.tracker import (
 from mbp_cli.recipe import Recipe
 from mbp_cli.resume import resume_state
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
+from mbp_cli.runs import is_running
 from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
@@ -206,6 +207,8 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real schedule
 
     run_dir = ranks.broadcast(options.run_dir)  # torchrun's ranks may have named it apart
+    if world.is_main and is_running(run_dir):  # before anything in it is touched
+        raise UsageError(f"{run_dir} is in use by another mbp train")
     folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
     emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
     loop = resume_state(run_dir, model, optimizer, scheduler, emit, world) \

@@ -1,0 +1,161 @@
+"""A trained run put to use: `mbp eval` (held-out loss and accuracy) and `mbp predict` (top-k
+classes of image or tensor inputs). Weights are loaded weights-only: a file never runs code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mbp_cli.build import Setup, build, resolve_device, split_transforms
+from mbp_cli.checkpoint import load_checkpoint
+from mbp_cli.errors import UsageError
+from mbp_cli.evaluate import evaluate
+from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
+from mbp_cli.registry import find_dataset
+from mbp_cli.step import pick_output
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class LoadedRun:
+    """A run's recipe, built again, with its trained weights."""
+
+    recipe: Recipe
+    setup: Setup
+    micro_batch: int
+    weights: Path
+
+
+def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None) -> LoadedRun:
+    """Build the run's recipe (with `overrides`, e.g. another dataset) and load its weights:
+    model.pt, or a checkpoint's model."""
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise UsageError(f"{run_dir} is not a run folder: it has no recipe.yaml")
+    recipe = load_recipe(saved, overrides)
+    weights = checkpoint or run_dir / "model.pt"
+    if not weights.is_file():
+        raise UsageError(f"{weights} not found: the run has not finished (give --checkpoint "
+                         f"{run_dir}/checkpoints/step-….pt)")
+    if checkpoint is not None:
+        try:
+            state = load_checkpoint(checkpoint)["model"]
+        except ValueError as exc:
+            raise UsageError(f"cannot use checkpoint {checkpoint}: {exc}") from exc
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file fails in many ways
+            raise UsageError(f"cannot load {weights}: {' '.join(str(exc).split())[:200]}") \
+                from exc
+    setup = build(recipe, resolve_device(recipe.train.device))
+    try:
+        setup.model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(f"{weights} does not fit the run's model: {str(exc)[:300]}") from exc
+    return LoadedRun(recipe, setup, _micro_batch(run_dir, recipe), weights)
+
+
+def _micro_batch(run_dir: Path, recipe: Recipe) -> int:
+    """The micro-batch the run trained with (its summary or probe), else the recipe's, else 32."""
+    for name in ("summary.json", "probe.json"):
+        path = run_dir / name
+        if path.is_file():
+            return int(json.loads(path.read_text())["micro_batch"])
+    return recipe.batch.micro if isinstance(recipe.batch.micro, int) else 32
+
+
+def evaluate_run(run: LoadedRun) -> dict[str, Any]:
+    """Held-out loss and accuracy of the run's weights, as training's evaluation computes them."""
+    if run.setup.eval_set is None or len(run.setup.eval_set) == 0:
+        raise UsageError("the run's data has no held-out split to evaluate on")
+    result = evaluate(run.setup, run.micro_batch, run.recipe.train.num_workers)
+    return {**result, "samples": len(run.setup.eval_set), "weights": str(run.weights)}
+
+
+def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Tensor]:
+    """Each input as a batch for the model: images through the run's held-out transform (or,
+    for tensor datasets, to its samples' shape in [0, 1]), tensor files as they are (one sample
+    or a batch)."""
+    sample = _first_input(run.setup)
+    transform = _eval_transform(run.recipe)
+    batches = []
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"input not found: {path}")
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            tensor = _image(path, transform, sample)
+        else:
+            try:
+                tensor = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise UsageError(f"{path} is neither an image nor a tensor file saved with "
+                                 f"torch.save ({' '.join(str(exc).split())[:120]})") from exc
+            if not isinstance(tensor, Tensor):
+                raise UsageError(f"{path} holds {type(tensor).__name__}, not a tensor")
+        if sample is not None and tensor.shape == sample.shape:
+            tensor = tensor.unsqueeze(0)  # one sample: a batch of one
+        batches.append(tensor)
+    return batches
+
+
+def _first_input(setup: Setup) -> Tensor | None:
+    data = setup.eval_set if setup.eval_set is not None else setup.train_set
+    first = data[0]
+    value = first[0] if isinstance(first, tuple | list) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def _eval_transform(recipe: Recipe) -> Any:
+    data = find_dataset(recipe.data.name, recipe_folders(recipe))
+    return split_transforms(recipe, data.is_torchvision)[1]
+
+
+def _image(path: Path, transform: Any, sample: Tensor | None) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import v2
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from exc
+    if transform is not None:
+        return transform(image.convert("RGB"))
+    if sample is None or sample.dim() != 3:
+        raise UsageError(f"{path}: the run's data are not images; give a tensor file")
+    channels, height, width = sample.shape
+    image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])(image)
+
+
+def predict(run: LoadedRun, inputs: list[Tensor], top: int) -> list[dict[str, Any]]:
+    """Each input's top-k classes with probabilities (softmax of the scores), or, where the
+    output is not (N, classes) scores, the raw output."""
+    setup = run.setup
+    classes = getattr(setup.eval_set, "classes", None) or getattr(setup.train_set, "classes",
+                                                                  None)
+    setup.model.eval()
+    answers = []
+    with torch.no_grad():
+        for tensor in inputs:
+            batch = tensor.to(setup.device, setup.micro_step.dtype if tensor.is_floating_point()
+                              else tensor.dtype)
+            output = pick_output(setup.model(batch), run.recipe.model.output).float().cpu()
+            if output.dim() != 2:
+                answers.append({"output": output})
+                continue
+            probabilities = output.softmax(dim=1)
+            k = min(top, probabilities.shape[1])
+            values, indices = probabilities.topk(k, dim=1)
+            answers.append({"top": [[{"class": int(i), "name": classes[i] if classes else None,
+                                      "probability": float(p)}
+                                     for p, i in zip(row_p, row_i, strict=True)]
+                                    for row_p, row_i in zip(values, indices, strict=True)]})
+    return answers

@@ -1,0 +1,74 @@
+"""Tables of finished (or running) runs for the terminal: `mbp runs` and `mbp report`."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from mbp_cli.runs import RunRecord
+from mbp_cli.units import format_bytes
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{value:.1f}s"
+
+
+def runs_table(records: list[RunRecord]) -> Table:
+    """One line per run: name, status, steps, best eval, wall time."""
+    table = Table(title=f"runs in {records[0].path.parent}" if records else "runs")
+    for column in ("run", "name", "status", "steps", "best accuracy", "best eval loss",
+                   "wall time"):
+        table.add_column(column, no_wrap=column == "status",
+                         justify="right" if column in ("steps", "wall time") else "left")
+    for r in records:
+        steps = f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps)
+        loss = "-" if r.best_eval_loss is None else f"{r.best_eval_loss:.4f}"
+        table.add_row(r.path.name, r.name, r.status, steps, _percent(r.best_eval_accuracy),
+                      loss, _seconds(r.wall_seconds))
+    return table
+
+
+def comparison_table(records: list[RunRecord]) -> Table:
+    """The runs' summaries side by side, a column each."""
+    table = Table(title="runs side by side")
+    table.add_column("")
+    for r in records:
+        table.add_column(r.path.name, justify="right")
+
+    def row(label: str, value) -> None:
+        table.add_row(label, *[value(r, r.summary or {}) for r in records])
+
+    row("status", lambda r, s: r.status)
+    row("steps", lambda r, s: f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps))
+    row("target batch", lambda r, s: _start(r, "target_batch"))
+    row("micro-batch", lambda r, s: _start(r, "micro_batch"))
+    row("final train loss", lambda r, s: _last(r, "step", "loss", "{:.4f}"))
+    row("eval loss", lambda r, s: _last(r, "eval", "eval_loss", "{:.4f}"))
+    row("eval accuracy", lambda r, s: _percent(_last_value(r, "eval", "eval_accuracy")))
+    row("samples/s", lambda r, s: "-" if not s.get("samples_per_second") else
+        f"{s['samples_per_second']:,.0f}")
+    row("peak memory", lambda r, s: "-" if not s.get("peak_memory_bytes") else
+        format_bytes(s["peak_memory_bytes"]))
+    row("wall time", lambda r, s: _seconds(r.wall_seconds))
+    return table
+
+
+def _start(record: RunRecord, key: str) -> str:
+    starts = record.events.get("start", [])
+    return str(starts[-1][key]) if starts else "-"
+
+
+def _last_value(record: RunRecord, kind: str, key: str) -> float | None:
+    values = [e[key] for e in record.events.get(kind, []) if e.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _last(record: RunRecord, kind: str, key: str, spec: str) -> str:
+    value = _last_value(record, kind, key)
+    return "-" if value is None else spec.format(value)

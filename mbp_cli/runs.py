@@ -1,0 +1,112 @@
+"""What a run folder says about its run: status, steps, best eval, wall time, the curves."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mbp_cli.errors import UsageError
+
+LOCK = ".lock"  # held (flock) by the training process while it runs; the OS drops it at death
+
+
+@contextlib.contextmanager
+def held_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock while training runs in it."""
+    with open(run_dir / LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_running(run_dir: Path) -> bool:
+    """Whether a training process holds the folder's lock now."""
+    path = run_dir / LOCK
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+@dataclass
+class RunRecord:
+    """One run folder read back: its events by kind and its summary (None until it ends)."""
+
+    path: Path
+    name: str
+    status: str  # done, stopped at step k, failed at step k, running
+    steps: int
+    total_steps: int | None
+    best_eval_accuracy: float | None
+    best_eval_loss: float | None
+    wall_seconds: float | None
+    summary: dict[str, Any] | None = None
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record for --json, without the events."""
+        data = asdict(self)
+        data.pop("events")
+        data["path"] = str(self.path)
+        return data
+
+
+def read_run(path: Path) -> RunRecord:
+    """Read a run folder (done, stopped, failed or still running)."""
+    if not (path / "metrics.jsonl").is_file():
+        raise UsageError(f"{path} is not a run folder: it has no metrics.jsonl")
+    events: dict[str, list[dict[str, Any]]] = {}
+    for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+            record = json.loads(line)
+            events.setdefault(record.get("event", ""), []).append(record)
+    summary = None
+    if (path / "summary.json").is_file():
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    steps = [e["step"] for e in events.get("step", [])]
+    step = max(steps, default=0)
+    starts = events.get("start", [])
+    total = starts[-1]["total_steps"] if starts else None
+    name = starts[-1]["name"] if starts else path.name
+    accuracies = [e["eval_accuracy"] for e in events.get("eval", [])
+                  if e.get("eval_accuracy") is not None]
+    losses = [e["eval_loss"] for e in events.get("eval", []) if e.get("eval_loss") is not None]
+    return RunRecord(path, name, run_status(path, summary, events, step), step, total,
+                     max(accuracies, default=None), min(losses, default=None),
+                     summary["wall_seconds"] if summary else
+                     sum(e["step_seconds"] for e in events.get("step", [])) or None,
+                     summary, events)
+
+
+def run_status(path: Path, summary: dict | None, events: dict[str, list], step: int) -> str:
+    """done; stopped at step k (a signal or --max-steps); running; else failed at step k."""
+    if is_running(path):
+        return "running"
+    if summary is not None:
+        if summary["steps"] >= summary["total_steps"]:
+            return "done"
+        return f"stopped at step {summary['steps']}"
+    stops = events.get("stopped", [])
+    if stops and stops[-1]["step"] >= step:
+        return f"stopped at step {stops[-1]['step']}"
+    return f"failed at step {step}"
+
+
+def find_runs(folder: Path) -> list[RunRecord]:
+    """The run folders directly under `folder`, oldest first."""
+    if not folder.is_dir():
+        raise UsageError(f"no such folder: {folder}")
+    found = [p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()]
+    return [read_run(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]

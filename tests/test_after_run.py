@@ -1,0 +1,137 @@
+"""After the run: `mbp runs`, `mbp report`, `mbp eval` and `mbp predict` on real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, small_recipe
+from PIL import Image
+
+from mbp_cli.datasets import digits
+from mbp_cli.models import small_cnn
+from mbp_cli.plot import plot_runs
+from mbp_cli.runs import read_run
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def runs_folder(tmp_path_factory) -> Path:
+    """A done run, one stopped by --max-steps and one that failed (a NaN loss, exit 4)."""
+    from typer.testing import CliRunner
+
+    from mbp_cli.cli import app
+
+    folder = tmp_path_factory.mktemp("after")
+    shutil.copy(HERE / "ranked_data.py", folder / "ranked_data.py")
+    (folder / "digits.yaml").write_text(yaml.safe_dump(small_recipe(
+        train={"steps": 4, "eval_every": 2, "device": "cpu"})))
+    (folder / "nan.yaml").write_text(yaml.safe_dump(small_recipe(
+        model={"name": "mlp", "args": {"in_features": 6, "out_features": 3}},
+        data={"name": "ranked_data:Points", "args": {"nan_rank": 0}})))
+    runner = CliRunner()
+    for args, code in [(["digits.yaml", "--out", "runs/done"], 0),
+                       (["digits.yaml", "--out", "runs/stopped", "--max-steps", "1"], 0),
+                       (["nan.yaml", "--out", "runs/failed"], 4)]:
+        cwd = os.getcwd()
+        os.chdir(folder)
+        try:
+            result = runner.invoke(app, ["train", *args, "-q"])
+        finally:
+            os.chdir(cwd)
+        assert result.exit_code == code, result.output
+    return folder
+
+
+def test_runs_lists_each_status(cli, runs_folder):
+    result = cli("runs", runs_folder / "runs", "--json")
+    assert result.exit_code == 0, result.output
+    runs = {Path(r["path"]).name: r for r in json.loads(result.output)}
+    assert runs["done"]["status"] == "done"
+    assert runs["stopped"]["status"] == "stopped at step 1"
+    assert runs["failed"]["status"] == "failed at step 0"
+    assert runs["done"]["steps"] == 4 and runs["done"]["total_steps"] == 4
+    final = json.loads((runs_folder / "runs/done/summary.json").read_text())
+    assert runs["done"]["best_eval_accuracy"] >= final["eval_accuracy"]
+    table = cli("runs", runs_folder / "runs")
+    assert "stopped at step 1" in table.output and "failed at step 0" in table.output
+
+
+def test_report_draws_every_run_against_steps(cli, runs_folder, tmp_path):
+    picture = tmp_path / "report.png"
+    runs = [runs_folder / "runs/done", runs_folder / "runs/stopped"]
+    result = cli("report", *runs, "--out", picture)
+    assert result.exit_code == 0, result.output
+    assert picture.stat().st_size > 20_000
+    assert "runs side by side" in result.output
+    drawn = plot_runs([read_run(r) for r in runs], tmp_path / "again.png")
+    assert drawn["train loss"] == [[1, 2, 3, 4], [1]]
+    assert drawn["eval accuracy"] == [[2, 4], [1]]
+    as_json = json.loads(cli("report", *runs, "--json").output)
+    assert [len(r["events"]["step"]) for r in as_json] == [4, 1]
+
+
+def test_eval_equals_the_runs_final_eval(cli, runs_folder):
+    run = runs_folder / "runs/done"
+    result = cli("eval", run, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    answer = json.loads(result.output)
+    assert answer["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    assert answer["eval_accuracy"] == summary["eval_accuracy"]
+    missing = cli("eval", runs_folder / "runs/failed")
+    assert missing.exit_code == 2 and "has not finished" in missing.output
+
+
+def test_predict_a_png_as_the_model_scores_it(cli, runs_folder, tmp_path):
+    run = runs_folder / "runs/done"
+    image, _ = digits(train=False)[0]
+    png = tmp_path / "digit.png"
+    Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(png)
+    result = cli("predict", run, png, "--top", "2", "--json")
+    assert result.exit_code == 0, result.output
+    (answer,) = json.loads(result.output)
+    model = small_cnn(num_classes=10, width=8)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    with torch.no_grad():
+        scores = model.eval()(((image * 255).round() / 255).unsqueeze(0)).softmax(1)[0]
+    best = scores.topk(2)
+    assert [c["class"] for c in answer["top"][0]] == best.indices.tolist()
+    assert answer["top"][0][0]["probability"] == pytest.approx(best.values[0].item(), rel=1e-5)
+    bad = cli("predict", run, tmp_path / "missing.png")
+    assert bad.exit_code == 2 and "input not found" in bad.output
+
+
+@pytest.mark.slow
+def test_a_run_in_progress_is_running(tmp_path, write_recipe):
+    recipe = write_recipe(small_recipe(train={"steps": 5000, "eval_every": 0, "device": "cpu"}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    training = subprocess.Popen([sys.executable, "-m", "mbp_cli", "train", str(recipe), "--out",
+                                 str(tmp_path / "runs/live"), "-q"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "runs/live/metrics.jsonl").exists():
+            assert time.monotonic() < deadline and training.poll() is None
+            time.sleep(0.2)
+        listed = subprocess.run([sys.executable, "-m", "mbp_cli", "runs", str(tmp_path / "runs"),
+                                 "--json"], env=env, capture_output=True, text=True, check=True)
+        assert json.loads(listed.stdout)[0]["status"] == "running"
+        again = subprocess.run([sys.executable, "-m", "mbp_cli", "train", "--resume",
+                                str(tmp_path / "runs/live")], env=env, capture_output=True,
+                               text=True)
+        assert again.returncode == 2 and "in use by another mbp train" in again.stderr
+    finally:
+        training.kill()
+        training.wait()
+    listed = subprocess.run([sys.executable, "-m", "mbp_cli", "runs", str(tmp_path / "runs"),
+                             "--json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(listed.stdout)[0]["status"].startswith("failed at step")
