@@ -24,6 +24,7 @@ class LoopState:
     step: int = 0  # optimizer steps done; the next target batch is a function of it
     samples_seen: int = 0
     train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the run's wall time up to this state, every part together
     last_loss: float = float("nan")
     oom_retries: int = 0
     skipped_steps: int = 0

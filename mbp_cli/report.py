@@ -68,6 +68,14 @@ def batch_split(s: Data) -> str:
     return f"{s['target_batch']} = {s['micro_batch']} × {s['accumulation_steps']}"
 
 
+def wall_time(s: Data) -> str:
+    """The run's wall time, every part; a resumed run's last part said apart."""
+    if s.get("resumed_at_step") is None:
+        return f"{s['wall_seconds']:.1f} s"
+    return (f"{s['wall_seconds']:.1f} s (this part, from step {s['resumed_at_step']}: "
+            f"{s['resumed_wall_seconds']:.1f} s)")
+
+
 def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
     status = "done" if s["steps"] >= s["total_steps"] else \
@@ -82,7 +90,7 @@ def summary_table(s: Data) -> Table:
         ("samples/s", _number(s["samples_per_second"], ",.0f")),
         ("strategies", s.get("strategies", "fp32")),
         ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
-        ("wall time", f"{s['wall_seconds']:.1f} s"), ("run folder", s["run_dir"]),
+        ("wall time", wall_time(s)), ("run folder", s["run_dir"]),
     ]
     if s.get("compile_seconds") is not None:
         rows.insert(-2, ("compile time", f"{s['compile_seconds']:.1f} s (not in samples/s)"))

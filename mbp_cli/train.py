@@ -270,9 +270,12 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
             "as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
             "fine-tuning)"))
 
+    earlier_wall_seconds = loop.wall_seconds  # of the parts before a resume
+
     def checkpoint() -> Path | None:
         """Every rank takes part (their RNG states are gathered); rank 0 writes."""
         loop.loss_scale = precision.state_dict()
+        loop.wall_seconds = earlier_wall_seconds + time.perf_counter() - started
         states = ranks.gather_objects(rank_state(loop.micro_batch))
         if not world.is_main:
             return None
@@ -332,8 +335,11 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
         finally:
             folder.close()
 
+    this_part = time.perf_counter() - started
     summary = summarize(recipe, loop, choice, total_steps, memory,
-                        time.perf_counter() - started, device, run_dir)
+                        earlier_wall_seconds + this_part, device, run_dir)
+    if first_step:  # a resumed run: the summary covers every part, this one said apart
+        summary.update(resumed_at_step=first_step, resumed_wall_seconds=this_part)
     summary.update(compile_seconds=compile_seconds, loss_scale=precision.scale)
     if world.is_distributed:
         summary.update(world_size=world.size, micro_batches=ranks.gather_objects(

@@ -252,3 +252,12 @@ def test_max_steps_keeps_the_schedule_and_resume_finishes_it_bitwise(cli, tmp_pa
     assert rest.exit_code == 0, rest.output
     assert lrs(rest) == lrs(whole)[7:]
     assert_bitwise_equal(parameters(tmp_path / "part"), parameters(tmp_path / "whole"))
+    # The summary covers both parts: every sample, both parts' time, this part said apart.
+    first = json.loads(part.stdout.splitlines()[-1])
+    done = json.loads(rest.stdout.splitlines()[-1])
+    assert done["samples_seen"] == json.loads(whole.stdout.splitlines()[-1])["samples_seen"]
+    assert done["resumed_at_step"] == 7
+    assert done["wall_seconds"] == pytest.approx(
+        first["wall_seconds"] + done["resumed_wall_seconds"], rel=0.05)
+    assert "this part, from step 12" in cli("train", "--resume", tmp_path / "part",
+                                           "--set", "train.steps=13").output
