@@ -7,8 +7,9 @@ import sys
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from mbp_cli import events as ev
 from mbp_cli.units import format_bytes
@@ -299,6 +300,49 @@ class PlainReporter(Reporter):
                       f"continue with: mbp train --resume {summary['run_dir']}")
 
 
+class StatsColumn(ProgressColumn):
+    """The step's figures, as many as fit the terminal beside the step, the bar and the times:
+    peak memory goes first, then samples/s, the micro-batch split and the epoch; loss and lr
+    stay. Parts are dropped whole, never cut."""
+
+    DROP_ORDER = ("peak", "rate", "split", "epoch")
+
+    def __init__(self, console: Console, others_width: int) -> None:
+        super().__init__()
+        self.console, self.others_width = console, others_width
+
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        parts = {"epoch": f"epoch {f['epoch']}", "loss": f"loss {f['loss']}",
+                 "lr": f"lr {f['lr']}", "rate": f"{f['rate']} samples/s",
+                 "split": f"micro {f['split']}", "peak": f"peak {f['peak']}"}
+        room = self.console.width - self.others_width
+        for name in self.DROP_ORDER:
+            if len("  ".join(parts.values())) <= room:
+                break
+            del parts[name]
+        return Text("  ".join(parts.values()), no_wrap=True, overflow="ignore")
+
+
+class TimesColumn(ProgressColumn):
+    """Elapsed and remaining time, labelled."""
+
+    width = len("elapsed 0:00:00  left 0:00:00")
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        return Text(f"elapsed {_clock(elapsed)}  left {_clock(task.time_remaining)}",
+                    style="progress.elapsed", no_wrap=True)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}:{minute:02d}:{second:02d}"
+
+
 class RichReporter(PlainReporter):
     """A live progress bar on the terminal (stderr) with loss, speed, batch split and memory."""
 
@@ -313,21 +357,21 @@ class RichReporter(PlainReporter):
 
     def on_start(self, e: ev.Start) -> None:
         super().on_start(e)
+        step_width = len(f"step {e.stop_step}/{e.stop_step}")
+        bar_width = 10 if self.console.width < 120 else 30
+        stats = StatsColumn(self.console, step_width + bar_width + TimesColumn.width + 3)
         self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  "
-                       "{task.fields[rate]} samples/s  micro {task.fields[split]}  "
-                       "peak {task.fields[peak]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(bar_width=bar_width), stats, TimesColumn(), console=self.console)
         self.task = self.progress.add_task(
-            "train", total=e.stop_step, completed=e.start_step, epoch=1, loss="-", rate="-",
-            split=f"{e.micro_batch}×{e.accumulation_steps}", peak="-")
+            "train", total=e.stop_step, completed=e.start_step, epoch=1, loss="-", lr="-",
+            rate="-", split=f"{e.micro_batch}×{e.accumulation_steps}", peak="-")
         self.progress.start()
 
     def on_step(self, e: ev.Step) -> None:
         shares = {"split": shares_text(e.ranks)} if e.ranks else {}
         self.progress.update(self.task, completed=e.step, epoch=e.epoch, loss=f"{e.loss:.4f}",
-                             rate=_number(e.samples_per_second, ",.0f"),
+                             lr=f"{e.lr:.3g}", rate=_number(e.samples_per_second, ",.0f"),
                              peak=format_bytes(e.peak_memory_bytes), **shares)
 
     def on_eval(self, e: ev.Eval) -> None:
