@@ -12,17 +12,19 @@ from typing import Any
 
 from mbp_cli.errors import UsageError
 
-LOCK = ".lock"  # held (flock) by the training process while it runs; the OS drops it at death
+LOCK = ".lock"  # held (flock) while training runs; the OS drops it when the process dies
 
 
 @contextlib.contextmanager
 def held_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock while training runs in it."""
-    with open(run_dir / LOCK, "w") as handle:
+    path = run_dir / LOCK
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:
+            path.unlink(missing_ok=True)  # a run that ends leaves no lock behind
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

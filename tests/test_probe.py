@@ -166,7 +166,7 @@ def test_plot_is_drawn(cli, write_recipe, tmp_path):
 def test_plot_without_matplotlib_says_how_to_get_it(cli, write_recipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     result = cli("probe", write_recipe(small_recipe()), "--plot", tmp_path / "p.png")
-    assert result.exit_code == 2 and "pip install matplotlib" in result.stderr
+    assert result.exit_code == 2 and "pip install 'mbp-cli[plot]'" in result.stderr
 
 
 @pytest.mark.slow
