@@ -22,20 +22,33 @@ def require_pyplot() -> Any:
     return plt
 
 
-def plot_probe(result: dict[str, Any], path: Path) -> None:
-    """Draw the probe's measurements, its fitted line and the budget into a PNG file."""
+def plot_probe(result: dict[str, Any], path: Path) -> dict[str, list[int]]:
+    """Draw the probe's measurements (those over the usable budget, or out of memory, marked),
+    the fit the choice was made with and the budget into a PNG file; return the micro-batch
+    sizes drawn as each kind."""
     plt = require_pyplot()
     unit, scale = ("GiB", 2**30) if result["budget_bytes"] >= 2**30 else ("MiB", 2**20)
+    usable = result["usable_bytes"]
     ran = [m for m in result["measurements"] if m["peak_bytes"] is not None]
-    sizes = [m["micro_batch"] for m in ran]
+    fitted = [m for m in ran if m["peak_bytes"] <= usable]
+    over = [m for m in ran if m["peak_bytes"] > usable]
+    failed = [m["micro_batch"] for m in result["measurements"] if m["peak_bytes"] is None]
+    sizes = [m["micro_batch"] for m in result["measurements"]]
     fit = result["fit"]
     largest = max([*sizes, result["micro_batch"]])
     line_x = [1 + (largest - 1) * i / 100 for i in range(101)]
     line_y = [max(fit["fixed_bytes"] + fit["per_sample_bytes"] * x,
                   fit["optimizer_floor_bytes"]) / scale for x in line_x]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.plot(sizes, [m["peak_bytes"] / scale for m in ran], "o", label="measured peak")
-    axes.plot(line_x, line_y, "-", alpha=0.6, label="fit")
+    axes.plot([m["micro_batch"] for m in fitted], [m["peak_bytes"] / scale for m in fitted],
+              "o", label="measured peak: fits")
+    if over:
+        axes.plot([m["micro_batch"] for m in over], [m["peak_bytes"] / scale for m in over],
+                  "x", color="red", markersize=9, label="measured peak: over the usable budget")
+    if failed:
+        axes.plot(failed, [result["budget_bytes"] / scale] * len(failed), "X", color="darkred",
+                  markersize=10, label="out of memory")
+    axes.plot(line_x, line_y, "-", alpha=0.6, label="the fit the choice was made with")
     axes.axhline(result["budget_bytes"] / scale, color="red", linestyle="--", label="budget")
     axes.axhline(result["usable_bytes"] / scale, color="red", linestyle=":", alpha=0.5,
                  label="budget less margin")
@@ -52,6 +65,8 @@ def plot_probe(result: dict[str, Any], path: Path) -> None:
         raise UsageError(f"--plot: cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         plt.close(figure)
+    return {"fits": [m["micro_batch"] for m in fitted], "over": [m["micro_batch"] for m in over],
+            "out_of_memory": failed}
 
 
 RUN_PANELS = [  # (title, event kind, field, y scale)

@@ -132,7 +132,8 @@ def rebalance_line(e: ev.Rebalance) -> str:
 
 
 def probe_table(result: Data) -> Table:
-    """The probe's measurements: micro-batch, peak, share of budget, step time, samples/s."""
+    """The probe's measurements: micro-batch, peak, share of budget (`over` past the usable
+    part, the budget less its margin), step time, samples/s."""
     table = Table(title=f"memory of one training step ({result['backend']}, {result['device']})")
     for column in ("micro-batch", "peak memory", "of budget", "step time", "samples/s"):
         table.add_column(column, justify="right")
@@ -140,7 +141,8 @@ def probe_table(result: Data) -> Table:
         peak, seconds = m["peak_bytes"], m["step_seconds"]
         table.add_row(
             str(m["micro_batch"]), format_bytes(peak) if peak is not None else "out of memory",
-            _percent(peak / result["budget_bytes"]) if peak is not None else "-",
+            "-" if peak is None else _percent(peak / result["budget_bytes"])
+            + (" over" if peak > result["usable_bytes"] else ""),
             f"{seconds * 1e3:.1f} ms" if seconds is not None else "-",
             _number(m["micro_batch"] / seconds if seconds else None, ",.0f"))
     return table

@@ -15,6 +15,7 @@ from mbp_cli.build import build, build_optimizer
 from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
 from mbp_cli.memory.step import StepRunner, batch_maker
+from mbp_cli.plot import plot_probe
 from mbp_cli.recipe import load_recipe
 from tests.conftest import REPO, small_recipe
 
@@ -156,11 +157,22 @@ def test_probe_usage_errors(cli, write_recipe, args, message):
     assert result.exit_code == 2 and message in result.stderr
 
 
-def test_plot_is_drawn(cli, write_recipe, tmp_path):
+def test_plot_is_drawn_and_marks_what_did_not_fit(cli, write_recipe, tmp_path):
+    """A target batch far past the budget: the search measures sizes over the usable budget;
+    the table says `over` on their rows and the picture marks them apart from those that fit."""
+    recipe = write_recipe(small_recipe(batch={"target": 1400, "micro": "auto"}))
     png = tmp_path / "probe.png"
-    result = cli("probe", write_recipe(small_recipe()), "--budget", "6MiB", "--plot", png)
-    assert result.exit_code == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = cli("probe", recipe, "--budget", "2MiB", "--plot", png)
+    assert shown.exit_code == 0, shown.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    result = json.loads(cli("probe", recipe, "--budget", "2MiB", "--json").output)
+    usable = result["usable_bytes"]
+    over = [m["micro_batch"] for m in result["measurements"]
+            if m["peak_bytes"] is None or m["peak_bytes"] > usable]
+    assert over and " over" in shown.output
+    drawn = plot_probe(result, tmp_path / "again.png")
+    assert sorted(drawn["over"] + drawn["out_of_memory"]) == over
+    assert max(drawn["fits"]) == result["largest_micro_batch"] < min(over)
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(cli, write_recipe, tmp_path, monkeypatch):
