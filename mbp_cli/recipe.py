@@ -149,9 +149,7 @@ def read_recipe(path: str | Path,
     Import paths in it are looked up first in the folder a run's saved copy names on its first
     line, else in the file's own folder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"recipe file not found: {path}")
+    path = find_recipe(Path(path))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -258,17 +256,32 @@ def recipe_folders(recipe: Recipe) -> tuple[str, ...]:
     return (recipe.folder,) if recipe.folder else ()
 
 
+def recipes_folder() -> Path:
+    """Where the bundled recipes are: inside the installed package (a wheel), else the
+    repository's recipes/ beside it (an editable install)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(path: Path) -> Path:
+    """A recipe file, or a bundled recipe by name (`digits`, `examples/tagger`)."""
+    if path.is_file():
+        return path
+    folder = recipes_folder()
+    named = folder / path.with_suffix(".yaml") if path.suffix in ("", ".yaml") else None
+    if named is not None and not path.is_absolute() and named.is_file():
+        return named
+    names = [str(p.relative_to(folder).with_suffix("")) for p in sorted(folder.rglob("*.yaml"))]
+    raise UsageError(f"recipe file not found: {path}" + (suggest(str(path), names) or
+                     f" (bundled recipes, usable by name: {', '.join(names)})"))
+
+
 def bundled_recipes() -> list[tuple[Path, str]]:
-    """The recipes shipped beside the package, each with the first comment line of its file."""
-    folder = Path(__file__).resolve().parent.parent / "recipes"
+    """The bundled recipes, each with the first comment line of its file."""
+    folder = recipes_folder()
     found = []
     for path in sorted(folder.rglob("*.yaml")):
         lines = path.read_text(encoding="utf-8").splitlines()
         description = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
-        try:
-            shown = path.relative_to(Path.cwd())
-        except ValueError:
-            shown = path
-        found.append((shown, description))
+        found.append((path.relative_to(folder).with_suffix(""), description))
     return found
-

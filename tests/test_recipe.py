@@ -23,9 +23,16 @@ def test_every_bundled_recipe_is_valid(path):
 
 
 def test_bundled_recipes_are_listed_with_a_description():
-    listed = {path.name: text for path, text in bundled_recipes()}
-    assert {"digits.yaml", "tiny-lm.yaml", "cifar10-resnet18.yaml"} <= set(listed)
+    listed = {str(name): text for name, text in bundled_recipes()}
+    assert {"digits", "tiny-lm", "cifar10-resnet18", "examples/tagger"} <= set(listed)
     assert all(listed.values())
+
+
+def test_a_bundled_recipe_is_used_by_name(cli):
+    assert load_recipe("digits").name == "digits-cnn"
+    assert cli("validate", "examples/tagger").exit_code == 0
+    missing = cli("validate", "digit")
+    assert missing.exit_code == 2 and "did you mean digits?" in missing.output
 
 
 def test_the_resolved_recipe_loads_back_unchanged(write_recipe, tmp_path):
