@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCHMARKS := exactness overhead memory_flatness probe_accuracy paper_claim strategies balance
 
-.PHONY: install train test test-fast lint bench clean
+.PHONY: install train test test-fast lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ $(BENCH_STAMP): $(STAMP)
 # Every benchmark, each writing bench/results/<name>.json (and .png where it plots).
 bench: $(BENCH_STAMP)
 	for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py || exit 1; done
+
+# On a machine with a CUDA GPU: the GPU tests, then the benchmarks on the GPU, each writing
+# bench/results/<name>-cuda.json (about 10 minutes on one H100).
+gpu-check: $(BENCH_STAMP)
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA GPU')"
+	$(BIN)/python -m pytest -m gpu -q
+	$(BIN)/python bench/strategies.py --device cuda
+	$(BIN)/python bench/overhead.py --device cuda --rounds 20
+	$(BIN)/python bench/memory_flatness.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

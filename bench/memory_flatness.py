@@ -2,7 +2,7 @@
 the plain full batch against mbp with a fixed micro-batch of 32 (small CNN, 8×8 inputs).
 
 On a CPU the figure is the tensor tracker's (live tensor storage, 512-byte blocks); on CUDA it is
-`max_memory_allocated`. Writes bench/results/memory-flatness.{json,png}.
+`max_memory_allocated`. Writes bench/results/memory-flatness[-cuda].{json,png}.
 
     python bench/memory_flatness.py [--device cpu]
 """
@@ -64,10 +64,15 @@ def main() -> None:
           f"{r['mbp_bytes'] / mib:.2f}"] for r in rows])
     print(table)
     plot(rows, device)
-    write_result("memory-flatness", {"device": str(device), "micro_batch": MICRO,
+    write_result(result_name(device), {"device": str(device), "micro_batch": MICRO,
                                      "source": "tracked tensors" if device.type == "cpu"
                                      else "cuda max_memory_allocated",
                                      "rows": rows, "table": table})
+
+
+def result_name(device: torch.device) -> str:
+    """memory-flatness (the CPU's, in the README) or memory-flatness-cuda."""
+    return "memory-flatness" if device.type == "cpu" else f"memory-flatness-{device.type}"
 
 
 def plot(rows: list[dict], device: torch.device) -> None:
@@ -92,7 +97,7 @@ def plot(rows: list[dict], device: torch.device) -> None:
     axes.grid(alpha=0.3)
     figure.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    figure.savefig(RESULTS / "memory-flatness.png", dpi=110)
+    figure.savefig(RESULTS / f"{result_name(device)}.png", dpi=110)
 
 
 if __name__ == "__main__":

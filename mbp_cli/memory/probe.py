@@ -338,7 +338,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
     strategies, or weigh every strategy that applies (`every_strategy`)."""
     fake = None
     if options.estimate:
-        setup, optimizer, fake = _fake_setup(recipe)
+        setup, optimizer, fake = fake_setup(recipe)
     else:
         setup = build(recipe, options.device)
         optimizer = build_optimizer(recipe, setup.model)
@@ -358,7 +358,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
     return probe_setup(recipe, setup, optimizer, options)
 
 
-def _fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
+def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
     """The recipe's model and optimizer on fake tensors (no data: fake batches are made)."""
     sample, _ = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
