@@ -19,13 +19,12 @@ from mbp_cli.recipe import BatchSpec
 def starting_shares(batch: BatchSpec, world_size: int) -> list[int]:
     """The shares of a full target batch to start with: batch.shares as weights, else even
     (none for a single process, which streams the whole target batch)."""
-    if world_size == 1:
-        return []
     weights = batch.shares or [1] * world_size
     if len(weights) != world_size:
-        raise UsageError(f"batch.shares gives {len(weights)} weights for {world_size} ranks; "
-                         "give one per rank")
-    return split_shares(batch.target, weights)
+        raise UsageError(f"batch.shares gives {len(weights)} weights for {world_size} "
+                         f"rank{'s' if world_size > 1 else ''}; give one per rank "
+                         "(batch.shares: null for even shares)")
+    return split_shares(batch.target, weights) if world_size > 1 else []
 
 
 def rank_micro_batch(micro: int | str | list, world: World) -> int | str:
@@ -34,7 +33,8 @@ def rank_micro_batch(micro: int | str | list, world: World) -> int | str:
         return micro
     if len(micro) != world.size:
         raise UsageError(f"batch.micro gives {len(micro)} micro-batches for {world.size} "
-                         "ranks; give one per rank (or one for all)")
+                         f"rank{'s' if world.size > 1 else ''}; give one per rank (or one "
+                         "for all)")
     return micro[world.rank]
 
 

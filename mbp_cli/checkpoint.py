@@ -33,6 +33,7 @@ class LoopState:
     world_size: int = 1  # processes training together
     shares: list[int] = field(default_factory=list)  # each rank's samples of a target batch
     speed_window: list[list[float]] = field(default_factory=list)  # per rank: samples, seconds
+    batch_setting: dict[str, Any] = field(default_factory=dict)  # batch.micro and batch.shares
     eval_result: dict[str, float | None] = field(default_factory=dict)
 
 

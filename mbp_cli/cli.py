@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from mbp_cli import __version__
-from mbp_cli.errors import EXIT_RUNTIME, MbpError, NonFiniteLossError, StoppedError
+from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,27 +34,33 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
-        if rank and isinstance(exc, StoppedError | NonFiniteLossError):
-            raise typer.Exit(exc.exit_code) from None  # every rank agreed; rank 0 says it
+        if rank and (exc.agreed or type(exc).__name__ == "LostRankError"):
+            _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
         if as_json:
             typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
                                    "message": str(exc)}))
         details = getattr(exc, "details", "")
         if details:
             typer.echo(details.rstrip(), err=True)  # the user's own code: its traceback
-        who = f"rank {rank}: " if rank else ""
+        failed_rank = getattr(exc, "rank", rank)
+        who = f"rank {failed_rank}: " if failed_rank else ""
         typer.echo(f"{who}{exc.label}: {exc}", err=True)
         if exc.label == "error" and not details:
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
-        if getattr(exc, "exit_at_once", False):
-            # A broken process group aborts the interpreter's cleanup: leave without it.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.exit_code)
-        raise typer.Exit(exc.exit_code) from None
+        _leave(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _leave(exc: MbpError) -> None:
+    """Exit with the error's code; where this rank's process group is broken, or the other
+    ranks must see it gone, at once (the interpreter's cleanup would wait on them or abort)."""
+    if getattr(exc, "exit_at_once", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
+    raise typer.Exit(exc.exit_code) from None
 
 
 def _version(value: bool) -> None:

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 
 from mbp_cli.errors import MbpError
 
-BUCKET_BYTES = 64 * 2**20  # gradients are summed in flat pieces of at most this size
+BUCKET_BYTES = 2**20  # small gradients are summed together in flat pieces of at most this
+# size (one collective for many); larger ones in place, so the sum needs no memory of its own
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class RankReport:
     samples: int
     micro_batches: int
     out_of_memory: bool
+    failed: bool  # its share raised an error (shared by raise_any)
     seconds: float  # its own work, before waiting for the others
     peak_bytes: int
     micro_batch: int
@@ -100,6 +103,27 @@ class RankReport:
 
 
 _FIELDS = len(RankReport.__dataclass_fields__)
+
+
+class RankFailure(MbpError):
+    """A rank failed (its own code, its data, an error of its own): every rank stops with
+    that rank's message and exit code, which rank 0 prints."""
+
+    agreed = True
+
+    def __init__(self, rank: int, message: str, exit_code: int, label: str,
+                 details: str) -> None:
+        super().__init__(message, exit_code)
+        self.rank, self.label, self.details = rank, label, details
+
+
+def failure_info(exc: BaseException) -> dict[str, Any]:
+    """What the other ranks need to report a rank's failure (it crosses processes)."""
+    if isinstance(exc, MbpError):
+        return {"message": str(exc), "exit_code": exc.exit_code, "label": exc.label,
+                "details": getattr(exc, "details", "")}
+    return {"message": f"{type(exc).__name__}: {exc}", "exit_code": 1, "label": "error",
+            "details": "".join(traceback.format_exception(exc))}
 
 
 class LostRankError(MbpError):
@@ -131,6 +155,28 @@ class Ranks:
         """Whether there are other ranks."""
         return self.world.is_distributed
 
+    @contextlib.contextmanager
+    def agreed(self) -> Iterator[None]:
+        """Run the body (which holds no collective) on every rank; where it raises on any rank,
+        every rank raises that rank's failure once all have run it."""
+        if not self.is_distributed:
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except Exception as exc:  # shared with the other ranks just below
+            failure = exc
+        self.raise_any(failure)
+
+    def raise_any(self, failure: BaseException | None) -> None:
+        """Every rank tells whether it failed (one gather); if any did, all raise RankFailure
+        with the first failed rank's message and code."""
+        infos = self.gather_objects(None if failure is None else failure_info(failure))
+        for rank, info in enumerate(infos):
+            if info is not None:
+                raise RankFailure(rank, **info) from failure
+
     def gather_reports(self, report: RankReport, has_grad: Sequence[bool]
                        ) -> tuple[list[RankReport], list[bool]]:
         """Every rank's report, in rank order, and which parameters have a gradient on any rank
@@ -141,8 +187,8 @@ class Ranks:
                            dtype=torch.float64, device=self.device)
         with _collective("agreeing on a target batch"):
             rows = self._all_gather(row).tolist()
-        reports = [RankReport(r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), r[5], int(r[6]),
-                              int(r[7]), int(r[8])) for r in rows]
+        reports = [RankReport(r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), bool(r[5]), r[6],
+                              int(r[7]), int(r[8]), int(r[9])) for r in rows]
         anywhere = [any(r[_FIELDS + i] for r in rows) for i in range(len(has_grad))]
         return reports, anywhere
 
@@ -159,9 +205,13 @@ class Ranks:
             if needed:
                 grads.append(param.grad)
         for bucket in _buckets(grads):
+            if len(bucket) == 1:
+                with _collective("summing gradients"):
+                    dist.all_reduce(bucket[0])
+                continue
             flat = torch.cat([g.reshape(-1) for g in bucket])
             with _collective("summing gradients"):
-                dist.all_reduce(flat.to(self.device) if flat.device != self.device else flat)
+                dist.all_reduce(flat)
             offset = 0
             for grad in bucket:
                 grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
@@ -214,10 +264,14 @@ class Ranks:
 
 
 def _buckets(grads: list[Tensor]) -> Iterator[list[Tensor]]:
-    """Gradients grouped by device and dtype, in pieces of at most BUCKET_BYTES."""
+    """Each gradient of BUCKET_BYTES or more alone; the smaller ones grouped by device and
+    dtype, in pieces of at most BUCKET_BYTES."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for grad in grads:
-        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+        if grad.numel() * grad.element_size() >= BUCKET_BYTES:
+            yield [grad]
+        else:
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
     for group in groups.values():
         bucket, size = [], 0
         for grad in group:
@@ -248,8 +302,10 @@ def process_group(world: World, device: torch.device, timeout_seconds: float) ->
         yield ranks
         ranks.barrier()  # leave together: a rank closing its links early aborts the others
     except MbpError as exc:
-        if not getattr(exc, "exit_at_once", False):  # the ranks agreed on it: all are here
+        if exc.agreed:  # every rank raised it: all are here
             ranks.barrier()
+        else:  # this rank's alone: leave at once, so the others lose contact and stop
+            exc.exit_at_once = True
         raise
     finally:
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to close

@@ -20,6 +20,7 @@ class MbpError(Exception):
 
     exit_code = EXIT_RUNTIME
     label = "error"  # how the CLI introduces the message
+    agreed = False  # several ranks: every rank raised it, having agreed (rank 0 reports it)
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         if message.startswith("Caught ") and "DataLoader worker" in message:
@@ -70,12 +71,14 @@ class NonFiniteLossError(MbpError):
     """The loss became NaN or infinite (train.on_nonfinite: stop)."""
 
     exit_code = EXIT_NONFINITE
+    agreed = True  # the global mean's: the same on every rank
 
 
 class StoppedError(MbpError):
     """Stopped by SIGINT or SIGTERM after a checkpoint; exit 130 or 143."""
 
     label = "stopped"
+    agreed = True  # the ranks stop after the same target batch
 
 
 class UserCodeError(UsageError):

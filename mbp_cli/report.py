@@ -89,7 +89,8 @@ def summary_table(s: Data) -> Table:
         ("eval loss", _number(s.get("eval_loss"))),
         ("eval accuracy", _percent(s.get("eval_accuracy"))),
         ("samples/s", _number(s["samples_per_second"], ",.0f")),
-        ("strategies", s.get("strategies", "fp32")),
+        ("precision", s.get("dtype", "float32") if s.get("strategies", "fp32") == "fp32"
+         else f"{s.get('dtype', 'float32')}, {s['strategies']}"),
         ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
         ("wall time", wall_time(s)), ("run folder", s["run_dir"]),
     ]
@@ -298,8 +299,10 @@ class PlainReporter(Reporter):
             Console(file=self.out, width=100).print(summary_table(e.summary))
         summary = e.summary
         if summary["steps"] < summary["total_steps"]:  # --max-steps
+            ranks = summary.get("world_size", 1)
             self._err(f"stopped after step {summary['steps']} of {summary['total_steps']}; "
-                      f"continue with: mbp train --resume {summary['run_dir']}")
+                      f"continue with: mbp train --resume {summary['run_dir']}"
+                      + (f" --nproc {ranks}" if ranks > 1 else ""))
 
 
 class StatsColumn(ProgressColumn):

@@ -19,7 +19,7 @@ from mbp_cli.rundir import write_atomic
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
     "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
-    "train.collective_timeout",
+    "train.collective_timeout", "batch.micro", "batch.shares",
     # exact either way: they change memory and speed, not the result
     "train.compile", "memory.checkpointing", "memory.checkpoint_modules", "memory.offload",
     "memory.offload_blocks",

@@ -72,6 +72,7 @@ from mbp_cli.memory.step import batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
+    is_out_of_memory,
     training_state_tensors,
     unless_out_of_memory,
 )
@@ -117,19 +118,41 @@ def run_step(setup: Setup, pieces: Iterable[Any], is_first: bool, ranks: Ranks,
     started = time.perf_counter()
     model = setup.model
     params = list(model.parameters())
+
+    def backward() -> StepSums | None:
+        with explained_step_errors(is_first):
+            return unless_out_of_memory(lambda: backward_sums(setup.micro_step, pieces),
+                                        setup.device, model)
+
     try:
         # BatchNorm's running statistics: one update, at the end, from every rank's pieces
-        with explained_step_errors(is_first), setup.target_batch(ranks):
-            sums = unless_out_of_memory(lambda: backward_sums(setup.micro_step, pieces),
-                                        setup.device, model)
+        with setup.target_batch(ranks):
+            failure = sums = None
+            try:
+                sums = backward()
+            except Exception as exc:
+                if not ranks.is_distributed:
+                    raise
+                failure = exc  # the other ranks learn it in the gather, and all stop
             mine = RankReport(*(dataclasses.astuple(sums) if sums else (0.0, 0.0, 0, 0)),
-                              sums is None, time.perf_counter() - started, memory.peak_bytes(),
-                              micro_batch, share)
+                              sums is None and failure is None, failure is not None,
+                              time.perf_counter() - started, memory.peak_bytes(), micro_batch,
+                              share)
             reports, has_grad = ranks.gather_reports(mine, [p.grad is not None for p in params])
+            if any(r.failed for r in reports):
+                ranks.raise_any(failure)
             if any(r.out_of_memory for r in reports):
                 model.zero_grad(set_to_none=True)
                 raise _RedoTargetBatch
-            ranks.sum_gradients(params, has_grad)
+            try:
+                ranks.sum_gradients(params, has_grad)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise DoesNotFitError(  # mid-exchange: this rank alone, the others wait on it
+                    f"out of memory on rank {ranks.world.rank} while summing the gradients "
+                    "over the ranks (small gradients are summed in 1 MiB pieces, beyond the "
+                    "step's peak): lower the micro-batch or raise the memory") from None
             total = StepSums(sum(r.loss_sum for r in reports), sum(r.items for r in reports),
                              sum(r.samples for r in reports),
                              sum(r.micro_batches for r in reports))
@@ -152,8 +175,9 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
     if options.resume and saved.exists():
         answer = json.loads(saved.read_text())
         choice = StrategyChoice(**answer["choice"]) if "choice" in answer else fixed
+        per_rank = answer.get("micro_batches") or []
         micro_batch = resumed_micro_batch or int(
-            answer.get("micro_batches", [answer["micro_batch"]] * world.size)[world.rank])
+            per_rank[world.rank] if len(per_rank) == world.size else answer["micro_batch"])
         emit(Probe(micro_batch, reused=str(saved),
                    strategies=choice.label if is_auto(recipe) else None))
         return choice, micro_batch, None
@@ -194,62 +218,70 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
            device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     world = ranks.world
-    if not world.is_main:
-        ranks.barrier()  # rank 0 builds first: a download happens once
-    setup = build(recipe, device)
-    if world.is_main:
-        ranks.barrier()
-    model, target = setup.model, recipe.batch.target
-    check_target_batch(recipe, len(setup.train_set))
-    optimizer = build_optimizer(recipe, model)
-    per_epoch = steps_per_epoch(len(setup.train_set), target, recipe.batch.drop_last)
-    total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
-    scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real schedule
-
     run_dir = ranks.broadcast(options.run_dir)  # torchrun's ranks may have named it apart
-    if world.is_main and is_running(run_dir):  # before anything in it is touched
-        raise UsageError(f"{run_dir} is in use by another mbp train")
-    folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
-    emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
-    loop = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
-        if options.resume else None
-    if loop is not None and loop.step >= total_steps:  # nothing to do: leave the run as it is
-        raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing to "
-                         "resume (to train longer: --resume with --set train.steps=N)")
-    if options.resume and world.is_main:
-        folder.open()  # it exists: log into it from the start
-    if world.is_main:
-        loggers = [LOGGERS[name](run_dir, loop.step if loop else 0)
-                   for name in recipe.train.log or []]
-        emit.sinks += loggers
-        folder.loggers = loggers
-    stop_step = total_steps
-    if options.max_steps is not None:
-        stop_step = min(total_steps, (loop.step if loop else 0) + options.max_steps)
-    simulated = options.simulated_memory
-    if simulated is not None:
-        simulated.register(training_state_tensors(model, optimizer))
-    memory = PeakMemory(device, simulated)
-    setup.train_mode()  # the probe measures the step as training runs it
-    choice, micro_batch, folder.probe = starting_point(
-        recipe, setup, optimizer, options, emit, loop.micro_batch if loop else None, world)
-    loop = loop or LoopState(micro_batch, world_size=world.size)
-    setup.use(choice, micro_batch=loop.micro_batch)
+    # Each part runs on every rank; an error on one rank stops every rank with its message.
+    with ranks.agreed():  # rank 0 builds first: a download happens once
+        setup = build(recipe, device) if world.is_main else None
+    with ranks.agreed():
+        setup = setup or build(recipe, device)
+        model, target = setup.model, recipe.batch.target
+        check_target_batch(recipe, len(setup.train_set))
+        optimizer = build_optimizer(recipe, model)
+        per_epoch = steps_per_epoch(len(setup.train_set), target, recipe.batch.drop_last)
+        total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
+        scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real one
+        if world.is_main and is_running(run_dir):  # before anything in it is touched
+            raise UsageError(f"{run_dir} is in use by another mbp train")
+        folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
+        emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
+        loop = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
+            if options.resume else None
+        if loop is not None and loop.step >= total_steps:  # nothing to do: leave it as it is
+            raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing "
+                             "to resume (to train longer: --resume with --set train.steps=N)")
+        if options.resume and world.is_main:
+            folder.open()  # it exists: log into it from the start
+        if world.is_main:
+            folder.loggers = [LOGGERS[name](run_dir, loop.step if loop else 0)
+                              for name in recipe.train.log or []]
+            emit.sinks += folder.loggers
+        stop_step = total_steps
+        if options.max_steps is not None:
+            stop_step = min(total_steps, (loop.step if loop else 0) + options.max_steps)
+        simulated = options.simulated_memory
+        if simulated is not None:
+            simulated.register(training_state_tensors(model, optimizer))
+        memory = PeakMemory(device, simulated)
+        setup.train_mode()  # the probe measures the step as training runs it
+        setting = batch_setting(recipe)
+        keeps_split = loop is not None and loop.world_size == world.size \
+            and loop.batch_setting in ({}, setting)
+        choice, micro_batch, folder.probe = starting_point(
+            recipe, setup, optimizer, options, emit, loop.micro_batch if keeps_split else None,
+            world)
+        if loop is not None and not keeps_split:
+            emit(RunWarning(
+                f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
+                f"{loop.batch_setting.get('micro', '?')} and batch.shares "
+                f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
+                f"{setting['micro']} and {setting['shares']}: each rank's share and "
+                "micro-batch are taken afresh; every update is still the full batch's, but the "
+                "run is no longer bitwise equal to an uninterrupted one"))
+            loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
+            loop.shares = []
+        loop = loop or LoopState(micro_batch, world_size=world.size)
+        loop.batch_setting = setting
+        if not loop.shares:
+            loop.shares = starting_shares(recipe.batch, world.size)
+        setup.use(choice, micro_batch=loop.micro_batch)
     micro_batches = ranks.gather_objects(loop.micro_batch)
     if folder.probe is not None and world.is_distributed:
         folder.probe["micro_batches"] = micro_batches
-    if len(loop.shares) != world.size or loop.world_size != world.size:
-        if loop.world_size != world.size:
-            emit(RunWarning(
-                f"the checkpoint was made by {loop.world_size} rank(s), this run has "
-                f"{world.size}: each rank's share is recomputed; every update is still the "
-                "full batch's, but the run is no longer bitwise equal to an uninterrupted one"))
-        loop.world_size, loop.speed_window = world.size, []
-        loop.shares = starting_shares(recipe.batch, world.size)
     precision = setup.micro_step.precision
     precision.load_state_dict(loop.loss_scale)
-    compile_seconds = compile_now(setup, optimizer, loop.micro_batch) \
-        if recipe.train.compile else None
+    with ranks.agreed():
+        compile_seconds = compile_now(setup, optimizer, loop.micro_batch) \
+            if recipe.train.compile else None
     first_step = loop.step
     stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                               recipe.batch.drop_last, stop_step, recipe.train.num_workers,
@@ -262,6 +294,10 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                sum(p.numel() for p in model.parameters()), str(run_dir),
                " on ".join(filter(None, (choice.label, setup.describe_blocks()))),
                micro_batches if world.is_distributed else None, loop.shares or None))
+    if world.is_distributed and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p
+                                    for m in model.modules()):
+        emit(RunWarning("the model has dropout: each rank draws its own masks, so the run "
+                        "equals a single process's in distribution, not number for number"))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: they normalize by the statistics of each "
@@ -351,6 +387,12 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
     return summary
 
 
+def batch_setting(recipe: Recipe) -> dict[str, Any]:
+    """How the recipe cuts target batches between ranks; a resume that changes it (or the
+    number of ranks) cuts afresh."""
+    return {"micro": recipe.batch.micro, "shares": recipe.batch.shares}
+
+
 def rebalance(recipe: Recipe, loop: LoopState, stream: MicroBatchStream,
               reports: list[RankReport], per_epoch: int, emit: Sink) -> None:
     """batch.balance: dynamic — when due, move the shares towards the faster ranks (every rank
@@ -404,7 +446,8 @@ def summarize(recipe: Recipe, loop: LoopState, choice: StrategyChoice, total_ste
         **loop.eval_result, "target_batch": target, "micro_batch": loop.micro_batch,
         "accumulation_steps": accumulation_steps(target, loop.micro_batch),
         "oom_retries": loop.oom_retries, "skipped_steps": loop.skipped_steps,
-        "overflow_skips": loop.overflow_skips, "precision": choice.precision,
+        "overflow_skips": loop.overflow_skips, "dtype": recipe.train.dtype,
+        "precision": choice.precision,
         "strategies": choice.label,
         "samples_per_second": (loop.samples_seen / loop.train_seconds
                                if loop.train_seconds else None),

@@ -13,12 +13,13 @@ from torch.utils.data import Dataset
 
 class Points(Dataset):
     """(features, class) pairs; on rank `slow_rank`, each sample takes `delay` seconds more;
-    on rank `dying_rank` the process is killed at its `die_after`-th sample; on rank
-    `nan_rank` every feature is NaN."""
+    on rank `dying_rank` the process is killed at its `die_after`-th sample, and on rank
+    `failing_rank` that sample raises, as a corrupt file would; on rank `nan_rank` every feature
+    is NaN."""
 
     def __init__(self, train: bool = True, n: int = 240, slow_rank: int = -1,
                  delay: float = 0.0, dying_rank: int = -1, die_after: int = 0,
-                 nan_rank: int = -1) -> None:
+                 nan_rank: int = -1, failing_rank: int = -1) -> None:
         g = torch.Generator().manual_seed(1 if train else 2)
         self.x = torch.randn(n, 6, generator=g)
         self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
@@ -27,6 +28,7 @@ class Points(Dataset):
             self.x = torch.full_like(self.x, float("nan"))
         self.delay = delay if self.rank == slow_rank else 0.0
         self.dies_after = die_after if self.rank == dying_rank else None
+        self.fails_after = die_after if self.rank == failing_rank else None
         self.served = 0
 
     def __len__(self) -> int:
@@ -36,6 +38,8 @@ class Points(Dataset):
         self.served += 1
         if self.dies_after is not None and self.served >= self.dies_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.fails_after is not None and self.served >= self.fails_after:
+            raise OSError(f"cannot read sample {i}: the file is truncated")
         if self.delay:
             time.sleep(self.delay)
         return self.x[i], self.y[i]

@@ -169,12 +169,12 @@ def wait_for(path_glob: str, folder: Path, process: subprocess.Popen, seconds: f
 @pytest.mark.slow
 def test_kill_9_of_the_launcher_then_resume_is_bitwise_equal(tmp_path):
     recipe = digits_recipe(tmp_path)
-    steps = ["--set", "train.steps=40", "--set", "train.checkpoint_every=5"]
+    steps = ["--set", "train.steps=150", "--set", "train.checkpoint_every=5"]
     whole = mbp("train", recipe, "--out", "whole", "--nproc", 2, "-q", *steps, cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     launcher = start_mbp("train", recipe, "--out", "cut", "--nproc", 2, "-q", *steps,
                          cwd=tmp_path)
-    wait_for("cut/checkpoints/step-000010.pt", tmp_path, launcher)
+    wait_for("cut/checkpoints/step-*.pt", tmp_path, launcher)
     launcher.kill()  # SIGKILL: no handler runs; the ranks die with it
     launcher.wait()
     resumed = mbp("train", "--resume", "cut", "--nproc", 2, "-q", cwd=tmp_path)
@@ -212,6 +212,20 @@ def test_a_rank_that_dies_ends_the_run_with_its_name(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    recipe = ranked_recipe(tmp_path, {"failing_rank": 1, "die_after": 30})
+    started = time.monotonic()
+    run = mbp("train", recipe, "--out", "run", "--nproc", 2, "--json", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr  # the user's code raised: exit 2, as one process
+    assert run.stderr.count("rank 1: error: dataset Points, sample") == 1
+    assert "OSError: cannot read sample" in run.stderr  # its traceback, once
+    assert "lost contact" not in run.stderr
+    errors = [e for e in map(json.loads, run.stdout.splitlines()) if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["exit_code"] == 2
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
 def test_resume_with_another_world_size_continues_exactly(tmp_path):
     recipe = digits_recipe(tmp_path)
     one = mbp("train", recipe, "--out", "one", "--set", "train.steps=4", "-q", cwd=tmp_path)
@@ -220,10 +234,16 @@ def test_resume_with_another_world_size_continues_exactly(tmp_path):
     assert one.returncode == 0 and first.returncode == 0, first.stderr
     rest = mbp("train", "--resume", "run", "--nproc", 3, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
-    assert "checkpoint was made by 2 rank(s), this run has 3" in rest.stderr
+    assert "checkpoint was made by 2 rank(s) with batch.micro 7" in rest.stderr
+    assert "this run has 3 with 7" in rest.stderr and "no longer bitwise" in rest.stderr
     assert largest_relative_difference(parameters(tmp_path / "one"),
                                        parameters(tmp_path / "run")) <= 1e-10
     assert events(tmp_path / "run", "step")[-1]["ranks"][2]["share"] == 16
+    # Per-rank lists change with the number of ranks: allowed on resume, cut afresh.
+    more = mbp("train", "--resume", "run", "--nproc", 2, "--set", "train.steps=6", "--set",
+               "batch.shares=[3, 1]", "--set", "batch.micro=[9, 4]", "-q", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert [r["share"] for r in events(tmp_path / "run", "step")[-1]["ranks"]] == [38, 12]
 
 
 @pytest.mark.slow
