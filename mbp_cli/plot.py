@@ -22,6 +22,17 @@ def require_pyplot() -> Any:
     return plt
 
 
+def save(figure: Any, path: Path, plt: Any, dpi: int) -> None:
+    """Write the figure as a PNG (a clear error where it cannot be written) and free it."""
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=dpi)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+
+
 def plot_probe(result: dict[str, Any], path: Path) -> dict[str, list[int]]:
     """Draw the probe's measurements (those over the usable budget, or out of memory, marked),
     the fit the choice was made with and the budget into a PNG file; return the micro-batch
@@ -58,13 +69,7 @@ def plot_probe(result: dict[str, Any], path: Path) -> dict[str, list[int]]:
     axes.set_ylabel(f"peak memory ({unit})")
     axes.set_title(f"memory of one training step ({result['backend']})")
     axes.legend()
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=120)
-    except OSError as exc:
-        raise UsageError(f"--plot: cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        plt.close(figure)
+    save(figure, path, plt, dpi=120)
     return {"fits": [m["micro_batch"] for m in fitted], "over": [m["micro_batch"] for m in over],
             "out_of_memory": failed}
 
@@ -102,11 +107,5 @@ def plot_runs(records: list[Any], path: Path) -> dict[str, list[list[float]]]:
     for axes in grid[1]:
         axes.set_xlabel("optimizer step")
     grid.flat[0].legend(fontsize="small")
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        plt.close(figure)
+    save(figure, path, plt, dpi=110)
     return drawn

@@ -107,11 +107,11 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_readme_recipe_reaches_95_percent(tmp_path):
+def test_the_readme_recipe_reaches_96_5_percent(tmp_path):
     """`mbp train recipes/digits.yaml`, the README's first command, as a user runs it."""
     summary = train(load_recipe(REPO / "recipes" / "digits.yaml"), RunOptions(tmp_path / "run"),
                     sinks=[])
-    assert summary["eval_accuracy"] >= 0.95
+    assert summary["eval_accuracy"] >= 0.965  # the README's promise (seeds 0–4: 98.3–99.2%)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 200
 
 
