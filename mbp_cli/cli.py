@@ -54,13 +54,23 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 
 def _leave(exc: MbpError) -> None:
-    """Exit with the error's code; where this rank's process group is broken, or the other
-    ranks must see it gone, at once (the interpreter's cleanup would wait on them or abort)."""
-    if getattr(exc, "exit_at_once", False):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exc.exit_code)
+    """Exit with the error's code; a rank leaves at once (see `_exit_rank`)."""
+    if getattr(exc, "exit_at_once", False) or _is_rank():
+        _exit_rank(exc.exit_code)
     raise typer.Exit(exc.exit_code) from None
+
+
+def _is_rank() -> bool:
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def _exit_rank(code: int) -> None:
+    """End a rank's process without the interpreter's cleanup: gloo's threads can still hold
+    tensors then, and tearing them down aborts the process (SIGABRT) after a good run; a
+    broken process group would wait on the other ranks. Everything is written and closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _version(value: bool) -> None:
@@ -155,6 +165,8 @@ def train(
         finally:
             for sink in sinks:
                 getattr(sink, "close", lambda: None)()  # a live display stops
+        if _is_rank():
+            _exit_rank(0)
 
 
 def _rank_arguments(recipe: Path | None, set_: list[str] | None, resume: Path | None,
