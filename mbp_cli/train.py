@@ -253,26 +253,10 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
             simulated.register(training_state_tensors(model, optimizer))
         memory = PeakMemory(device, simulated)
         setup.train_mode()  # the probe measures the step as training runs it
-        setting = batch_setting(recipe)
-        keeps_split = loop is not None and loop.world_size == world.size \
-            and loop.batch_setting in ({}, setting)
+        keeps = keeps_split(loop, recipe, world)
         choice, micro_batch, folder.probe = starting_point(
-            recipe, setup, optimizer, options, emit, loop.micro_batch if keeps_split else None,
-            world)
-        if loop is not None and not keeps_split:
-            emit(RunWarning(
-                f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
-                f"{loop.batch_setting.get('micro', '?')} and batch.shares "
-                f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
-                f"{setting['micro']} and {setting['shares']}: each rank's share and "
-                "micro-batch are taken afresh; every update is still the full batch's, but the "
-                "run is no longer bitwise equal to an uninterrupted one"))
-            loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
-            loop.shares = []
-        loop = loop or LoopState(micro_batch, world_size=world.size)
-        loop.batch_setting = setting
-        if not loop.shares:
-            loop.shares = starting_shares(recipe.batch, world.size)
+            recipe, setup, optimizer, options, emit, loop.micro_batch if keeps else None, world)
+        loop = split_state(loop, keeps, recipe, world, micro_batch, emit)
         setup.use(choice, micro_batch=loop.micro_batch)
     micro_batches = ranks.gather_objects(loop.micro_batch)
     if folder.probe is not None and world.is_distributed:
@@ -391,6 +375,34 @@ def batch_setting(recipe: Recipe) -> dict[str, Any]:
     """How the recipe cuts target batches between ranks; a resume that changes it (or the
     number of ranks) cuts afresh."""
     return {"micro": recipe.batch.micro, "shares": recipe.batch.shares}
+
+
+def keeps_split(loop: LoopState | None, recipe: Recipe, world: World) -> bool:
+    """Whether a resumed run keeps its checkpoint's cut: the same ranks, the same settings."""
+    return loop is not None and loop.world_size == world.size \
+        and loop.batch_setting in ({}, batch_setting(recipe))
+
+
+def split_state(loop: LoopState | None, keeps: bool, recipe: Recipe, world: World,
+                micro_batch: int, emit: Sink) -> LoopState:
+    """The loop state to train from, with this rank's micro-batch and every rank's share: the
+    checkpoint's where the cut is kept, else taken afresh (said in a warning)."""
+    setting = batch_setting(recipe)
+    if loop is not None and not keeps:
+        emit(RunWarning(
+            f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
+            f"{loop.batch_setting.get('micro', '?')} and batch.shares "
+            f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
+            f"{setting['micro']} and {setting['shares']}: each rank's share and micro-batch "
+            "are taken afresh; every update is still the full batch's, but the run is no "
+            "longer bitwise equal to an uninterrupted one"))
+        loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
+        loop.shares = []
+    loop = loop or LoopState(micro_batch, world_size=world.size)
+    loop.batch_setting = setting
+    if not loop.shares:
+        loop.shares = starting_shares(recipe.batch, world.size)
+    return loop
 
 
 def rebalance(recipe: Recipe, loop: LoopState, stream: MicroBatchStream,
