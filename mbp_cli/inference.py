@@ -40,26 +40,31 @@ def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None
         raise UsageError(f"{run_dir} is not a run folder: it has no recipe.yaml")
     recipe = load_recipe(saved, overrides)
     weights = checkpoint or run_dir / "model.pt"
+    if checkpoint is not None and not checkpoint.is_file():
+        raise UsageError(f"--checkpoint {checkpoint}: no such file")
     if not weights.is_file():
         raise UsageError(f"{weights} not found: the run has not finished (give --checkpoint "
                          f"{run_dir}/checkpoints/step-….pt)")
-    if checkpoint is not None:
-        try:
-            state = load_checkpoint(checkpoint)["model"]
-        except ValueError as exc:
-            raise UsageError(f"cannot use checkpoint {checkpoint}: {exc}") from exc
-    else:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated or foreign file fails in many ways
-            raise UsageError(f"cannot load {weights}: {' '.join(str(exc).split())[:200]}") \
-                from exc
+    state = _weights(weights)
     setup = build(recipe, resolve_device(recipe.train.device))
     try:
         setup.model.load_state_dict(state)
     except RuntimeError as exc:
         raise UsageError(f"{weights} does not fit the run's model: {str(exc)[:300]}") from exc
     return LoadedRun(recipe, setup, _micro_batch(run_dir, recipe), weights)
+
+
+def _weights(path: Path) -> dict[str, Any]:
+    """A state dict: model.pt as it is, or a checkpoint's model (loaded weights-only)."""
+    try:
+        return load_checkpoint(path)["model"]
+    except ValueError as exc:
+        if "not an mbp checkpoint" not in str(exc):
+            raise UsageError(f"cannot load {path}: {exc}") from exc
+    state = torch.load(path, map_location="cpu", weights_only=True)  # loaded just above
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds {type(state).__name__}, not a state dict")
+    return state
 
 
 def _micro_batch(run_dir: Path, recipe: Recipe) -> int:
@@ -95,8 +100,8 @@ def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Tensor]:
             try:
                 tensor = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise UsageError(f"{path} is neither an image nor a tensor file saved with "
-                                 f"torch.save ({' '.join(str(exc).split())[:120]})") from exc
+                raise UsageError(f"{path} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor "
+                             "a tensor file saved with torch.save") from exc
             if not isinstance(tensor, Tensor):
                 raise UsageError(f"{path} holds {type(tensor).__name__}, not a tensor")
         if sample is not None and tensor.shape == sample.shape:
@@ -135,19 +140,36 @@ def _image(path: Path, transform: Any, sample: Tensor | None) -> Tensor:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])(image)
 
 
+def _classes(dataset: Any) -> list[str] | None:
+    """The class names a dataset (or one it wraps: a held-out subset, mbp's reader) has."""
+    while dataset is not None:
+        names = getattr(dataset, "classes", None)
+        if names:
+            return list(names)
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
 def predict(run: LoadedRun, inputs: list[Tensor], top: int) -> list[dict[str, Any]]:
     """Each input's top-k classes with probabilities (softmax of the scores), or, where the
     output is not (N, classes) scores, the raw output."""
     setup = run.setup
-    classes = getattr(setup.eval_set, "classes", None) or getattr(setup.train_set, "classes",
-                                                                  None)
+    classes = _classes(setup.eval_set) or _classes(setup.train_set)
     setup.model.eval()
     answers = []
     with torch.no_grad():
         for tensor in inputs:
             batch = tensor.to(setup.device, setup.micro_step.dtype if tensor.is_floating_point()
                               else tensor.dtype)
-            output = pick_output(setup.model(batch), run.recipe.model.output).float().cpu()
+            try:
+                output = pick_output(setup.model(batch), run.recipe.model.output).float().cpu()
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                sample = _first_input(setup)
+                expected = f" (a sample of the run's data is {tuple(sample.shape)})" \
+                    if sample is not None else ""
+                raise UsageError(f"the model cannot take an input of shape "
+                                 f"{tuple(batch.shape)}{expected}: "
+                                 f"{str(exc).splitlines()[0][:200]}") from exc
             if output.dim() != 2:
                 answers.append({"output": output})
                 continue

@@ -307,10 +307,10 @@ class PlainReporter(Reporter):
 
 class StatsColumn(ProgressColumn):
     """The step's figures, as many as fit the terminal beside the step, the bar and the times:
-    peak memory goes first, then samples/s, the micro-batch split and the epoch; loss and lr
-    stay. Parts are dropped whole, never cut."""
+    peak memory goes first, then samples/s, the micro-batch split and the epoch, and below
+    80 columns lr and loss. Parts are dropped whole, never cut."""
 
-    DROP_ORDER = ("peak", "rate", "split", "epoch")
+    DROP_ORDER = ("peak", "rate", "split", "epoch", "lr", "loss")
 
     def __init__(self, console: Console, others_width: int) -> None:
         super().__init__()

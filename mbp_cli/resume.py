@@ -67,6 +67,11 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     loop = None
     if state is not None:
         loop = restore(state, model, optimizer, scheduler, world.rank, world.size)
+        # The learning rate for the next step is this recipe's schedule's (train.steps may
+        # have changed), not the one the checkpoint's optimizer last had.
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                          scheduler.lr_lambdas, strict=True):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
     step = loop.step if loop is not None else 0
     if world.is_main:
         trim_metrics(run_dir / "metrics.jsonl", step)

@@ -67,6 +67,8 @@ class RunRecord:
 
 def read_run(path: Path) -> RunRecord:
     """Read a run folder (done, stopped, failed or still running)."""
+    if not path.is_dir():
+        raise UsageError(f"no such run folder: {path}")
     if not (path / "metrics.jsonl").is_file():
         raise UsageError(f"{path} is not a run folder: it has no metrics.jsonl")
     events: dict[str, list[dict[str, Any]]] = {}
@@ -107,8 +109,13 @@ def run_status(path: Path, summary: dict | None, events: dict[str, list], step: 
 
 
 def find_runs(folder: Path) -> list[RunRecord]:
-    """The run folders directly under `folder`, oldest first."""
-    if not folder.is_dir():
-        raise UsageError(f"no such folder: {folder}")
+    """The run folders directly under `folder` (or `folder` itself, a run), oldest first;
+    none where the folder does not exist yet."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder of runs")
+    if (folder / "metrics.jsonl").is_file():
+        return [read_run(folder)]
+    if not folder.exists():
+        return []
     found = [p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()]
     return [read_run(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]

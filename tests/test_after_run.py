@@ -64,6 +64,12 @@ def test_runs_lists_each_status(cli, runs_folder):
     assert runs["done"]["best_eval_accuracy"] >= final["eval_accuracy"]
     table = cli("runs", runs_folder / "runs")
     assert "stopped at step 1" in table.output and "failed at step 0" in table.output
+    alone = json.loads(cli("runs", runs_folder / "runs/done", "--json").output)
+    assert [Path(r["path"]).name for r in alone] == ["done"]  # a run folder itself
+    none_yet = cli("runs", runs_folder / "nothing-here")
+    assert none_yet.exit_code == 0 and "no runs in" in none_yet.output
+    assert cli("runs", runs_folder / "digits.yaml").exit_code == 2
+    assert "no such run folder" in cli("report", runs_folder / "runs/nope").output
 
 
 def test_report_draws_every_run_against_steps(cli, runs_folder, tmp_path):
@@ -88,6 +94,12 @@ def test_eval_equals_the_runs_final_eval(cli, runs_folder):
     answer = json.loads(result.output)
     assert answer["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
     assert answer["eval_accuracy"] == summary["eval_accuracy"]
+    checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]  # step 4: the end
+    for weights in (checkpoint, run / "model.pt"):
+        again = json.loads(cli("eval", run, "--checkpoint", weights, "--json").output)
+        assert again["eval_accuracy"] == summary["eval_accuracy"]
+    missing = cli("eval", run, "--checkpoint", run / "nope.pt")
+    assert missing.exit_code == 2 and "no such file" in missing.output
     missing = cli("eval", runs_folder / "runs/failed")
     assert missing.exit_code == 2 and "has not finished" in missing.output
 
@@ -109,6 +121,31 @@ def test_predict_a_png_as_the_model_scores_it(cli, runs_folder, tmp_path):
     assert answer["top"][0][0]["probability"] == pytest.approx(best.values[0].item(), rel=1e-5)
     bad = cli("predict", run, tmp_path / "missing.png")
     assert bad.exit_code == 2 and "input not found" in bad.output
+    torch.save(torch.zeros(3, 8, 8), tmp_path / "rgb.pt")
+    wrong = cli("predict", run, tmp_path / "rgb.pt")
+    assert wrong.exit_code == 2 and "cannot take an input of shape (3, 8, 8)" in wrong.output
+    assert "(1, 8, 8)" in wrong.output
+
+
+def test_predict_names_the_classes_a_dataset_has(cli, tmp_path):
+    """An ImageFolder's class names reach the answer (through mbp's wrappers of the dataset)."""
+    for name, shade in (("cats", 30), ("dogs", 220)):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (shade + i, shade, shade)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(
+        model={"name": "small_cnn", "args": {"num_classes": 2, "in_channels": 3, "width": 4}},
+        data={"name": "ImageFolder", "args": {"root": str(tmp_path / "images")},
+              "eval_fraction": 0.2},
+        batch={"target": 8, "micro": 4}, train={"steps": 2, "eval_every": 0,
+                                                 "device": "cpu"})))
+    assert cli("train", recipe, "--out", tmp_path / "run", "-q").exit_code == 0
+    result = cli("predict", tmp_path / "run", tmp_path / "images/dogs/0.png", "--json")
+    assert result.exit_code == 0, result.output
+    names = {c["name"] for c in json.loads(result.output)[0]["top"][0]}
+    assert names == {"cats", "dogs"}
 
 
 @pytest.mark.slow

@@ -261,3 +261,20 @@ def test_max_steps_keeps_the_schedule_and_resume_finishes_it_bitwise(cli, tmp_pa
         first["wall_seconds"] + done["resumed_wall_seconds"], rel=0.05)
     assert "this part, from step 12" in cli("train", "--resume", tmp_path / "part",
                                            "--set", "train.steps=13").output
+
+
+def test_more_or_fewer_steps_on_resume_take_the_new_schedule_from_the_next_step(cli, tmp_path):
+    """Stopped at step 3 of a 12-step cosine and resumed with train.steps=8: step 4 already has
+    the 8-step schedule's learning rate (not one more step of the old one)."""
+    recipe = dict(RECIPE, train={**RECIPE["train"], "steps": 12, "checkpoint_every": 0})
+    path = write(tmp_path, recipe)
+    eight = cli("train", path, "--out", tmp_path / "eight", "--json", "--set", "train.steps=8")
+    part = cli("train", path, "--out", tmp_path / "part", "--json", "--max-steps", "3")
+    rest = cli("train", "--resume", tmp_path / "part", "--json", "--set", "train.steps=8")
+    assert eight.exit_code == part.exit_code == rest.exit_code == 0, rest.output
+
+    def lrs(result) -> list[float]:
+        return [e["lr"] for e in map(json.loads, result.stdout.splitlines())
+                if e["event"] == "step"]
+
+    assert lrs(rest) == pytest.approx(lrs(eight)[3:], rel=1e-12)
