@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mbp_cli.build import Setup, build, resolve_device, split_transforms
-from mbp_cli.checkpoint import load_checkpoint
+from mbp_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
@@ -57,11 +57,11 @@ def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None
 def _weights(path: Path) -> dict[str, Any]:
     """A state dict: model.pt as it is, or a checkpoint's model (loaded weights-only)."""
     try:
-        return load_checkpoint(path)["model"]
-    except ValueError as exc:
-        if "not an mbp checkpoint" not in str(exc):
-            raise UsageError(f"cannot load {path}: {exc}") from exc
-    state = torch.load(path, map_location="cpu", weights_only=True)  # loaded just above
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise UsageError(f"cannot load {path}: {' '.join(str(exc).split())[:200]}") from exc
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state["model"]
     if not isinstance(state, dict):
         raise UsageError(f"{path} holds {type(state).__name__}, not a state dict")
     return state
