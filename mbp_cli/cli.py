@@ -34,8 +34,11 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
-        if rank and (exc.agreed or type(exc).__name__ == "LostRankError"):
-            _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
+        if rank:
+            from mbp_cli.distributed import LostRankError  # a rank: torch is loaded already
+
+            if exc.agreed or isinstance(exc, LostRankError):
+                _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
         if as_json:
             typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
                                    "message": str(exc)}))

@@ -102,7 +102,9 @@ class RankReport:
                 "peak_memory_bytes": self.peak_bytes}
 
 
-_FIELDS = len(RankReport.__dataclass_fields__)
+# A report crosses the ranks as float64 numbers; its fields' types bring them back.
+_FIELD_TYPES = [{"float": float, "int": int, "bool": bool}[f.type]
+                for f in RankReport.__dataclass_fields__.values()]
 
 
 class RankFailure(MbpError):
@@ -187,9 +189,11 @@ class Ranks:
                            dtype=torch.float64, device=self.device)
         with _collective("agreeing on a target batch"):
             rows = self._all_gather(row).tolist()
-        reports = [RankReport(r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), bool(r[5]), r[6],
-                              int(r[7]), int(r[8]), int(r[9])) for r in rows]
-        anywhere = [any(r[_FIELDS + i] for r in rows) for i in range(len(has_grad))]
+        fields = len(_FIELD_TYPES)
+        reports = [RankReport(*(kind(value) for kind, value in zip(_FIELD_TYPES, r[:fields],
+                                                                   strict=True)))
+                   for r in rows]
+        anywhere = [any(r[fields + i] for r in rows) for i in range(len(has_grad))]
         return reports, anywhere
 
     def sum_gradients(self, params: Sequence[nn.Parameter], has_grad: Sequence[bool]) -> None:

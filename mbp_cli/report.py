@@ -12,13 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mbp_cli import events as ev
-from mbp_cli.units import format_bytes
+from mbp_cli.units import format_bytes, format_percent
 
 Data = dict[str, Any]
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _number(value: float | None, spec: str = ".4f") -> str:
@@ -57,7 +53,7 @@ def start_line(e: ev.Start) -> str:
 def eval_line(e: ev.Eval) -> str:
     """One plain line for an eval event."""
     return (f"eval @ step {e.step}: loss {_number(e.eval_loss)}  "
-            f"accuracy {_percent(e.eval_accuracy)}")
+            f"accuracy {format_percent(e.eval_accuracy)}")
 
 
 def batch_split(s: Data) -> str:
@@ -87,7 +83,7 @@ def summary_table(s: Data) -> Table:
         ("batch", batch_split(s)),
         ("final train loss", _number(s["final_train_loss"])),
         ("eval loss", _number(s.get("eval_loss"))),
-        ("eval accuracy", _percent(s.get("eval_accuracy"))),
+        ("eval accuracy", format_percent(s.get("eval_accuracy"))),
         ("samples/s", _number(s["samples_per_second"], ",.0f")),
         ("precision", s.get("dtype", "float32") if s.get("strategies", "fp32") == "fp32"
          else f"{s.get('dtype', 'float32')}, {s['strategies']}"),
@@ -142,7 +138,7 @@ def probe_table(result: Data) -> Table:
         peak, seconds = m["peak_bytes"], m["step_seconds"]
         table.add_row(
             str(m["micro_batch"]), format_bytes(peak) if peak is not None else "out of memory",
-            "-" if peak is None else _percent(peak / result["budget_bytes"])
+            "-" if peak is None else format_percent(peak / result["budget_bytes"])
             + (" over" if peak > result["usable_bytes"] else ""),
             f"{seconds * 1e3:.1f} ms" if seconds is not None else "-",
             _number(m["micro_batch"] / seconds if seconds else None, ",.0f"))

@@ -5,11 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from mbp_cli.runs import RunRecord
-from mbp_cli.units import format_bytes
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
+from mbp_cli.units import format_bytes, format_percent
 
 
 def _seconds(value: float | None) -> str:
@@ -27,10 +23,9 @@ def runs_table(records: list[RunRecord]) -> Table:
         table.add_column(column, no_wrap=column == "status",
                          justify="right" if column in ("steps", "wall time") else "left")
     for r in records:
-        steps = f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps)
         loss = "-" if r.best_eval_loss is None else f"{r.best_eval_loss:.4f}"
-        table.add_row(r.path.name, r.name, r.status, steps, _percent(r.best_eval_accuracy),
-                      loss, _seconds(r.wall_seconds))
+        table.add_row(r.path.name, r.name, r.status, r.progress,
+                      format_percent(r.best_eval_accuracy), loss, _seconds(r.wall_seconds))
     return table
 
 
@@ -45,12 +40,12 @@ def comparison_table(records: list[RunRecord]) -> Table:
         table.add_row(label, *[value(r, r.summary or {}) for r in records])
 
     row("status", lambda r, s: r.status)
-    row("steps", lambda r, s: f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps))
+    row("steps", lambda r, s: r.progress)
     row("target batch", lambda r, s: _start(r, "target_batch"))
     row("micro-batch", lambda r, s: _start(r, "micro_batch"))
     row("final train loss", lambda r, s: _last(r, "step", "loss", "{:.4f}"))
     row("eval loss", lambda r, s: _last(r, "eval", "eval_loss", "{:.4f}"))
-    row("eval accuracy", lambda r, s: _percent(_last_value(r, "eval", "eval_accuracy")))
+    row("eval accuracy", lambda r, s: format_percent(_last_value(r, "eval", "eval_accuracy")))
     row("samples/s", lambda r, s: "-" if not s.get("samples_per_second") else
         f"{s['samples_per_second']:,.0f}")
     row("peak memory", lambda r, s: "-" if not s.get("peak_memory_bytes") else

@@ -57,6 +57,11 @@ class RunRecord:
     summary: dict[str, Any] | None = None
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
+    @property
+    def progress(self) -> str:
+        """Steps done, of the schedule's: '87/150'."""
+        return f"{self.steps}/{self.total_steps}" if self.total_steps else str(self.steps)
+
     def to_dict(self) -> dict[str, Any]:
         """The record for --json, without the events."""
         data = asdict(self)

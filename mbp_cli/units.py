@@ -1,4 +1,5 @@
-"""Memory sizes in words: '20GiB' to bytes and back (stdlib only)."""
+"""Memory sizes in words, '20GiB' to bytes and back, and fractions as percentages (stdlib
+only)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ def parse_bytes(value: int | str) -> int:
     if not match or unit not in _UNITS or float(match[1]) <= 0:
         raise ValueError(f"{value!r} is not a memory size such as 512MiB, 20GiB or 1.5GB")
     return int(float(match[1]) * _UNITS[unit])
+
+
+def format_percent(value: float | None) -> str:
+    """0.9916 → '99.16%'."""
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def format_bytes(count: float | None) -> str:
