@@ -150,8 +150,11 @@ def train(
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
             from mbp_cli.balance import check_rank_lists
             from mbp_cli.launch import check_gpus, launch
+            from mbp_cli.partition.run import check_part_ranks
 
             check_rank_lists(loaded.batch, nproc)
+            if loaded.train.partition is not None:
+                check_part_ranks(loaded, nproc)
             check_gpus(chosen, nproc)
             args = _rank_arguments(recipe, set_, resume, run_dir, overwrite, max_steps, device,
                                    json_, quiet, budget, simulate_memory)

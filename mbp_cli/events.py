@@ -154,6 +154,20 @@ class Stopped(Event):
 
 
 @dataclass(frozen=True)
+class Part(Event):
+    """A partitioned run (train.partition) comes to one of its parts."""
+
+    kind: ClassVar[str] = "part"
+    part: int
+    parts: int
+    begins: str  # the module the part begins at (input: the model's first)
+    ends: str  # the module the next part begins at (output: the part is the last)
+    parameters: int
+    run_dir: str  # the part's own run folder
+    already_done: bool = False  # a resume finds it trained: its weights are loaded
+
+
+@dataclass(frozen=True)
 class Done(Event):
     """The run finished; the summary, as summary.json has it."""
 
@@ -167,7 +181,7 @@ class Done(Event):
 
 Sink = Callable[[Event], None]
 KINDS = {cls.kind: cls for cls in (Start, Step, Eval, Probe, RunWarning, OutOfMemory, Overflow,
-                                   Rebalance, Resume, Stopped, Done)}
+                                   Rebalance, Resume, Stopped, Part, Done)}
 
 
 def dispatch(receiver: object, event: Event) -> None:

@@ -211,9 +211,24 @@ def bce_with_logits() -> LossFn:
     return _elementwise(F.binary_cross_entropy_with_logits)
 
 
+def cosine() -> LossFn:
+    """1 − cosine similarity between each sample's output and target (flattened), per sample."""
+
+    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        flat = output.reshape(output.shape[0], -1)
+        if target.numel() != output.numel():
+            raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
+                             f"{tuple(target.shape)}")
+        similarity = F.cosine_similarity(flat, target.reshape(flat.shape).to(output.dtype), dim=1)
+        return (1 - similarity).sum(), torch.tensor(flat.shape[0], device=output.device)
+
+    return loss
+
+
 LOSSES: dict[str, Callable[..., LossFn]] = {
     "cross_entropy": cross_entropy, "nll": nll, "mse": mse, "l1": l1,
     "smooth_l1": smooth_l1, "huber": huber, "bce_with_logits": bce_with_logits,
+    "cosine": cosine,
 }
 
 

@@ -74,6 +74,25 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
+class LabelSpec:
+    """train.partition.labels: the synthetic intermediate labels, one random code per class."""
+
+    kind: str = spec("gaussian", choices=("gaussian", "uniform"))  # uniform: [0, 1), after ReLU
+    dim: int | str = spec("auto", minimum=1)  # the code's size: the cut's width ('auto')
+    noise: float = spec(0.1, minimum=0.0)  # std of the noise on the code a later part reads
+    seed: int | None = spec(None, minimum=0)  # default: the recipe's seed
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """train.partition (experimental): the model cut into parts that train apart."""
+
+    at: list = spec()  # where a new part begins: module names (or Sequential indices)
+    labels: dict[str, Any] = spec({})  # a LabelSpec
+    intermediate_loss: str = spec("mse", choices=("mse", "cosine"))
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     steps: int | None = spec(None, minimum=1)
     epochs: int | None = spec(None, minimum=1)
@@ -89,6 +108,7 @@ class TrainSpec:
     precision: str = spec("fp32", choices=("fp32", "bf16", "fp16", "auto"))  # autocast
     compile: bool = spec(False)  # torch.compile the model
     collective_timeout: float = spec(1800.0, minimum=1.0)  # seconds a rank waits for the others
+    partition: dict[str, Any] | None = spec(None)  # a PartitionSpec: experimental
 
 
 @dataclass(frozen=True)
@@ -243,8 +263,46 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
         if name not in LOGGERS:
             problems.append(f"train.log: {name!r} is not a logger mbp has; it has "
                             f"{', '.join(LOGGERS)}" + suggest(str(name), list(LOGGERS)))
+    if train.partition is not None:
+        _check_partition(recipe, problems)
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
+
+
+def partition_spec(recipe: Recipe) -> tuple[PartitionSpec, LabelSpec] | None:
+    """train.partition and its labels as dataclasses (None: normal training)."""
+    if recipe.train.partition is None:
+        return None
+    problems: list[str] = []
+    partition = build_section(PartitionSpec, recipe.train.partition, "train.partition", problems)
+    labels = build_section(LabelSpec, partition.labels, "train.partition.labels", problems)
+    return partition, labels
+
+
+def _check_partition(recipe: Recipe, problems: list[str]) -> None:
+    found: list[str] = []
+    partition = build_section(PartitionSpec, recipe.train.partition, "train.partition", found)
+    if partition.labels is not None:
+        labels = build_section(LabelSpec, partition.labels, "train.partition.labels", found)
+        if isinstance(labels.dim, str) and labels.dim != "auto":
+            found.append(f"train.partition.labels.dim: expected 'auto' or an integer, got "
+                         f"{labels.dim!r}")
+    at = partition.at
+    if isinstance(at, list) and not (at and all(
+            isinstance(a, str) or isinstance(a, int) and not isinstance(a, bool) and a >= 0
+            for a in at)):
+        found.append("train.partition.at: expected a list of module names (or indices of a "
+                      f"Sequential) where a new part begins, such as [layer3]; got {at!r}")
+    unsupported = {"train.precision: auto": recipe.train.precision == "auto",
+                   "memory.checkpointing": recipe.memory.checkpointing != "off",
+                   "memory.offload": recipe.memory.offload != "off",
+                   "train.compile": recipe.train.compile,
+                   "batch.shares": recipe.batch.shares is not None,
+                   "batch.micro (a list per rank)": isinstance(recipe.batch.micro, list)}
+    for key, is_set in unsupported.items():
+        if is_set:
+            found.append(f"{key}: not supported with train.partition (experimental) yet")
+    problems += found
 
 
 def _is_count(value: Any) -> bool:

@@ -92,9 +92,21 @@ def summary_table(s: Data) -> Table:
     ]
     if s.get("compile_seconds") is not None:
         rows.insert(-2, ("compile time", f"{s['compile_seconds']:.1f} s (not in samples/s)"))
+    for part in (s.get("partition") or {}).get("parts", []):
+        rows.insert(-2, (f"part {part['part']} ({part['begins']} → {part['ends']})",
+                         part_figures(part)))
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def part_figures(part: Data) -> str:
+    """One part's own figures in a partitioned run's summary."""
+    accuracy = "" if part["eval_accuracy"] is None else \
+        f" ({format_percent(part['eval_accuracy'])} on noisy codes)"
+    return (f"eval loss {_number(part['eval_loss'])}{accuracy}, micro-batch "
+            f"{part['micro_batch']} × {part['accumulation_steps']}, peak "
+            f"{format_bytes(part['peak_memory_bytes'])}, {part['wall_seconds']:.1f} s")
 
 
 def probe_line(e: ev.Probe) -> str:
@@ -106,6 +118,15 @@ def probe_line(e: ev.Probe) -> str:
             f"accumulation steps; peak {format_bytes(e.verified_peak_bytes)} measured, "
             f"{format_bytes(e.predicted_peak_bytes)} predicted, budget "
             f"{format_bytes(e.budget_bytes)}")
+
+
+def part_line(e: ev.Part) -> str:
+    """The plain line that opens one part of a partitioned run."""
+    learns = "the class" if e.ends == "output" else f"the class code at {e.ends}"
+    reads = "the inputs" if e.begins == "input" else f"the code at {e.begins} + noise"
+    state = "already trained: loaded" if e.already_done else f"→ {e.run_dir}"
+    return (f"part {e.part}/{e.parts} ({e.begins} → {e.ends}): learns {learns} from {reads}; "
+            f"{e.parameters:,} parameters {state}")
 
 
 def overflow_line(e: ev.Overflow) -> str:
@@ -239,6 +260,9 @@ class Reporter:
     def on_resume(self, e: ev.Resume) -> None:
         """The run continues from a checkpoint."""
 
+    def on_part(self, e: ev.Part) -> None:
+        """A partitioned run comes to one of its parts."""
+
     def on_stopped(self, e: ev.Stopped) -> None:
         """A signal stopped the run."""
 
@@ -283,6 +307,9 @@ class PlainReporter(Reporter):
 
     def on_oom(self, e: ev.OutOfMemory) -> None:
         self._err(oom_line(e))
+
+    def on_part(self, e: ev.Part) -> None:
+        self._err(part_line(e))
 
     def on_overflow(self, e: ev.Overflow) -> None:
         self._err(overflow_line(e))

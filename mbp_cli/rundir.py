@@ -20,7 +20,7 @@ from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
 from mbp_cli.runs import held_lock
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
-                "checkpoints", "tensorboard")
+                "checkpoints", "tensorboard", "parts", "codes.pt")
 
 
 def default_run_dir(name: str) -> Path:

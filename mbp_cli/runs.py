@@ -85,9 +85,9 @@ def read_run(path: Path) -> RunRecord:
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     steps = [e["step"] for e in events.get("step", [])]
-    step = max(steps, default=0)
+    step = max(steps, default=summary["steps"] if summary else 0)  # a partitioned run: parts'
     starts = events.get("start", [])
-    total = starts[-1]["total_steps"] if starts else None
+    total = starts[-1]["total_steps"] if starts else summary and summary["total_steps"]
     name = starts[-1]["name"] if starts else path.name
     accuracies = [e["eval_accuracy"] for e in events.get("eval", [])
                   if e.get("eval_accuracy") is not None]

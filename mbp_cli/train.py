@@ -95,6 +95,7 @@ class RunOptions:
     simulated_memory: StorageTracker | None = None  # a simulated device of tracker's capacity
     resume: bool = False  # continue from the run folder's newest good checkpoint
     overwrite: bool = False  # replace the results of an earlier run in run_dir
+    resume_folder: Path | None = None  # what a stop says to resume (a partitioned run's)
 
 
 @dataclass(frozen=True)
@@ -210,20 +211,28 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]) -> dict[st
     rank 0 alone reports and writes."""
     world = world_from_env()
     device = rank_device(resolve_device(recipe.train.device), world)
+    if recipe.train.partition is not None:  # experimental: parts trained apart
+        from mbp_cli.partition.run import WAIT_SECONDS, train_partitioned
+
+        timeout = max(recipe.train.collective_timeout, WAIT_SECONDS)
+        with process_group(world, device, timeout) as ranks:
+            return train_partitioned(recipe, options, sinks, ranks, device, _train)
     with process_group(world, device, recipe.train.collective_timeout) as ranks:
         return _train(recipe, options, sinks, ranks, device)
 
 
 def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ranks,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, make_setup: Callable[[], Setup] | None = None
+           ) -> dict[str, Any]:
     started = time.perf_counter()
     world = ranks.world
     run_dir = ranks.broadcast(options.run_dir)  # torchrun's ranks may have named it apart
+    make_setup = make_setup or (lambda: build(recipe, device))
     # Each part runs on every rank; an error on one rank stops every rank with its message.
     with ranks.agreed():  # rank 0 builds first: a download happens once
-        setup = build(recipe, device) if world.is_main else None
+        setup = make_setup() if world.is_main else None
     with ranks.agreed():
-        setup = setup or build(recipe, device)
+        setup = setup or make_setup()
         model, target = setup.model, recipe.batch.target
         check_target_batch(recipe, len(setup.train_set))
         optimizer = build_optimizer(recipe, model)
@@ -351,7 +360,8 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
                 if ranks.any(stop.is_set):  # every rank stops after the same target batch
-                    stop_now(stop, loop, checkpoint, emit, world.size)
+                    stop_now(stop, loop, checkpoint, emit, world.size,
+                             options.resume_folder or run_dir)
         finally:
             folder.close()
 
@@ -511,13 +521,13 @@ def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
 
 
 def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path | None],
-             emit: Sink, world_size: int) -> None:
+             emit: Sink, world_size: int, run_dir: Path) -> None:
     """After a stop signal (on any rank): checkpoint the finished target batch and end with
     130 or 143."""
     path = checkpoint()
     name = stop.signal.name if stop.is_set else "SIGTERM"  # another rank's signal
     emit(Stopped(loop.step, name, str(path)))
     raise StoppedError(f"by {name} after step {loop.step}; checkpoint {path}. Resume with: "
-                       f"mbp train --resume {path.parent.parent if path else ''}"
+                       f"mbp train --resume {run_dir}"
                        + (f" --nproc {world_size}" if world_size > 1 else ""),
                        exit_code=stop.exit_code if stop.is_set else 143)

@@ -1,0 +1,282 @@
+"""A partitioned run: the model cut into parts, each trained alone (MBP inside it, through the
+same loop as any run) towards its synthetic labels, then composed and evaluated whole.
+
+The parts run one after another on one device, or side by side, one rank each
+(`--nproc` = the number of parts); nothing crosses between them but the codes, which every
+rank draws alike from the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mbp_cli.build import Setup, build
+from mbp_cli.distributed import Ranks, World
+from mbp_cli.errors import UsageError
+from mbp_cli.evaluate import evaluate
+from mbp_cli.events import Done, Eval, Part, Sink, Sinks
+from mbp_cli.losses import LOSSES
+from mbp_cli.memory.step import batch_maker
+from mbp_cli.memory.tracker import StorageTracker
+from mbp_cli.partition.codes import CodeTargets, NoisyCodes, class_labels, make_codes
+from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
+from mbp_cli.recipe import Recipe, partition_spec
+from mbp_cli.rundir import RunFolder, save_state_dict
+from mbp_cli.runs import is_running
+from mbp_cli.step import MicroStep, split_batch, to_device
+
+PARTS_FOLDER = "parts"
+CODES_FILE = "codes.pt"
+WAIT_SECONDS = 7 * 24 * 3600  # side by side, a rank that is done waits this long for the rest
+
+
+@dataclass
+class Partition:
+    """The whole model's setup, its parts (sharing its modules) and each part's setup."""
+
+    whole: Setup
+    cuts: list[Cut]
+    parts: list[nn.Module]
+    setups: list[Setup]
+    codes: list[Tensor]
+
+    def describe(self, index: int) -> tuple[str, str]:
+        """Where part `index` begins and ends: a cut's module name, input or output."""
+        names = ["input", *(c.name for c in self.cuts), "output"]
+        return names[index], names[index + 1]
+
+
+def part_count(recipe: Recipe) -> int:
+    """How many parts the recipe cuts the model into."""
+    spec = partition_spec(recipe)
+    return len(spec[0].at) + 1 if spec else 1
+
+
+def check_part_ranks(recipe: Recipe, world_size: int) -> None:
+    """Side by side takes one rank per part; one rank trains the parts in turn."""
+    parts = part_count(recipe)
+    if world_size not in (1, parts):
+        raise UsageError(f"train.partition cuts the model into {parts} parts: train them one "
+                         f"after another (no --nproc) or side by side with --nproc {parts}, "
+                         f"not {world_size}")
+
+
+def build_partition(recipe: Recipe, device: torch.device) -> Partition:
+    """Build the whole run, cut the model, draw the codes and give each part its data."""
+    whole = build(recipe, device)
+    spec, labels = partition_spec(recipe)
+    graph = trace(whole.model)
+    cuts = find_cuts(graph, spec.at)
+    parts = split(whole.model, graph, cuts)
+    shapes = cut_shapes(whole, parts)
+    for cut, shape in zip(cuts, shapes, strict=True):
+        if labels.dim != "auto" and labels.dim != shape.numel():
+            raise UsageError(
+                f"train.partition.labels.dim: {labels.dim}, but the activation at {cut.name} "
+                f"has {shape.numel()} values ({'×'.join(map(str, shape))}); the composed model "
+                "is the recipe's own, so its codes have the cut's width: use dim: auto")
+    key = recipe.data.target
+    train_labels = class_labels(whole.train_set, key)
+    eval_labels = class_labels(whole.eval_set, key) if whole.eval_set is not None else None
+    classes = 1 + int(max(train_labels.max(), eval_labels.max() if eval_labels is not None
+                          and len(eval_labels) else 0))
+    seed = recipe.seed if labels.seed is None else labels.seed
+    codes = make_codes(labels.kind, shapes, classes, seed)
+
+    def data(index: int, labels_of: Tensor | None, source: Any, split_seed: int) -> Any:
+        if labels_of is None:
+            return None
+        if index == 0:
+            return CodeTargets(source, labels_of, codes[0], key)
+        following = codes[index] if index < len(cuts) else None
+        return NoisyCodes(labels_of, codes[index - 1], labels.noise,
+                          seed * 4096 + 2 * index + split_seed, following)
+
+    setups = []
+    for index, part in enumerate(parts):
+        is_last = index == len(parts) - 1
+        loss = whole.loss_fn if is_last else LOSSES[spec.intermediate_loss]()
+        step = MicroStep(part, loss, device, whole.dtype,
+                         output_key=recipe.model.output if is_last else None,
+                         target_key=key if index == 0 else None)
+        setups.append(Setup(step, data(index, train_labels, whole.train_set, 0),
+                            data(index, eval_labels, whole.eval_set, 1),
+                            whole.collate if index == 0 else None,
+                            freeze_batchnorm=whole.freeze_batchnorm))
+    return Partition(whole, cuts, parts, setups, codes)
+
+
+def cut_shapes(whole: Setup, parts: list[nn.Module]) -> list[torch.Size]:
+    """The shape of one sample's activation at each cut, from two real samples."""
+    batch = batch_maker(whole.train_set, whole.collate)(2)
+    args, kwargs, _ = split_batch(batch, whole.micro_step.target_key)
+    value = [to_device(a, whole.device, whole.dtype) for a in args]
+    kwargs = {k: to_device(v, whole.device, whole.dtype) for k, v in kwargs.items()}
+    shapes = []
+    whole.model.eval()  # no BatchNorm statistics moved
+    try:
+        with torch.no_grad():
+            value = parts[0](*value, **kwargs)
+            for part in parts[1:]:
+                if not isinstance(value, Tensor):
+                    raise UsageError("train.partition: a part would pass on a "
+                                     f"{type(value).__name__}, not a tensor; cut elsewhere")
+                shapes.append(value.shape[1:])
+                value = part(value)
+    finally:
+        whole.train_mode()
+    return shapes
+
+
+def train_partitioned(recipe: Recipe, options: Any, sinks: Iterable[Sink], ranks: Ranks,
+                      device: torch.device,
+                      train_part: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Train every part (this rank's, side by side), compose them and evaluate the whole;
+    `train_part` is the training loop (train._train)."""
+    started = time.perf_counter()
+    world = ranks.world
+    run_dir = ranks.broadcast(options.run_dir)
+    with ranks.agreed():
+        check_part_ranks(recipe, world.size)
+        partition = build_partition(recipe, device) if world.is_main else None
+    with ranks.agreed():
+        partition = partition or build_partition(recipe, device)
+        if world.is_main and is_running(run_dir):
+            raise UsageError(f"{run_dir} is in use by another mbp train")
+        folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
+        if world.is_main:
+            folder.open()
+            save_state_dict(run_dir / CODES_FILE, {f"cut_{i + 1}": code for i, code
+                                                   in enumerate(partition.codes)}, "codes")
+    emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
+    mine = range(len(partition.parts)) if not world.is_distributed else [world.rank]
+    summaries: list[dict[str, Any]] = []
+    try:
+        with ranks.agreed():  # side by side: a part that fails stops every rank
+            budget = options.max_steps  # --max-steps counts the steps of every part
+            for index in mine:
+                if budget == 0:
+                    break  # the next part waits for a resume
+                summary, steps_now = run_part(recipe, options, partition, index, run_dir,
+                                              sinks, emit, train_part, budget,
+                                              sequential=not world.is_distributed)
+                summaries.append(summary)
+                budget = None if budget is None else budget - steps_now
+                if summary["steps"] < summary["total_steps"]:
+                    break
+        summaries = [s for group in ranks.gather_objects(summaries) for s in group]
+        states = ranks.gather_objects([part_state(partition.parts[i]) for i in mine])
+        whole = partition.whole
+        whole.model.to(device)
+        if world.is_distributed and world.is_main:
+            for index, group in enumerate(states):
+                partition.parts[index].load_state_dict(group[0])
+        summary = compose_summary(recipe, partition, summaries, run_dir,
+                                  time.perf_counter() - started, world)
+        if world.is_main and summary["steps"] == summary["total_steps"]:
+            result = evaluate(whole, min(s["micro_batch"] for s in summaries),
+                              recipe.train.num_workers)
+            summary.update(result)
+            emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy")))
+            save_state_dict(run_dir / "model.pt", whole.model.state_dict())
+        if world.is_main:
+            from mbp_cli.rundir import write_json
+
+            write_json(run_dir / "summary.json", summary)
+    finally:
+        folder.close()
+    emit(Done(summary))
+    return summary
+
+
+def part_state(part: nn.Module) -> dict[str, Tensor]:
+    """A part's weights on the host, to cross to rank 0."""
+    return {k: v.detach().cpu() for k, v in part.state_dict().items()}
+
+
+def run_part(recipe: Recipe, options: Any, partition: Partition, index: int, run_dir: Path,
+             sinks: Iterable[Sink], emit: Sink, train_part: Callable[..., dict[str, Any]],
+             max_steps: int | None, *, sequential: bool) -> tuple[dict[str, Any], int]:
+    """Train one part into run_dir/parts/part-N (continuing it on a resume; a part already
+    done is loaded, not trained again); return its summary and the steps it trained now."""
+    part, setup = partition.parts[index], partition.setups[index]
+    part_dir = run_dir / PARTS_FOLDER / f"part-{index + 1}"
+    done = _finished_summary(part_dir) if options.resume else None
+    begins, ends = partition.describe(index)
+    emit(Part(index + 1, len(partition.parts), begins, ends,
+              sum(p.numel() for p in part.parameters()), str(part_dir), done is not None))
+    if done is not None:
+        part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,
+                                        weights_only=True))
+        return done, 0
+    if sequential:  # only this part's weights on the device while it trains
+        partition.whole.model.to("cpu")
+        part.to(setup.device)
+    tracker = options.simulated_memory
+    part_options = dataclasses.replace(
+        options, run_dir=part_dir, max_steps=max_steps, resume_folder=run_dir,
+        resume=options.resume and part_dir.exists(),
+        simulated_memory=StorageTracker(tracker.capacity_bytes) if tracker else None)
+    summary = train_part(recipe, part_options, [_without_done(s) for s in sinks],
+                         Ranks(World(), setup.device), setup.device, make_setup=lambda: setup)
+    return summary, summary["steps"] - summary.get("resumed_at_step", 0)
+
+
+def _finished_summary(part_dir: Path) -> dict[str, Any] | None:
+    """The summary of a part that trained all its steps (None otherwise)."""
+    import json
+
+    path = part_dir / "summary.json"
+    if not (path.is_file() and (part_dir / "model.pt").is_file()):
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary["steps"] >= summary["total_steps"] else None
+
+
+def _without_done(sink: Sink) -> Sink:
+    """A part's events for the terminal, but its summary: the run's comes at the end."""
+    return lambda event: None if isinstance(event, Done) else sink(event)
+
+
+def compose_summary(recipe: Recipe, partition: Partition, parts: list[dict[str, Any]],
+                    run_dir: Path, wall_seconds: float, world: World) -> dict[str, Any]:
+    """summary.json of the whole run: the parts' figures added up, each part's kept."""
+    first = parts[0]
+    samples = sum(p["samples_seen"] for p in parts)
+    trained = sum(p["samples_seen"] / p["samples_per_second"] for p in parts
+                  if p["samples_per_second"])
+    rows = []
+    for index, part in enumerate(parts):
+        begins, ends = partition.describe(index)
+        rows.append({"part": index + 1, "begins": begins, "ends": ends,
+                     "parameters": sum(p.numel() for p in partition.parts[index].parameters()),
+                     **{k: part.get(k) for k in (
+                         "steps", "total_steps", "final_train_loss", "eval_loss",
+                         "eval_accuracy", "micro_batch", "accumulation_steps",
+                         "peak_memory_bytes", "wall_seconds", "run_dir")}})
+    part_walls = [p["wall_seconds"] for p in parts]
+    return {
+        **{k: first[k] for k in ("name", "target_batch", "micro_batch", "accumulation_steps",
+                                 "dtype", "precision", "strategies", "device", "versions",
+                                 "peak_memory_source")},
+        "steps": sum(p["steps"] for p in parts),
+        "total_steps": sum(p["total_steps"] for p in parts) + first["total_steps"] * (
+            len(partition.parts) - len(parts)),
+        "samples_seen": samples, "final_train_loss": parts[-1]["final_train_loss"],
+        "eval_loss": None, "eval_accuracy": None,
+        "samples_per_second": samples / trained if trained else None,
+        "peak_memory_bytes": max(p["peak_memory_bytes"] for p in parts),
+        "wall_seconds": max(wall_seconds, max(part_walls) if world.is_distributed
+                            else sum(part_walls)),
+        "run_dir": str(run_dir), "oom_retries": sum(p["oom_retries"] for p in parts),
+        "partition": {"at": [c.name for c in partition.cuts],
+                      "side_by_side": world.is_distributed, "parts": rows},
+    }
