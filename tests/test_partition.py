@@ -1,0 +1,208 @@
+"""Partitioned training with synthetic labels (experimental): the cut, the codes, each part's
+exactness under MBP, the composed model, resume and bad input, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import default_collate
+
+from mbp_cli.accumulate import accumulate_gradients
+from mbp_cli.partition.codes import make_codes
+from mbp_cli.partition.run import build_partition
+from mbp_cli.recipe import load_recipe
+from tests.conftest import REPO, small_recipe
+
+# A 4-layer MLP on the digits: 0 Flatten, 1 Linear, 2 ReLU, 3 Linear, 4 ReLU, 5 Linear, 6 ReLU,
+# 7 Linear; cut before ReLUs, so each part ends with a Linear that can reach Gaussian codes.
+MLP = {"name": "mlp", "args": {"in_features": 64, "hidden": 16, "depth": 3}}
+
+
+def partitioned(at: list, **train: object) -> dict:
+    """A quick partitioned digits recipe."""
+    return small_recipe(
+        model=MLP, batch={"target": 64, "micro": 16},
+        optim={"name": "AdamW", "args": {"lr": 0.01}},
+        loss={"name": "cross_entropy", "args": {"label_smoothing": 0.1}},
+        train={"steps": 6, "eval_every": 0, "checkpoint_every": 2, "device": "cpu",
+               "partition": {"at": at, "labels": {"noise": 0.2}}, **train})
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def mbp(*args: object, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real CLI in its own process (side by side needs real ranks)."""
+    return subprocess.run([sys.executable, "-m", "mbp_cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_codes_are_fixed_by_the_seed(tmp_path):
+    shapes = [torch.Size([4, 2, 2]), torch.Size([7])]
+    first, again = make_codes("gaussian", shapes, 10, 3), make_codes("gaussian", shapes, 10, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert [c.shape for c in first] == [(10, 4, 2, 2), (10, 7)]
+    assert not torch.equal(make_codes("gaussian", shapes, 10, 4)[0], first[0])
+    uniform = make_codes("uniform", shapes, 10, 3)[0]
+    assert uniform.min() >= 0 and uniform.max() < 1
+    # a run draws them from labels.seed (default: the recipe's seed) at the cut's width
+    recipe = load_recipe(write(tmp_path, partitioned([2, 4])))
+    codes = build_partition(recipe, torch.device("cpu")).codes
+    assert [c.shape for c in codes] == [(10, 16), (10, 16)]
+    assert all(torch.equal(a, b) for a, b in zip(
+        codes, make_codes("gaussian", [torch.Size([16])] * 2, 10, 0), strict=True))
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_each_part_trains_exactly_as_its_full_batch(tmp_path, part):
+    """fp64: the gradient of a part's target batch streamed as uneven micro-batches (7+…+5)
+    equals the full batch's, computed here with torch's own losses."""
+    recipe = load_recipe(write(tmp_path, partitioned([2, 4], dtype="float64")))
+    partition = build_partition(recipe, torch.device("cpu"))
+    setup, model = partition.setups[part], partition.parts[part]
+    samples = [setup.train_set[i] for i in range(40)]
+    pieces = [default_collate(samples[i:i + 7]) for i in range(0, 40, 7)]
+    accumulate_gradients(setup.micro_step, pieces)
+    streamed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    inputs, targets = default_collate(samples)
+    output = model(inputs.double())
+    if part < 2:  # towards the next cut's code: mean squared error over every element
+        loss = F.mse_loss(output, targets.double().reshape(output.shape))
+    else:
+        loss = F.cross_entropy(output, targets, label_smoothing=0.1)
+    loss.backward()
+    for got, want in zip(streamed, (p.grad for p in model.parameters()), strict=True):
+        assert (got - want).norm() <= 1e-10 * want.norm()
+
+
+def test_the_composed_model_is_the_parts_in_turn(tmp_path):
+    """ResNet-18 cut at layer3: part 2 ∘ part 1 is the model's own forward, bit for bit, and
+    part 1's code has the activation's shape there."""
+    recipe = load_recipe(write(tmp_path, small_recipe(
+        model={"name": "resnet18", "args": {"num_classes": 10}},
+        data={"name": "synthetic", "args": {"num_samples": 32, "shape": [3, 32, 32]}},
+        batch={"target": 16, "micro": 4},
+        train={"steps": 1, "device": "cpu", "partition": {"at": ["layer3"]}})))
+    partition = build_partition(recipe, torch.device("cpu"))
+    first, second = partition.parts
+    assert partition.codes[0].shape == (10, 128, 4, 4)
+    model = partition.whole.model.eval()
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(second(first(inputs)), model(inputs))
+    names = set(model.state_dict())
+    assert set(first.state_dict()) | set(second.state_dict()) == names
+    assert not set(first.state_dict()) & set(second.state_dict())
+
+
+@pytest.mark.slow
+def test_a_partitioned_run_trains_composes_and_evaluates(tmp_path, cli):
+    recipe = write(tmp_path, partitioned([4], steps=30))
+    result = cli("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    run = tmp_path / "run"
+    assert summary["steps"] == summary["total_steps"] == 60
+    assert summary["eval_accuracy"] > 0.5  # composed: well above 10% chance
+    parts = summary["partition"]["parts"]
+    assert [(p["begins"], p["ends"]) for p in parts] == [("input", "4"), ("4", "output")]
+    assert parts[0]["eval_accuracy"] is None and parts[0]["eval_loss"] < 1  # mse to the codes
+    assert parts[1]["eval_accuracy"] > 0.9  # classes from noisy codes
+    codes = weights(run / "codes.pt")
+    assert codes["cut_1"].shape == (10, 16)
+    # model.pt is the recipe's own model: eval reads it as any run's, with the same figures
+    evaluated = cli("eval", run, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["eval_accuracy"] == pytest.approx(
+        summary["eval_accuracy"])
+    listed = json.loads(cli("runs", tmp_path, "--json").output)
+    assert [(r["status"], r["steps"]) for r in listed] == [("done", 60)]
+
+
+@pytest.mark.slow
+def test_parts_side_by_side_equal_parts_in_turn_and_a_resume_continues_the_right_part(
+        tmp_path):
+    recipe = write(tmp_path, partitioned([2, 4]))
+    in_turn = mbp("train", recipe, "--out", "in-turn", cwd=tmp_path)
+    assert in_turn.returncode == 0, in_turn.stderr
+    side = mbp("train", recipe, "--out", "side", "--nproc", "3", cwd=tmp_path)
+    assert side.returncode == 0, side.stderr
+    expected = weights(tmp_path / "in-turn/model.pt")
+    got = weights(tmp_path / "side/model.pt")
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+    # 6 steps a part: stop in the middle of part 2, then resume
+    stopped = mbp("train", recipe, "--out", "stopped", "--max-steps", "8", cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "continue with: mbp train --resume stopped" in stopped.stderr
+    summary = json.loads((tmp_path / "stopped/summary.json").read_text())
+    assert [p["steps"] for p in summary["partition"]["parts"]] == [6, 2]
+    assert not (tmp_path / "stopped/model.pt").exists()
+    resumed = mbp("train", "--resume", "stopped", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "part 1/3 (input → 2): learns the class code at 2 from the inputs; 1,040 " \
+        "parameters already trained: loaded" in resumed.stderr
+    assert "resuming at step 2" in resumed.stderr
+    got = weights(tmp_path / "stopped/model.pt")
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(("at", "model", "message"), [
+    (["7", "nope"], MLP, "the model calls no module 'nope'. Valid cut points: 1, 2, 3, 4, 5, "
+                         "6, 7"),
+    ([0], MLP, "cannot be cut at 0: the part before it would be empty"),
+    (["layer3.0.conv2"], {"name": "resnet18", "args": {"num_classes": 10}},
+     "cannot be cut at layer3.0.conv2: 2 values cross there"),
+    ([4, 2], MLP, "must name distinct points in the order the model runs them"),
+])
+def test_a_model_that_cannot_be_cut_there_is_one_line_with_the_valid_points(
+        cli, tmp_path, at, model, message):
+    recipe = partitioned(at)
+    recipe["model"] = model
+    if model is not MLP:
+        recipe["data"] = {"name": "synthetic", "args": {"num_samples": 32, "shape": [3, 32, 32]}}
+    result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Valid cut points:" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_partition_keys_are_checked_like_any_recipe_key(cli, tmp_path):
+    recipe = partitioned([4])
+    recipe["train"]["partition"]["labels"] = {"knd": "gaussian", "dim": 5}
+    recipe["train"]["partition"]["intermediate_loss"] = "l2"
+    recipe["memory"] = {"checkpointing": "on"}
+    result = cli("train", write(tmp_path, recipe))
+    assert result.exit_code == 2
+    assert "train.partition.labels.knd: unknown key; did you mean train.partition.labels.kind?" \
+        in result.output
+    assert "train.partition.intermediate_loss: 'l2' is not one of mse, cosine" in result.output
+    assert "memory.checkpointing: not supported with train.partition" in result.output
+    # a code must have the cut's width: the composed model is the recipe's own
+    recipe = partitioned([4])
+    recipe["train"]["partition"]["labels"] = {"dim": 5}
+    result = cli("train", write(tmp_path, recipe))
+    assert result.exit_code == 2
+    assert "the activation at 4 has 16 values" in result.output
+    result = cli("train", write(tmp_path, partitioned([4])), "--nproc", "3")
+    assert result.exit_code == 2
+    assert "cuts the model into 2 parts" in result.output
