@@ -13,7 +13,7 @@ import torch
 
 from mbp_cli.build import build, build_optimizer
 from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
-from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.memory.probe import ProbeOptions, narrow_down, probe_recipe, probe_setup
 from mbp_cli.memory.step import StepRunner, batch_maker
 from mbp_cli.plot import plot_probe
 from mbp_cli.recipe import load_recipe
@@ -258,3 +258,28 @@ def test_estimate_of_a_vit_whose_init_reads_values(cli, tmp_path, monkeypatch):
                  "--device-memory", "80GiB", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["micro_batch"] > 64
+
+
+def test_narrowing_finds_the_largest_when_small_sizes_hide_the_slope():
+    """Small steps grow slower than large ones (their peak is mostly fixed state), so the
+    first prediction runs out of memory, with no peak to learn from; the search must close in
+    on the true largest size anyway, not step down one size per try."""
+    usable, capacity = 10_000, 10_500
+
+    def peak(size: int) -> int | None:
+        grown = 8000 + (2 * size if size <= 8 else 16 + 6 * (size - 8))
+        return grown if grown <= capacity else None  # past the device: out of memory
+
+    true_largest = max(m for m in range(1, 5000) if (peak(m) or usable + 1) <= usable)
+    measured = {m: Measurement(m, peak(m), peak(m)) for m in (1, 2, 4, 8)}
+    predicted = fit_line(list(measured.values())).largest_within(usable, 5000)
+    assert peak(predicted) is None  # the line from the small sizes overshoots
+    tried = []
+
+    def measure(size: int) -> Measurement:
+        tried.append(size)
+        return measured.setdefault(size, Measurement(size, peak(size), peak(size)))
+
+    largest = narrow_down(measure, measured, predicted, usable)
+    assert 0.95 * true_largest <= largest <= true_largest
+    assert measured[largest].fits(usable) and len(tried) <= 8

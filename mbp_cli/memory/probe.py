@@ -68,16 +68,20 @@ def narrow_down(measure: Callable[[int], Measurement], measured: dict[int, Measu
     fit and the smallest known not to are apart, measure where a refit of everything so far
     points (halfway when it points outside)."""
     fits = max(s for s, m in measured.items() if m.fits(usable))
-    candidate = max(predicted, fits)
+    candidate, is_refit = max(predicted, fits), True
     for _ in range(tries):
-        if measure(candidate).fits(usable):
+        does_fit = measure(candidate).fits(usable)
+        if does_fit:
             fits = max(fits, candidate)
         too_big = [s for s, m in measured.items() if not m.fits(usable) and s > fits]
         if not too_big or min(too_big) == fits + 1:
             return fits
         upper = min(too_big)
         refit = fit_line(list(measured.values())).largest_within(usable, upper - 1)
-        candidate = refit if fits < refit < upper else (fits + upper) // 2
+        # A line that has just missed would point just below the miss again (its slope comes
+        # from the points it fits): halve the gap instead.
+        is_refit = fits < refit < upper and (does_fit or not is_refit)
+        candidate = refit if is_refit else (fits + upper) // 2
     return fits
 
 
