@@ -206,3 +206,28 @@ def test_partition_keys_are_checked_like_any_recipe_key(cli, tmp_path):
     result = cli("train", write(tmp_path, partitioned([4])), "--nproc", "3")
     assert result.exit_code == 2
     assert "cuts the model into 2 parts" in result.output
+
+
+@pytest.mark.slow
+def test_micro_auto_probes_each_part_on_its_own_memory(tmp_path, cli):
+    """Under one simulated device, each part (its weights, gradients, optimizer state and
+    activations only) fits a larger micro-batch than the whole model does."""
+    recipe = partitioned([6], steps=1)
+    recipe["model"] = {"name": "mlp", "args": {"in_features": 64, "hidden": 512, "depth": 5}}
+    recipe["batch"] = {"target": 1024, "micro": "auto"}
+    recipe["optim"] = {"name": "SGD", "args": {"lr": 0.01}}  # AdamW's state would not fit
+    path = write(tmp_path, recipe)
+    whole = cli("train", path, "--out", tmp_path / "whole", "--set", "train.partition=null",
+                "--simulate-memory", "12MiB")
+    assert whole.exit_code == 0, whole.output
+    parts = cli("train", path, "--out", tmp_path / "parts", "--simulate-memory", "12MiB")
+    assert parts.exit_code == 0, parts.output
+
+    def probed(folder: Path) -> dict:
+        return json.loads((folder / "probe.json").read_text())
+
+    largest = probed(tmp_path / "whole")["largest_micro_batch"]
+    for part in (1, 2):
+        answer = probed(tmp_path / f"parts/parts/part-{part}")
+        assert answer["largest_micro_batch"] > 1.3 * largest
+        assert answer["verified_peak_bytes"] <= answer["usable_bytes"]

@@ -283,3 +283,15 @@ def test_narrowing_finds_the_largest_when_small_sizes_hide_the_slope():
     largest = narrow_down(measure, measured, predicted, usable)
     assert 0.95 * true_largest <= largest <= true_largest
     assert measured[largest].fits(usable) and len(tried) <= 8
+
+
+def test_optimizer_state_that_cannot_be_made_is_does_not_fit(cli, write_recipe, tmp_path):
+    """AdamW's two moments for a 1.1M-parameter MLP overflow a 12 MiB simulated device at
+    micro-batch 1: exit 3 with the reason, not a half-made optimizer state's KeyError."""
+    recipe = small_recipe(
+        model={"name": "mlp", "args": {"in_features": 64, "hidden": 512, "depth": 5}},
+        batch={"target": 64, "micro": "auto"}, optim={"name": "AdamW", "args": {}})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run",
+                 "--simulate-memory", "12MiB")
+    assert result.exit_code == 3, result.output
+    assert "the recipe does not fit: a step at micro-batch 1 ran out of memory" in result.output

@@ -94,7 +94,10 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
     started = time.perf_counter()
     usable = budget_bytes * (1 - margin)
     smallest_size = min(smallest_size, target_batch)
-    runner.measure(smallest_size)  # creates the optimizer state that every later step carries
+    # The first step creates the optimizer state that every later step carries; where even
+    # that runs out of memory, the state is left half made: stop here.
+    if runner.measure(smallest_size).peak_bytes is None:
+        raise does_not_fit(smallest_size, None, budget_bytes, margin)
     measured: dict[int, Measurement] = {}
 
     def measure(size: int) -> Measurement:
