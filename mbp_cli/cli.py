@@ -8,12 +8,16 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mbp_cli import __version__
 from mbp_cli.errors import EXIT_RUNTIME, MbpError
+
+if TYPE_CHECKING:
+    from mbp_cli.memory.probe import ProbeOptions
+    from mbp_cli.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -274,10 +278,32 @@ def probe(
             from mbp_cli.plot import plot_probe, require_pyplot
 
             require_pyplot()  # before the probe's work, not after
+        if loaded.train.partition is not None:
+            _probe_parts(loaded, options, estimate or strategies or plot is not None, json_)
+            return
         result = probe_recipe(loaded, options, every_strategy=strategies).to_dict()
         if plot is not None:
             plot_probe(result, plot)
         print_probe(result, as_json=json_)
+
+
+def _probe_parts(recipe: Recipe, options: ProbeOptions, has_other_options: bool,
+                 as_json: bool) -> None:
+    """Probe each part of a partitioned recipe; print each answer under its part's name."""
+    from mbp_cli.errors import UsageError
+    from mbp_cli.partition.run import probe_parts
+    from mbp_cli.report import print_probe
+
+    if has_other_options:
+        raise UsageError("with train.partition, mbp probe measures each part on this device; "
+                         "--estimate, --strategies and --plot are not supported there yet")
+    answers = probe_parts(recipe, options)
+    if as_json:
+        typer.echo(json.dumps({"parts": answers}))
+        return
+    for answer in answers:
+        typer.echo(f"part {answer['part']} ({answer['begins']} → {answer['ends']}):")
+        print_probe(answer, as_json=False)
 
 
 @app.command()

@@ -231,3 +231,10 @@ def test_micro_auto_probes_each_part_on_its_own_memory(tmp_path, cli):
         answer = probed(tmp_path / f"parts/parts/part-{part}")
         assert answer["largest_micro_batch"] > 1.3 * largest
         assert answer["verified_peak_bytes"] <= answer["usable_bytes"]
+    # `mbp probe` answers for each part, as training probed it
+    probed_parts = cli("probe", path, "--budget", "12MiB", "--json")
+    assert probed_parts.exit_code == 0, probed_parts.output
+    answers = json.loads(probed_parts.output)["parts"]
+    assert [(a["part"], a["begins"], a["ends"]) for a in answers] == [
+        (1, "input", "6"), (2, "6", "output")]
+    assert all(a["largest_micro_batch"] > 1.3 * largest for a in answers)

@@ -114,6 +114,24 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     return Partition(whole, cuts, parts, setups, codes)
 
 
+def probe_parts(recipe: Recipe, options: Any) -> list[dict[str, Any]]:
+    """`mbp probe` of a partitioned recipe: each part probed alone, as training probes it
+    for `micro: auto` (only its weights on the device)."""
+    from mbp_cli.build import build_optimizer
+    from mbp_cli.memory.probe import probe_setup
+
+    partition = build_partition(recipe, options.device)
+    answers = []
+    for index, setup in enumerate(partition.setups):
+        partition.whole.model.to("cpu")
+        partition.parts[index].to(setup.device)
+        setup.train_mode()
+        result = probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
+        begins, ends = partition.describe(index)
+        answers.append({"part": index + 1, "begins": begins, "ends": ends, **result.to_dict()})
+    return answers
+
+
 def cut_shapes(whole: Setup, parts: list[nn.Module]) -> list[torch.Size]:
     """The shape of one sample's activation at each cut, from two real samples."""
     batch = batch_maker(whole.train_set, whole.collate)(2)
