@@ -207,3 +207,24 @@ def sum_and_count(output, target):
 def bn_classifier(classes: int = 4) -> nn.Module:
     """A classifier with BatchNorm, as pretrained backbones have."""
     return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, classes))
+
+
+class DictFeatures(Dataset):
+    """{"input": features, "label": class} samples, read one by one (no tensors to gather)."""
+
+    def __init__(self, train: bool = True, n: int = 60, classes: int = 3) -> None:
+        g = _draw(train)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = torch.randint(classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return {"input": self.x[i], "label": int(self.y[i])}
+
+
+def mlp() -> nn.Module:
+    """A 4-layer MLP on DictFeatures (cut points as the digits MLP's: 2 and 4)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))

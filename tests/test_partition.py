@@ -4,6 +4,7 @@ exactness under MBP, the composed model, resume and bad input, through the real 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +69,18 @@ def test_codes_are_fixed_by_the_seed(tmp_path):
         codes, make_codes("gaussian", [torch.Size([16])] * 2, 10, 0), strict=True))
 
 
-@pytest.mark.parametrize("part", [0, 1, 2])
-def test_each_part_trains_exactly_as_its_full_batch(tmp_path, part):
+@pytest.mark.parametrize(("part", "own_data"), [(0, False), (1, False), (2, False),
+                                                (0, True), (2, True)])
+def test_each_part_trains_exactly_as_its_full_batch(tmp_path, part, own_data):
     """fp64: the gradient of a part's target batch streamed as uneven micro-batches (7+…+5)
-    equals the full batch's, computed here with torch's own losses."""
-    recipe = load_recipe(write(tmp_path, partitioned([2, 4], dtype="float64")))
+    equals the full batch's, computed here with torch's own losses; for tensors in memory
+    (the digits) and for a user's dataset of dict samples."""
+    recipe = partitioned([2, 4], dtype="float64")
+    if own_data:
+        recipe["model"] = {"name": "byo:mlp", "args": {}}
+        recipe["data"] = {"name": "byo:DictFeatures", "args": {}, "target": "label"}
+        shutil.copy(REPO / "tests" / "byo.py", tmp_path / "byo.py")
+    recipe = load_recipe(write(tmp_path, recipe))
     partition = build_partition(recipe, torch.device("cpu"))
     setup, model = partition.setups[part], partition.parts[part]
     samples = [setup.train_set[i] for i in range(40)]
@@ -81,7 +89,8 @@ def test_each_part_trains_exactly_as_its_full_batch(tmp_path, part):
     streamed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
 
-    inputs, targets = default_collate(samples)
+    batch = default_collate(samples)
+    inputs, targets = (batch["input"], batch["label"]) if isinstance(batch, dict) else batch
     output = model(inputs.double())
     if part < 2:  # towards the next cut's code: mean squared error over every element
         loss = F.mse_loss(output, targets.double().reshape(output.shape))
@@ -238,3 +247,14 @@ def test_micro_auto_probes_each_part_on_its_own_memory(tmp_path, cli):
     assert [(a["part"], a["begins"], a["ends"]) for a in answers] == [
         (1, "input", "6"), (2, "6", "output")]
     assert all(a["largest_micro_batch"] > 1.3 * largest for a in answers)
+
+
+def test_targets_that_name_no_class_are_refused(cli, tmp_path):
+    """Ignored targets (-100) have no code: one line, exit 2."""
+    shutil.copy(REPO / "tests" / "byo.py", tmp_path / "byo.py")
+    recipe = partitioned([1])
+    recipe["model"] = {"name": "byo:classifier", "args": {}}
+    recipe["data"] = {"name": "byo:Features", "args": {}}
+    result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "some targets are -100 (ignored items?), which name no class" in result.output

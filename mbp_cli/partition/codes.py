@@ -45,6 +45,9 @@ def class_labels(dataset: Dataset, target_key: str | None = None) -> Tensor:
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise UsageError("train.partition gives each class a code, so each sample's target must "
                          f"be one class index; this dataset's targets are {describe(labels)}")
+    if len(labels) and labels.min() < 0:
+        raise UsageError(f"train.partition gives each class a code, but some targets are "
+                         f"{int(labels.min())} (ignored items?), which name no class")
     return labels.long()
 
 
@@ -66,6 +69,30 @@ def with_target(sample: Any, target: Tensor, target_key: str | None) -> Any:
         key = next(k for k in ((target_key,) if target_key else TARGET_KEYS) if k in sample)
         return {**sample, key: target}
     return (*sample[:-1], target)
+
+
+IN_MEMORY_VALUES = 2**26  # a later part's inputs are made up front up to this many (256 MiB)
+
+
+def first_part_data(dataset: Dataset, labels: Tensor, code: Tensor,
+                    target_key: str | None) -> Dataset:
+    """The first part's data; tensors in memory stay tensors (micro-batches by one gather)."""
+    if isinstance(dataset, TensorPairs):
+        return TensorPairs(dataset.inputs, code[labels])
+    return CodeTargets(dataset, labels, code, target_key)
+
+
+def later_part_data(labels: Tensor, code: Tensor, noise: float, seed: int,
+                    next_code: Tensor | None = None) -> Dataset:
+    """A later part's data (see NoisyCodes), made up front where it is small enough, else
+    sample by sample; the same noise either way."""
+    lazy = NoisyCodes(labels, code, noise, seed, next_code)
+    if len(labels) * code[0].numel() > IN_MEMORY_VALUES:
+        return lazy
+    if not len(labels):
+        return TensorPairs(code[:0], labels if next_code is None else next_code[:0])
+    inputs, targets = zip(*(lazy[i] for i in range(len(labels))), strict=True)
+    return TensorPairs(torch.stack(inputs), torch.stack(targets))
 
 
 class CodeTargets(Dataset):

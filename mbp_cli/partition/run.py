@@ -26,7 +26,12 @@ from mbp_cli.events import Done, Eval, Part, Sink, Sinks
 from mbp_cli.losses import LOSSES
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.memory.tracker import StorageTracker
-from mbp_cli.partition.codes import CodeTargets, NoisyCodes, class_labels, make_codes
+from mbp_cli.partition.codes import (
+    class_labels,
+    first_part_data,
+    later_part_data,
+    make_codes,
+)
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe import Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict
@@ -95,10 +100,10 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
         if labels_of is None:
             return None
         if index == 0:
-            return CodeTargets(source, labels_of, codes[0], key)
+            return first_part_data(source, labels_of, codes[0], key)
         following = codes[index] if index < len(cuts) else None
-        return NoisyCodes(labels_of, codes[index - 1], labels.noise,
-                          seed * 4096 + 2 * index + split_seed, following)
+        return later_part_data(labels_of, codes[index - 1], labels.noise,
+                               seed * 4096 + 2 * index + split_seed, following)
 
     setups = []
     for index, part in enumerate(parts):
