@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mbp_cli import events as ev
+from mbp_cli.stopping import resume_command
 from mbp_cli.units import format_bytes, format_percent
 
 Data = dict[str, Any]
@@ -322,10 +323,9 @@ class PlainReporter(Reporter):
             Console(file=self.out, width=100).print(summary_table(e.summary))
         summary = e.summary
         if summary["steps"] < summary["total_steps"]:  # --max-steps
-            ranks = summary.get("world_size", 1)
             self._err(f"stopped after step {summary['steps']} of {summary['total_steps']}; "
-                      f"continue with: mbp train --resume {summary['run_dir']}"
-                      + (f" --nproc {ranks}" if ranks > 1 else ""))
+                      "continue with: "
+                      + resume_command(summary["run_dir"], summary.get("world_size", 1)))
 
 
 class StatsColumn(ProgressColumn):

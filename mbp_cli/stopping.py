@@ -7,6 +7,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
@@ -50,3 +51,8 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def resume_command(run_dir: Path, world_size: int) -> str:
+    """The command that continues a run."""
+    return f"mbp train --resume {run_dir}" + (f" --nproc {world_size}" if world_size > 1 else "")

@@ -81,7 +81,7 @@ from mbp_cli.resume import resume_state
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import is_running
 from mbp_cli.step import explained_step_errors
-from mbp_cli.stopping import StopRequest, graceful_stop
+from mbp_cli.stopping import StopRequest, graceful_stop, resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 
 
@@ -95,7 +95,7 @@ class RunOptions:
     simulated_memory: StorageTracker | None = None  # a simulated device of tracker's capacity
     resume: bool = False  # continue from the run folder's newest good checkpoint
     overwrite: bool = False  # replace the results of an earlier run in run_dir
-    resume_folder: Path | None = None  # what a stop says to resume (a partitioned run's)
+    resume_command: str | None = None  # what a stop says to run (a partitioned run's)
 
 
 @dataclass(frozen=True)
@@ -360,8 +360,8 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
                 if ranks.any(stop.is_set):  # every rank stops after the same target batch
-                    stop_now(stop, loop, checkpoint, emit, world.size,
-                             options.resume_folder or run_dir)
+                    stop_now(stop, loop, checkpoint, emit, options.resume_command
+                             or resume_command(run_dir, world.size))
         finally:
             folder.close()
 
@@ -521,13 +521,11 @@ def handle_nonfinite(recipe: Recipe, loop: LoopState, totals: StepTotals,
 
 
 def stop_now(stop: StopRequest, loop: LoopState, checkpoint: Callable[[], Path | None],
-             emit: Sink, world_size: int, run_dir: Path) -> None:
+             emit: Sink, command: str) -> None:
     """After a stop signal (on any rank): checkpoint the finished target batch and end with
-    130 or 143."""
+    130 or 143, saying how to resume."""
     path = checkpoint()
     name = stop.signal.name if stop.is_set else "SIGTERM"  # another rank's signal
     emit(Stopped(loop.step, name, str(path)))
     raise StoppedError(f"by {name} after step {loop.step}; checkpoint {path}. Resume with: "
-                       f"mbp train --resume {run_dir}"
-                       + (f" --nproc {world_size}" if world_size > 1 else ""),
-                       exit_code=stop.exit_code if stop.is_set else 143)
+                       f"{command}", exit_code=stop.exit_code if stop.is_set else 143)

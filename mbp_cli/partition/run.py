@@ -37,6 +37,7 @@ from mbp_cli.recipe import Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict
 from mbp_cli.runs import is_running
 from mbp_cli.step import MicroStep, split_batch, to_device
+from mbp_cli.stopping import resume_command
 
 PARTS_FOLDER = "parts"
 CODES_FILE = "codes.pt"
@@ -245,7 +246,8 @@ def run_part(recipe: Recipe, options: Any, partition: Partition, index: int, run
         part.to(setup.device)
     tracker = options.simulated_memory
     part_options = dataclasses.replace(
-        options, run_dir=part_dir, max_steps=max_steps, resume_folder=run_dir,
+        options, run_dir=part_dir, max_steps=max_steps,
+        resume_command=resume_command(run_dir, 1 if sequential else len(partition.parts)),
         resume=options.resume and part_dir.exists(),
         simulated_memory=StorageTracker(tracker.capacity_bytes) if tracker else None)
     summary = train_part(recipe, part_options, [_without_done(s) for s in sinks],
@@ -300,6 +302,7 @@ def compose_summary(recipe: Recipe, partition: Partition, parts: list[dict[str, 
         "wall_seconds": max(wall_seconds, max(part_walls) if world.is_distributed
                             else sum(part_walls)),
         "run_dir": str(run_dir), "oom_retries": sum(p["oom_retries"] for p in parts),
+        "world_size": world.size,
         "partition": {"at": [c.name for c in partition.cuts],
                       "side_by_side": world.is_distributed, "parts": rows},
     }
