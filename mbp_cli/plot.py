@@ -88,16 +88,19 @@ def plot_runs(records: list[Any], path: Path) -> dict[str, list[list[float]]]:
     plt = require_pyplot()
     figure, grid = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
     drawn: dict[str, list[list[float]]] = {}
+    # One colour per run in every panel (a partitioned run's own record has no steps: its
+    # parts have them)
+    colours = {id(r): f"C{i}" for i, r in enumerate(r for r in records if r.events.get("step"))}
     for axes, (title, kind, key, scale) in zip(grid.flat, RUN_PANELS, strict=True):
-        for record in records:
+        for record in (r for r in records if id(r) in colours):
             points = [(e["step"], e[key]) for e in record.events.get(kind, [])
                       if e.get(key) is not None]
             if key == "peak_memory_bytes":
                 points = [(x, y / 2**20) for x, y in points]
             if points:
                 xs, ys = zip(*points, strict=True)
-                axes.plot(xs, ys, "-" if kind == "step" else "o-", label=record.path.name,
-                          markersize=3)
+                axes.plot(xs, ys, "-" if kind == "step" else "o-", label=record.label,
+                          markersize=3, color=colours[id(record)])
         axes.set_title(title)
         drawn[title] = [list(line.get_xdata()) for line in axes.lines]
         values = [y for line in axes.lines for y in line.get_ydata()]

@@ -34,7 +34,7 @@ def comparison_table(records: list[RunRecord]) -> Table:
     table = Table(title="runs side by side")
     table.add_column("")
     for r in records:
-        table.add_column(r.path.name, justify="right")
+        table.add_column(r.label, justify="right")
 
     def row(label: str, value) -> None:
         table.add_row(label, *[value(r, r.summary or {}) for r in records])
@@ -43,7 +43,9 @@ def comparison_table(records: list[RunRecord]) -> Table:
     row("steps", lambda r, s: r.progress)
     row("target batch", lambda r, s: _start(r, "target_batch"))
     row("micro-batch", lambda r, s: _start(r, "micro_batch"))
-    row("final train loss", lambda r, s: _last(r, "step", "loss", "{:.4f}"))
+    row("final train loss", lambda r, s: _last(r, "step", "loss", "{:.4f}")
+        if r.events.get("step") or not s.get("final_train_loss") else
+        f"{s['final_train_loss']:.4f}")
     row("eval loss", lambda r, s: _last(r, "eval", "eval_loss", "{:.4f}"))
     row("eval accuracy", lambda r, s: format_percent(_last_value(r, "eval", "eval_accuracy")))
     row("samples/s", lambda r, s: "-" if not s.get("samples_per_second") else
@@ -56,7 +58,7 @@ def comparison_table(records: list[RunRecord]) -> Table:
 
 def _start(record: RunRecord, key: str) -> str:
     starts = record.events.get("start", [])
-    return str(starts[-1][key]) if starts else "-"
+    return str(starts[-1][key]) if starts else str((record.summary or {}).get(key, "-"))
 
 
 def _last_value(record: RunRecord, kind: str, key: str) -> float | None:

@@ -58,6 +58,19 @@ class RunRecord:
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
+    def label(self) -> str:
+        """The run folder's name; a part of a partitioned run's, RUN/part-N."""
+        if self.path.parent.name == "parts" and (self.path.parent.parent / "codes.pt").exists():
+            return f"{self.path.parent.parent.name}/{self.path.name}"
+        return self.path.name
+
+    @property
+    def parts(self) -> list[RunRecord]:
+        """A partitioned run's parts, each a run of its own (none for other runs)."""
+        folders = sorted((self.path / "parts").glob("part-*"), key=lambda p: int(p.name[5:]))
+        return [read_run(p) for p in folders if (p / "metrics.jsonl").is_file()]
+
+    @property
     def progress(self) -> str:
         """Steps done, of the schedule's: '87/150'."""
         return f"{self.steps}/{self.total_steps}" if self.total_steps else str(self.steps)
@@ -88,7 +101,7 @@ def read_run(path: Path) -> RunRecord:
     step = max(steps, default=summary["steps"] if summary else 0)  # a partitioned run: parts'
     starts = events.get("start", [])
     total = starts[-1]["total_steps"] if starts else summary and summary["total_steps"]
-    name = starts[-1]["name"] if starts else path.name
+    name = starts[-1]["name"] if starts else (summary or {}).get("name", path.name)
     accuracies = [e["eval_accuracy"] for e in events.get("eval", [])
                   if e.get("eval_accuracy") is not None]
     losses = [e["eval_loss"] for e in events.get("eval", []) if e.get("eval_loss") is not None]

@@ -142,7 +142,18 @@ def test_a_partitioned_run_trains_composes_and_evaluates(tmp_path, cli):
     assert json.loads(evaluated.output)["eval_accuracy"] == pytest.approx(
         summary["eval_accuracy"])
     listed = json.loads(cli("runs", tmp_path, "--json").output)
-    assert [(r["status"], r["steps"]) for r in listed] == [("done", 60)]
+    assert [(r["status"], r["steps"], r["name"]) for r in listed] == [
+        ("done", 60, "test-digits")]
+    sample = tmp_path / "sample.pt"
+    torch.save(torch.rand(1, 8, 8), sample)
+    predicted = cli("predict", run, sample, "--json")
+    assert predicted.exit_code == 0, predicted.output
+    assert len(json.loads(predicted.output)[0]["top"][0]) == 3
+    # the report pictures each part's curves and tables the whole run beside its parts
+    reported = cli("report", run, "--out", tmp_path / "report.png")
+    assert reported.exit_code == 0, reported.output
+    assert "run/part-1" in reported.output and "run/part-2" in reported.output
+    assert (tmp_path / "report.png").stat().st_size > 20_000
 
 
 @pytest.mark.slow
