@@ -9,11 +9,12 @@ rank draws alike from the seed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +35,14 @@ from mbp_cli.partition.codes import (
 )
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe import Recipe, partition_spec
-from mbp_cli.rundir import RunFolder, save_state_dict
+from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import is_running
 from mbp_cli.step import MicroStep, split_batch, to_device
 from mbp_cli.stopping import resume_command
+
+if TYPE_CHECKING:  # both import this module's callers
+    from mbp_cli.memory.probe import ProbeOptions
+    from mbp_cli.train import RunOptions
 
 PARTS_FOLDER = "parts"
 CODES_FILE = "codes.pt"
@@ -120,7 +125,7 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     return Partition(whole, cuts, parts, setups, codes)
 
 
-def probe_parts(recipe: Recipe, options: Any) -> list[dict[str, Any]]:
+def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     """`mbp probe` of a partitioned recipe: each part probed alone, as training probes it
     for `micro: auto` (only its weights on the device)."""
     from mbp_cli.build import build_optimizer
@@ -160,7 +165,7 @@ def cut_shapes(whole: Setup, parts: list[nn.Module]) -> list[torch.Size]:
     return shapes
 
 
-def train_partitioned(recipe: Recipe, options: Any, sinks: Iterable[Sink], ranks: Ranks,
+def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ranks,
                       device: torch.device,
                       train_part: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Train every part (this rank's, side by side), compose them and evaluate the whole;
@@ -181,44 +186,57 @@ def train_partitioned(recipe: Recipe, options: Any, sinks: Iterable[Sink], ranks
             save_state_dict(run_dir / CODES_FILE, {f"cut_{i + 1}": code for i, code
                                                    in enumerate(partition.codes)}, "codes")
     emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
-    mine = range(len(partition.parts)) if not world.is_distributed else [world.rank]
-    summaries: list[dict[str, Any]] = []
+    mine = [world.rank] if world.is_distributed else range(len(partition.parts))
     try:
         with ranks.agreed():  # side by side: a part that fails stops every rank
-            budget = options.max_steps  # --max-steps counts the steps of every part
-            for index in mine:
-                if budget == 0:
-                    break  # the next part waits for a resume
-                summary, steps_now = run_part(recipe, options, partition, index, run_dir,
-                                              sinks, emit, train_part, budget,
-                                              sequential=not world.is_distributed)
-                summaries.append(summary)
-                budget = None if budget is None else budget - steps_now
-                if summary["steps"] < summary["total_steps"]:
-                    break
+            summaries = train_parts(recipe, options, partition, mine, run_dir, sinks, emit,
+                                    train_part, sequential=not world.is_distributed)
         summaries = [s for group in ranks.gather_objects(summaries) for s in group]
         states = ranks.gather_objects([part_state(partition.parts[i]) for i in mine])
-        whole = partition.whole
-        whole.model.to(device)
-        if world.is_distributed and world.is_main:
-            for index, group in enumerate(states):
-                partition.parts[index].load_state_dict(group[0])
-        summary = compose_summary(recipe, partition, summaries, run_dir,
+        if world.is_distributed and world.is_main:  # every part's weights into the model
+            for part, group in zip(partition.parts, states, strict=True):
+                part.load_state_dict(group[0])
+        summary = compose_summary(partition, summaries, run_dir,
                                   time.perf_counter() - started, world)
-        if world.is_main and summary["steps"] == summary["total_steps"]:
-            result = evaluate(whole, min(s["micro_batch"] for s in summaries),
-                              recipe.train.num_workers)
-            summary.update(result)
-            emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy")))
-            save_state_dict(run_dir / "model.pt", whole.model.state_dict())
         if world.is_main:
-            from mbp_cli.rundir import write_json
-
-            write_json(run_dir / "summary.json", summary)
+            finish(recipe, partition, summary, run_dir, emit)
     finally:
         folder.close()
     emit(Done(summary))
     return summary
+
+
+def train_parts(recipe: Recipe, options: RunOptions, partition: Partition,
+                indices: Iterable[int], run_dir: Path, sinks: Iterable[Sink], emit: Sink,
+                train_part: Callable[..., dict[str, Any]], *,
+                sequential: bool) -> list[dict[str, Any]]:
+    """Train these parts in turn; stop where --max-steps (counted over every part) runs out."""
+    budget, summaries = options.max_steps, []
+    for index in indices:
+        if budget == 0:
+            break  # the next part waits for a resume
+        summary, steps_now = run_part(recipe, options, partition, index, run_dir, sinks, emit,
+                                      train_part, budget, sequential=sequential)
+        summaries.append(summary)
+        budget = None if budget is None else budget - steps_now
+        if summary["steps"] < summary["total_steps"]:
+            break
+    return summaries
+
+
+def finish(recipe: Recipe, partition: Partition, summary: dict[str, Any], run_dir: Path,
+           emit: Sink) -> None:
+    """Once every part is trained: evaluate the composed model and save it; write the
+    summary either way."""
+    if summary["steps"] == summary["total_steps"]:
+        whole = partition.whole
+        whole.model.to(whole.device)
+        micro_batch = min(p["micro_batch"] for p in summary["partition"]["parts"])
+        result = evaluate(whole, micro_batch, recipe.train.num_workers)
+        summary.update(result)
+        emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy")))
+        save_state_dict(run_dir / "model.pt", whole.model.state_dict())
+    write_json(run_dir / "summary.json", summary)
 
 
 def part_state(part: nn.Module) -> dict[str, Tensor]:
@@ -226,7 +244,7 @@ def part_state(part: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in part.state_dict().items()}
 
 
-def run_part(recipe: Recipe, options: Any, partition: Partition, index: int, run_dir: Path,
+def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: int, run_dir: Path,
              sinks: Iterable[Sink], emit: Sink, train_part: Callable[..., dict[str, Any]],
              max_steps: int | None, *, sequential: bool) -> tuple[dict[str, Any], int]:
     """Train one part into run_dir/parts/part-N (continuing it on a resume; a part already
@@ -257,8 +275,6 @@ def run_part(recipe: Recipe, options: Any, partition: Partition, index: int, run
 
 def _finished_summary(part_dir: Path) -> dict[str, Any] | None:
     """The summary of a part that trained all its steps (None otherwise)."""
-    import json
-
     path = part_dir / "summary.json"
     if not (path.is_file() and (part_dir / "model.pt").is_file()):
         return None
@@ -271,7 +287,7 @@ def _without_done(sink: Sink) -> Sink:
     return lambda event: None if isinstance(event, Done) else sink(event)
 
 
-def compose_summary(recipe: Recipe, partition: Partition, parts: list[dict[str, Any]],
+def compose_summary(partition: Partition, parts: list[dict[str, Any]],
                     run_dir: Path, wall_seconds: float, world: World) -> dict[str, Any]:
     """summary.json of the whole run: the parts' figures added up, each part's kept."""
     first = parts[0]
