@@ -82,12 +82,14 @@ def check_part_ranks(recipe: Recipe, world_size: int) -> None:
 
 def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     """Build the whole run, cut the model, draw the codes and give each part its data."""
-    whole = build(recipe, device)
+    # The whole model waits in host memory: the device takes one part at a time.
+    whole = build(recipe, torch.device("cpu"))
     spec, labels = partition_spec(recipe)
     graph = trace(whole.model)
     cuts = find_cuts(graph, spec.at)
     parts = split(whole.model, graph, cuts)
     shapes = cut_shapes(whole, parts)
+    whole.micro_step.device = device  # where the composed model is evaluated
     for cut, shape in zip(cuts, shapes, strict=True):
         if labels.dim != "auto" and labels.dim != shape.numel():
             raise UsageError(
@@ -259,9 +261,8 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
         part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,
                                         weights_only=True))
         return done, 0
-    if sequential:  # only this part's weights on the device while it trains
-        partition.whole.model.to("cpu")
-        part.to(setup.device)
+    partition.whole.model.to("cpu")  # only this part's weights on the device while it trains
+    part.to(setup.device)
     tracker = options.simulated_memory
     part_options = dataclasses.replace(
         options, run_dir=part_dir, max_steps=max_steps,
