@@ -3,6 +3,7 @@ exactness under MBP, the composed model, resume and bad input, through the real 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ MLP = {"name": "mlp", "args": {"in_features": 64, "hidden": 16, "depth": 3}}
 def partitioned(at: list, **train: object) -> dict:
     """A quick partitioned digits recipe."""
     return small_recipe(
-        model=MLP, batch={"target": 64, "micro": 16},
+        model=copy.deepcopy(MLP), batch={"target": 64, "micro": 16},
         optim={"name": "AdamW", "args": {"lr": 0.01}},
         loss={"name": "cross_entropy", "args": {"label_smoothing": 0.1}},
         train={"steps": 6, "eval_every": 0, "checkpoint_every": 2, "device": "cpu",
@@ -269,3 +270,18 @@ def test_targets_that_name_no_class_are_refused(cli, tmp_path):
     result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert "some targets are -100 (ignored items?), which name no class" in result.output
+
+
+def test_a_partitioned_run_that_fails_before_training_leaves_nothing(cli, tmp_path):
+    """As any run: a model that does not fit its data (3 outputs for 10 classes), or a first
+    part that does not fit the device, leaves no run folder behind."""
+    recipe = partitioned([4])
+    recipe["model"]["args"]["out_features"] = 3
+    result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "the first training step failed: Target 9 is out of bounds" in result.output
+    assert not (tmp_path / "run").exists()
+    result = cli("train", write(tmp_path, partitioned([4])), "--out", tmp_path / "run",
+                 "--simulate-memory", "20KiB")
+    assert result.exit_code == 3, result.output
+    assert not (tmp_path / "run").exists()

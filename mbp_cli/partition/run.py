@@ -8,6 +8,7 @@ rank draws alike from the seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.build import Setup, build
+from mbp_cli.batching import collate_samples
+from mbp_cli.build import Setup, build, check_target_batch
+from mbp_cli.datasets import TensorPairs
 from mbp_cli.distributed import Ranks, World
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.events import Done, Eval, Part, Sink, Sinks
 from mbp_cli.losses import LOSSES
-from mbp_cli.memory.step import batch_maker
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
     class_labels,
@@ -37,7 +39,7 @@ from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe import Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import is_running
-from mbp_cli.step import MicroStep, split_batch, to_device
+from mbp_cli.step import MicroStep, explained_step_errors, split_batch, to_device
 from mbp_cli.stopping import resume_command
 
 if TYPE_CHECKING:  # both import this module's callers
@@ -84,11 +86,15 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     """Build the whole run, cut the model, draw the codes and give each part its data."""
     # The whole model waits in host memory: the device takes one part at a time.
     whole = build(recipe, torch.device("cpu"))
+    check_target_batch(recipe, len(whole.train_set))
     spec, labels = partition_spec(recipe)
     graph = trace(whole.model)
     cuts = find_cuts(graph, spec.at)
     parts = split(whole.model, graph, cuts)
-    shapes = cut_shapes(whole, parts)
+    key = recipe.data.target
+    train_labels = class_labels(whole.train_set, key)
+    eval_labels = class_labels(whole.eval_set, key) if whole.eval_set is not None else None
+    shapes = cut_shapes(whole, parts, [0, int(train_labels.argmax())])
     whole.micro_step.device = device  # where the composed model is evaluated
     for cut, shape in zip(cuts, shapes, strict=True):
         if labels.dim != "auto" and labels.dim != shape.numel():
@@ -96,9 +102,6 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
                 f"train.partition.labels.dim: {labels.dim}, but the activation at {cut.name} "
                 f"has {shape.numel()} values ({'×'.join(map(str, shape))}); the composed model "
                 "is the recipe's own, so its codes have the cut's width: use dim: auto")
-    key = recipe.data.target
-    train_labels = class_labels(whole.train_set, key)
-    eval_labels = class_labels(whole.eval_set, key) if whole.eval_set is not None else None
     classes = 1 + int(max(train_labels.max(), eval_labels.max() if eval_labels is not None
                           and len(eval_labels) else 0))
     seed = recipe.seed if labels.seed is None else labels.seed
@@ -145,16 +148,21 @@ def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     return answers
 
 
-def cut_shapes(whole: Setup, parts: list[nn.Module]) -> list[torch.Size]:
-    """The shape of one sample's activation at each cut, from two real samples."""
-    batch = batch_maker(whole.train_set, whole.collate)(2)
+def cut_shapes(whole: Setup, parts: list[nn.Module], indices: list[int]) -> list[torch.Size]:
+    """The shape of one sample's activation at each cut, from real samples (the whole model's
+    forward and loss tried on them first, the highest class among them: a model that does not
+    fit its data fails before any part trains)."""
+    dataset = whole.train_set
+    batch = dataset.__getitems__(indices) if isinstance(dataset, TensorPairs) else \
+        collate_samples(whole.collate)([dataset[i] for i in indices])
     args, kwargs, _ = split_batch(batch, whole.micro_step.target_key)
     value = [to_device(a, whole.device, whole.dtype) for a in args]
     kwargs = {k: to_device(v, whole.device, whole.dtype) for k, v in kwargs.items()}
     shapes = []
     whole.model.eval()  # no BatchNorm statistics moved
     try:
-        with torch.no_grad():
+        with torch.no_grad(), explained_step_errors(True):
+            whole.micro_step(batch)
             value = parts[0](*value, **kwargs)
             for part in parts[1:]:
                 if not isinstance(value, Tensor):
@@ -191,8 +199,14 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
     mine = [world.rank] if world.is_distributed else range(len(partition.parts))
     try:
         with ranks.agreed():  # side by side: a part that fails stops every rank
-            summaries = train_parts(recipe, options, partition, mine, run_dir, sinks, emit,
-                                    train_part, sequential=not world.is_distributed)
+            try:
+                summaries = train_parts(recipe, options, partition, mine, run_dir, sinks, emit,
+                                        train_part, sequential=not world.is_distributed)
+            except Exception:
+                if world.is_main and not options.resume:
+                    folder.close()
+                    _leave_nothing_if_no_part_began(run_dir)
+                raise
         summaries = [s for group in ranks.gather_objects(summaries) for s in group]
         states = ranks.gather_objects([part_state(partition.parts[i]) for i in mine])
         if world.is_distributed and world.is_main:  # every part's weights into the model
@@ -239,6 +253,17 @@ def finish(recipe: Recipe, partition: Partition, summary: dict[str, Any], run_di
         emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy")))
         save_state_dict(run_dir / "model.pt", whole.model.state_dict())
     write_json(run_dir / "summary.json", summary)
+
+
+def _leave_nothing_if_no_part_began(run_dir: Path) -> None:
+    """A run that fails before any part has trained a target batch leaves nothing behind, as
+    any run does: the files this run wrote go, and the folder if that empties it."""
+    if (run_dir / PARTS_FOLDER).exists():
+        return
+    for name in ("recipe.yaml", "metrics.jsonl", CODES_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other files of the user's: it stays
+        run_dir.rmdir()
 
 
 def part_state(part: nn.Module) -> dict[str, Tensor]:
