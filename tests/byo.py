@@ -212,7 +212,7 @@ def bn_classifier(classes: int = 4) -> nn.Module:
 class DictFeatures(Dataset):
     """{"input": features, "label": class} samples, read one by one (no tensors to gather)."""
 
-    def __init__(self, train: bool = True, n: int = 60, classes: int = 3) -> None:
+    def __init__(self, train: bool = True, n: int = 80, classes: int = 3) -> None:
         g = _draw(train)
         self.x = torch.randn(n, 6, generator=g)
         self.y = torch.randint(classes, (n,), generator=g)
