@@ -86,11 +86,11 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     """Build the whole run, cut the model, draw the codes and give each part its data."""
     # The whole model waits in host memory: the device takes one part at a time.
     whole = build(recipe, torch.device("cpu"))
-    check_target_batch(recipe, len(whole.train_set))
     spec, labels = partition_spec(recipe)
     graph = trace(whole.model)
     cuts = find_cuts(graph, spec.at)
     parts = split(whole.model, graph, cuts)
+    check_target_batch(recipe, len(whole.train_set))
     key = recipe.data.target
     train_labels = class_labels(whole.train_set, key)
     eval_labels = class_labels(whole.eval_set, key) if whole.eval_set is not None else None
