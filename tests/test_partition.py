@@ -266,7 +266,7 @@ def test_targets_that_name_no_class_are_refused(cli, tmp_path):
     shutil.copy(REPO / "tests" / "byo.py", tmp_path / "byo.py")
     recipe = partitioned([1])
     recipe["model"] = {"name": "byo:classifier", "args": {}}
-    recipe["data"] = {"name": "byo:Features", "args": {}}
+    recipe["data"] = {"name": "byo:Features", "args": {"n": 80}}
     result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert "some targets are -100 (ignored items?), which name no class" in result.output
