@@ -46,13 +46,26 @@ def trial_step(recipe: Recipe) -> str:
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
     check_strategies(recipe, model)
+    cut = check_cuts(recipe, model)
     step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
     where = "the meta device" if is_meta else f"{result.samples} samples"
     loss = "" if is_meta else f", loss {float(result.loss_sum) / max(float(result.items), 1):.4g}"
     return (f"one forward + loss on {where}: output {tuple(result.output.shape)}{loss}; "
-            f"{parameters:,} parameters")
+            f"{parameters:,} parameters{cut}")
+
+
+def check_cuts(recipe: Recipe, model: torch.nn.Module) -> str:
+    """train.partition: the cut points checked as training checks them; in words ('' without)."""
+    from mbp_cli.partition.cuts import find_cuts, trace
+    from mbp_cli.recipe import partition_spec
+
+    spec = partition_spec(recipe)
+    if spec is None:
+        return ""
+    cuts = find_cuts(trace(model), spec[0].at)
+    return f"; cut into {len(cuts) + 1} parts at {', '.join(c.name for c in cuts)}"
 
 
 def check_strategies(recipe: Recipe, model: torch.nn.Module) -> None:

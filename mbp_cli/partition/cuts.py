@@ -77,8 +77,8 @@ def find_cuts(graph: fx.GraphModule, at: Sequence[str | int]) -> list[Cut]:
     for entry in at:
         name = str(entry)
         if name not in called:
-            raise UsageError(f"train.partition.at: the model calls no module {name!r}"
-                             f"{suggest(name, list(points))}. {listing}")
+            raise UsageError(f"train.partition.at: the model calls no module {name!r} "
+                             f"({listing[0].lower()}{listing[1:]}){suggest(name, list(points))}")
         index = called[name]  # an inner name of a valid point (layer3.0) cuts there too
         crossing = [n.name for n in _crossing(nodes, index)]
         if index not in points.values():
