@@ -141,6 +141,9 @@ def train(
 
         overrides = _overrides(set_, device)
         if resume is not None:
+            from mbp_cli.runs import refuse_part
+
+            refuse_part(resume, "resume")
             if out is not None and out.resolve() != resume.resolve():
                 raise UsageError("--resume continues in its own folder; leave out --out")
             loaded, run_dir = recipe_to_resume(resume, recipe, overrides), resume

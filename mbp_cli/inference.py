@@ -17,6 +17,7 @@ from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
 from mbp_cli.registry import find_dataset
+from mbp_cli.runs import refuse_part
 from mbp_cli.step import pick_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -38,10 +39,15 @@ def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise UsageError(f"{run_dir} is not a run folder: it has no recipe.yaml")
+    refuse_part(run_dir, "use")
     recipe = load_recipe(saved, overrides)
     weights = checkpoint or run_dir / "model.pt"
     if checkpoint is not None and not checkpoint.is_file():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
+    if recipe.train.partition is not None and not weights.is_file():
+        raise UsageError(f"{weights} not found: the partitioned run has not trained all its "
+                         "parts, and only the composed model can be evaluated; finish it with: "
+                         f"mbp train --resume {run_dir}")
     if not weights.is_file():
         raise UsageError(f"{weights} not found: the run has not finished (give --checkpoint "
                          f"{run_dir}/checkpoints/step-….pt)")

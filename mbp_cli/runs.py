@@ -60,9 +60,8 @@ class RunRecord:
     @property
     def label(self) -> str:
         """The run folder's name; a part of a partitioned run's, RUN/part-N."""
-        if self.path.parent.name == "parts" and (self.path.parent.parent / "codes.pt").exists():
-            return f"{self.path.parent.parent.name}/{self.path.name}"
-        return self.path.name
+        whole = partitioned_run_of(self.path)
+        return f"{whole.name}/{self.path.name}" if whole else self.path.name
 
     @property
     def parts(self) -> list[RunRecord]:
@@ -105,11 +104,43 @@ def read_run(path: Path) -> RunRecord:
     accuracies = [e["eval_accuracy"] for e in events.get("eval", [])
                   if e.get("eval_accuracy") is not None]
     losses = [e["eval_loss"] for e in events.get("eval", []) if e.get("eval_loss") is not None]
-    return RunRecord(path, name, run_status(path, summary, events, step), step, total,
-                     max(accuracies, default=None), min(losses, default=None),
-                     summary["wall_seconds"] if summary else
-                     sum(e["step_seconds"] for e in events.get("step", [])) or None,
-                     summary, events)
+    record = RunRecord(path, name, run_status(path, summary, events, step), step, total,
+                       max(accuracies, default=None), min(losses, default=None),
+                       summary["wall_seconds"] if summary else
+                       sum(e["step_seconds"] for e in events.get("step", [])) or None,
+                       summary, events)
+    if summary is None and events.get("part") and record.status != "running":
+        record = _from_parts(record)
+    return record
+
+
+def _from_parts(record: RunRecord) -> RunRecord:
+    """A partitioned run that did not finish (stopped, failed, killed), told by its parts."""
+    parts = record.parts
+    if not parts:
+        return record
+    steps = sum(p.steps for p in parts)
+    last = parts[-1].status.rsplit(" at step", 1)[0]  # stopped / failed; done: the next failed
+    record.status = f"{'stopped' if last == 'stopped' else 'failed'} at step {steps}"
+    record.steps, record.name = steps, parts[0].name
+    record.total_steps = (parts[0].total_steps or 0) * record.events["part"][-1]["parts"]
+    record.wall_seconds = sum(p.wall_seconds or 0 for p in parts) or None
+    return record
+
+
+def partitioned_run_of(path: Path) -> Path | None:
+    """The partitioned run whose part `path` is (None where it is no part)."""
+    if path.parent.name == "parts" and (path.parent.parent / "codes.pt").is_file():
+        return path.parent.parent
+    return None
+
+
+def refuse_part(path: Path, what: str) -> None:
+    """A part of a partitioned run is not a run to resume, evaluate or predict with alone."""
+    whole = partitioned_run_of(path)
+    if whole is not None:
+        raise UsageError(f"{path} is one part of the partitioned run {whole}, whose weights "
+                         f"are only that part's: {what} {whole} instead")
 
 
 def run_status(path: Path, summary: dict | None, events: dict[str, list], step: int) -> str:

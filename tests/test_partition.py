@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,48 @@ def test_a_partitioned_run_that_fails_before_training_leaves_nothing(cli, tmp_pa
                  "--simulate-memory", "20KiB")
     assert result.exit_code == 3, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_is_resumed_only_to_train_longer_and_a_part_not_alone(cli, tmp_path):
+    recipe = write(tmp_path, partitioned([4], steps=3))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run).exit_code == 0
+    again = cli("train", "--resume", run)
+    assert again.exit_code == 2
+    assert "has already trained all 3 steps of each part: nothing to resume" in again.output
+    longer = cli("train", "--resume", run, "--set", "train.steps=5", "--json")
+    assert longer.exit_code == 0, longer.output
+    summary = json.loads(longer.output.strip().splitlines()[-1])
+    assert [p["steps"] for p in summary["partition"]["parts"]] == [5, 5]
+    for command in (("train", "--resume"), ("eval",), ("predict",)):
+        refused = cli(*command, run / "parts" / "part-1", *(["x.pt"] if "predict" in command
+                                                           else []))
+        assert refused.exit_code == 2, refused.output
+        assert f"is one part of the partitioned run {run}" in refused.output
+
+
+@pytest.mark.slow
+def test_a_signal_stops_a_partitioned_run_that_then_lists_as_stopped_and_resumes(tmp_path):
+    recipe = write(tmp_path, partitioned([4], steps=400, checkpoint_every=5))
+    process = subprocess.Popen([sys.executable, "-m", "mbp_cli", "train", recipe, "--out", "run",
+                                "--set", "batch.micro=2"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run/parts/part-1/checkpoints").glob("*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Resume with: mbp train --resume run" in err
+    listed = json.loads(mbp("runs", ".", "--json", cwd=tmp_path).stdout)
+    assert listed[0]["status"].startswith("stopped at step ")
+    assert listed[0]["name"] == "test-digits" and listed[0]["total_steps"] == 800
+    evaluated = mbp("eval", "run", cwd=tmp_path)
+    assert evaluated.returncode == 2 and "has not trained all its parts" in evaluated.stderr
+    stopped_at = int(listed[0]["status"].rsplit(" ", 1)[1])  # in part 1: its own step
+    resumed = mbp("train", "--resume", "run", "--set", f"train.steps={stopped_at + 2}",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run/model.pt").is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.batching import collate_samples
+from mbp_cli.batching import collate_samples, steps_per_epoch
 from mbp_cli.build import Setup, build, check_target_batch
 from mbp_cli.datasets import TensorPairs
 from mbp_cli.distributed import Ranks, World
@@ -190,19 +191,25 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
         partition = partition or build_partition(recipe, device)
         if world.is_main and is_running(run_dir):
             raise UsageError(f"{run_dir} is in use by another mbp train")
+        mine = [world.rank] if world.is_distributed else range(len(partition.parts))
+        total = part_steps(recipe, partition)
+        if options.resume and all(_finished_summary(part_folder(run_dir, i), total)
+                                  for i in mine):  # as any run: nothing to do, nothing touched
+            raise UsageError(f"{run_dir} has already trained all {total} steps of each part: "
+                             "nothing to resume (to train longer: --resume with "
+                             "--set train.steps=N)")
         folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
         if world.is_main:
             folder.open()
             save_state_dict(run_dir / CODES_FILE, {f"cut_{i + 1}": code for i, code
                                                    in enumerate(partition.codes)}, "codes")
     emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
-    mine = [world.rank] if world.is_distributed else range(len(partition.parts))
     try:
         with ranks.agreed():  # side by side: a part that fails stops every rank
             try:
                 summaries = train_parts(recipe, options, partition, mine, run_dir, sinks, emit,
                                         train_part, sequential=not world.is_distributed)
-            except Exception:
+            except BaseException:  # Ctrl-C before any part began included
                 if world.is_main and not options.resume:
                     folder.close()
                     _leave_nothing_if_no_part_began(run_dir)
@@ -277,14 +284,19 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
     """Train one part into run_dir/parts/part-N (continuing it on a resume; a part already
     done is loaded, not trained again); return its summary and the steps it trained now."""
     part, setup = partition.parts[index], partition.setups[index]
-    part_dir = run_dir / PARTS_FOLDER / f"part-{index + 1}"
-    done = _finished_summary(part_dir) if options.resume else None
+    part_dir = part_folder(run_dir, index)
+    done = _finished_summary(part_dir, part_steps(recipe, partition)) if options.resume \
+        else None
     begins, ends = partition.describe(index)
     emit(Part(index + 1, len(partition.parts), begins, ends,
               sum(p.numel() for p in part.parameters()), str(part_dir), done is not None))
     if done is not None:
-        part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,
-                                        weights_only=True))
+        try:
+            part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,
+                                            weights_only=True))
+        except (RuntimeError, OSError, pickle.UnpicklingError) as exc:
+            raise UsageError(f"{part_dir}/model.pt does not hold this part's weights "
+                             f"({' '.join(str(exc).split())[:200]})") from exc
         return done, 0
     partition.whole.model.to("cpu")  # only this part's weights on the device while it trains
     part.to(setup.device)
@@ -299,13 +311,25 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
     return summary, summary["steps"] - summary.get("resumed_at_step", 0)
 
 
-def _finished_summary(part_dir: Path) -> dict[str, Any] | None:
-    """The summary of a part that trained all its steps (None otherwise)."""
+def part_folder(run_dir: Path, index: int) -> Path:
+    """Where part `index` (from 0) trains: RUN/parts/part-N."""
+    return run_dir / PARTS_FOLDER / f"part-{index + 1}"
+
+
+def part_steps(recipe: Recipe, partition: Partition) -> int:
+    """How many optimizer steps each part takes: train.steps, or its epochs'."""
+    per_epoch = steps_per_epoch(len(partition.whole.train_set), recipe.batch.target,
+                                recipe.batch.drop_last)
+    return recipe.train.steps or recipe.train.epochs * per_epoch
+
+
+def _finished_summary(part_dir: Path, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a part that has trained `total_steps` (None otherwise: it goes on)."""
     path = part_dir / "summary.json"
     if not (path.is_file() and (part_dir / "model.pt").is_file()):
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
-    return summary if summary["steps"] >= summary["total_steps"] else None
+    return summary if summary["steps"] >= total_steps else None
 
 
 def _without_done(sink: Sink) -> Sink:
