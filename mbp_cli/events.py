@@ -19,10 +19,15 @@ class Event:
     """One thing a run reports; `kind` names it in metrics.jsonl and --json (`"event": kind`)."""
 
     kind: ClassVar[str] = ""
+    # A partitioned run's events name their part (0: the composed model); others, none.
+    part: int | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as one JSON object."""
-        return {"event": self.kind, **dataclasses.asdict(self)}
+        data = {"event": self.kind, **dataclasses.asdict(self)}
+        if data["part"] is None:
+            del data["part"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,6 @@ class Part(Event):
     """A partitioned run (train.partition) comes to one of its parts."""
 
     kind: ClassVar[str] = "part"
-    part: int
     parts: int
     begins: str  # the module the part begins at (input: the model's first)
     ends: str  # the module the next part begins at (output: the part is the last)

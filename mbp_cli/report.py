@@ -53,8 +53,8 @@ def start_line(e: ev.Start) -> str:
 
 def eval_line(e: ev.Eval) -> str:
     """One plain line for an eval event."""
-    return (f"eval @ step {e.step}: loss {_number(e.eval_loss)}  "
-            f"accuracy {format_percent(e.eval_accuracy)}")
+    where = "eval of the composed model" if e.part == 0 else f"eval @ step {e.step}"
+    return f"{where}: loss {_number(e.eval_loss)}  accuracy {format_percent(e.eval_accuracy)}"
 
 
 def batch_split(s: Data) -> str:

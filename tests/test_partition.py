@@ -129,9 +129,15 @@ def test_a_partitioned_run_trains_composes_and_evaluates(tmp_path, cli):
     recipe = write(tmp_path, partitioned([4], steps=30))
     result = cli("train", recipe, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    events = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    summary = events[-1]
     run = tmp_path / "run"
     assert summary["steps"] == summary["total_steps"] == 60
+    # each part's events name it; the composed model's eval is part 0
+    assert [(e["event"], e["part"]) for e in events if e["event"] in ("part", "start")] == [
+        ("part", 1), ("start", 1), ("part", 2), ("start", 2)]
+    assert {e["part"] for e in events if e["event"] == "step"} == {1, 2}
+    assert events[-2]["event"] == "eval" and events[-2]["part"] == 0
     assert summary["eval_accuracy"] > 0.5  # composed: well above 10% chance
     parts = summary["partition"]["parts"]
     assert [(p["begins"], p["ends"]) for p in parts] == [("input", "4"), ("4", "output")]

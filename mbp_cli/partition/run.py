@@ -257,7 +257,8 @@ def finish(recipe: Recipe, partition: Partition, summary: dict[str, Any], run_di
         micro_batch = min(p["micro_batch"] for p in summary["partition"]["parts"])
         result = evaluate(whole, micro_batch, recipe.train.num_workers)
         summary.update(result)
-        emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy")))
+        emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy"),
+                  part=0))
         save_state_dict(run_dir / "model.pt", whole.model.state_dict())
     write_json(run_dir / "summary.json", summary)
 
@@ -288,8 +289,8 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
     done = _finished_summary(part_dir, part_steps(recipe, partition)) if options.resume \
         else None
     begins, ends = partition.describe(index)
-    emit(Part(index + 1, len(partition.parts), begins, ends,
-              sum(p.numel() for p in part.parameters()), str(part_dir), done is not None))
+    emit(Part(len(partition.parts), begins, ends, sum(p.numel() for p in part.parameters()),
+              str(part_dir), done is not None, part=index + 1))
     if done is not None:
         try:
             part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,
@@ -306,7 +307,7 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
         resume_command=resume_command(run_dir, 1 if sequential else len(partition.parts)),
         resume=options.resume and part_dir.exists(),
         simulated_memory=StorageTracker(tracker.capacity_bytes) if tracker else None)
-    summary = train_part(recipe, part_options, [_without_done(s) for s in sinks],
+    summary = train_part(recipe, part_options, [_in_part(s, index + 1) for s in sinks],
                          Ranks(World(), setup.device), setup.device, make_setup=lambda: setup)
     return summary, summary["steps"] - summary.get("resumed_at_step", 0)
 
@@ -332,9 +333,11 @@ def _finished_summary(part_dir: Path, total_steps: int) -> dict[str, Any] | None
     return summary if summary["steps"] >= total_steps else None
 
 
-def _without_done(sink: Sink) -> Sink:
-    """A part's events for the terminal, but its summary: the run's comes at the end."""
-    return lambda event: None if isinstance(event, Done) else sink(event)
+def _in_part(sink: Sink, part: int) -> Sink:
+    """A part's events for the terminal, each naming its part; not its summary (the run's
+    comes at the end)."""
+    return lambda event: None if isinstance(event, Done) else \
+        sink(dataclasses.replace(event, part=part))
 
 
 def compose_summary(partition: Partition, parts: list[dict[str, Any]],
@@ -361,7 +364,7 @@ def compose_summary(partition: Partition, parts: list[dict[str, Any]],
         "steps": sum(p["steps"] for p in parts),
         "total_steps": sum(p["total_steps"] for p in parts) + first["total_steps"] * (
             len(partition.parts) - len(parts)),
-        "samples_seen": samples, "final_train_loss": parts[-1]["final_train_loss"],
+        "samples_seen": samples, "final_train_loss": None,  # each part's is its own
         "eval_loss": None, "eval_accuracy": None,
         "samples_per_second": samples / trained if trained else None,
         "peak_memory_bytes": max(p["peak_memory_bytes"] for p in parts),
