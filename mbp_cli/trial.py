@@ -46,25 +46,34 @@ def trial_step(recipe: Recipe) -> str:
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
     check_strategies(recipe, model)
-    cut = check_cuts(recipe, model)
     step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
+    cut = check_cuts(recipe, model, batch, step)
     where = "the meta device" if is_meta else f"{result.samples} samples"
     loss = "" if is_meta else f", loss {float(result.loss_sum) / max(float(result.items), 1):.4g}"
     return (f"one forward + loss on {where}: output {tuple(result.output.shape)}{loss}; "
             f"{parameters:,} parameters{cut}")
 
 
-def check_cuts(recipe: Recipe, model: torch.nn.Module) -> str:
-    """train.partition: the cut points checked as training checks them; in words ('' without)."""
-    from mbp_cli.partition.cuts import find_cuts, trace
+def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) -> str:
+    """train.partition: the cut points, the codes' width and the targets checked as training
+    checks them, on the trial batch; in words ('' without a partition)."""
+    from mbp_cli.partition.codes import check_class_indices
+    from mbp_cli.partition.cuts import find_cuts, split, trace
+    from mbp_cli.partition.run import check_codes_fit, run_parts
     from mbp_cli.recipe import partition_spec
+    from mbp_cli.step import split_batch
 
     spec = partition_spec(recipe)
     if spec is None:
         return ""
-    cuts = find_cuts(trace(model), spec[0].at)
+    graph = trace(model)
+    cuts = find_cuts(graph, spec[0].at)
+    check_class_indices(torch.as_tensor(split_batch(batch, recipe.data.target)[2]))
+    if next(model.parameters()).device.type != "meta":  # values, not only shapes
+        with torch.no_grad():
+            check_codes_fit(spec[1], cuts, run_parts(split(model, graph, cuts), batch, step))
     return f"; cut into {len(cuts) + 1} parts at {', '.join(c.name for c in cuts)}"
 
 

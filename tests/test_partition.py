@@ -194,8 +194,8 @@ def test_parts_side_by_side_equal_parts_in_turn_and_a_resume_continues_the_right
 
 
 @pytest.mark.parametrize(("at", "model", "message"), [
-    (["7", "nope"], MLP, "the model calls no module 'nope' (valid cut points: 1, 2, 3, 4, 5, "
-                         "6, 7)"),
+    (["7", "nope"], MLP, "the model calls no module 'nope'. Valid cut points: 1, 2, 3, 4, 5, "
+                         "6, 7"),
     ([0], MLP, "cannot be cut at 0: the part before it would be empty"),
     (["layer3.0.conv2"], {"name": "resnet18", "args": {"num_classes": 10}},
      "cannot be cut at layer3.0.conv2: 2 values cross there"),
@@ -210,7 +210,7 @@ def test_a_model_that_cannot_be_cut_there_is_one_line_with_the_valid_points(
     result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
     assert result.exit_code == 2
     assert message in result.output
-    assert "alid cut points:" in result.output
+    assert "Valid cut points:" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
     validated = cli("validate", write(tmp_path, recipe))  # refused as training refuses it
@@ -234,8 +234,15 @@ def test_partition_keys_are_checked_like_any_recipe_key(cli, tmp_path):
     result = cli("train", write(tmp_path, recipe))
     assert result.exit_code == 2
     assert "the activation at 4 has 16 values" in result.output
+    validated = cli("validate", write(tmp_path, recipe))  # validate finds it too
+    assert validated.exit_code == 2 and "the activation at 4 has 16 values" in validated.output
     validated = cli("validate", write(tmp_path, partitioned([4])))
     assert validated.exit_code == 0 and "; cut into 2 parts at 4" in validated.output
+    # gaussian codes after a ReLU: said before training
+    after_relu = cli("train", write(tmp_path, partitioned([5])), "--out", tmp_path / "relu",
+                     "--max-steps", "1")
+    assert after_relu.exit_code == 0, after_relu.output
+    assert "warning: the activation at 5 is never negative" in after_relu.output
     result = cli("train", write(tmp_path, partitioned([4])), "--nproc", "3")
     assert result.exit_code == 2
     assert "cuts the model into 2 parts" in result.output
@@ -279,9 +286,11 @@ def test_targets_that_name_no_class_are_refused(cli, tmp_path):
     recipe = partitioned([1])
     recipe["model"] = {"name": "byo:classifier", "args": {}}
     recipe["data"] = {"name": "byo:Features", "args": {"n": 80}}
-    result = cli("train", write(tmp_path, recipe), "--out", tmp_path / "run")
-    assert result.exit_code == 2, result.output
-    assert "some targets are -100 (ignored items?), which name no class" in result.output
+    for command in ("train", "validate"):
+        result = cli(command, write(tmp_path, recipe), *(["--out", tmp_path / "run"]
+                                                          if command == "train" else []))
+        assert result.exit_code == 2, result.output
+        assert "some targets are -100 (ignored items?), which name no class" in result.output
 
 
 def test_a_partitioned_run_that_fails_before_training_leaves_nothing(cli, tmp_path):

@@ -42,9 +42,14 @@ def class_labels(dataset: Dataset, target_key: str | None = None) -> Tensor:
     else:
         labels = torch.stack([torch.as_tensor(sample_target(dataset[i], target_key))
                               for i in range(len(dataset))]) if len(dataset) else torch.zeros(0)
+    return check_class_indices(labels)
+
+
+def check_class_indices(labels: Tensor) -> Tensor:
+    """The targets as class indices (one per sample, none below 0), or a one-line refusal."""
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise UsageError("train.partition gives each class a code, so each sample's target must "
-                         f"be one class index; this dataset's targets are {describe(labels)}")
+                         f"be one class index; the targets are {describe(labels)}")
     if len(labels) and labels.min() < 0:
         raise UsageError(f"train.partition gives each class a code, but some targets are "
                          f"{int(labels.min())} (ignored items?), which name no class")

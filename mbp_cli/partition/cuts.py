@@ -77,13 +77,14 @@ def find_cuts(graph: fx.GraphModule, at: Sequence[str | int]) -> list[Cut]:
     for entry in at:
         name = str(entry)
         if name not in called:
-            raise UsageError(f"train.partition.at: the model calls no module {name!r} "
-                             f"({listing[0].lower()}{listing[1:]}){suggest(name, list(points))}")
+            raise UsageError(f"train.partition.at: the model calls no module {name!r}. "
+                             f"{listing}{suggest(name, list(points))}")
         index = called[name]  # an inner name of a valid point (layer3.0) cuts there too
         crossing = [n.name for n in _crossing(nodes, index)]
         if index not in points.values():
-            why = (f"{len(crossing)} values cross there ({', '.join(crossing)}): it is inside "
-                   "a block whose input is read again later, such as a residual block"
+            why = (f"{len(crossing)} values cross there ({', '.join(crossing)}): a value "
+                   "from before it is read after it (inside a residual block, say, or one the "
+                   "model also returns)"
                    if len(crossing) > 1 else "the part before it would be empty")
             raise UsageError(f"train.partition.at: the model cannot be cut at {name}: {why}. "
                              + listing)

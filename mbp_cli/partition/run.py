@@ -27,7 +27,7 @@ from mbp_cli.datasets import TensorPairs
 from mbp_cli.distributed import Ranks, World
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
-from mbp_cli.events import Done, Eval, Part, Sink, Sinks
+from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
 from mbp_cli.losses import LOSSES
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
@@ -37,10 +37,10 @@ from mbp_cli.partition.codes import (
     make_codes,
 )
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
-from mbp_cli.recipe import Recipe, partition_spec
+from mbp_cli.recipe import LabelSpec, Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import is_running
-from mbp_cli.step import MicroStep, explained_step_errors, split_batch, to_device
+from mbp_cli.step import MicroStep, describe, explained_step_errors, split_batch, to_device
 from mbp_cli.stopping import resume_command
 
 if TYPE_CHECKING:  # both import this module's callers
@@ -61,6 +61,7 @@ class Partition:
     parts: list[nn.Module]
     setups: list[Setup]
     codes: list[Tensor]
+    warnings: list[str]  # said once the run starts
 
     def describe(self, index: int) -> tuple[str, str]:
         """Where part `index` begins and ends: a cut's module name, input or output."""
@@ -95,14 +96,10 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     key = recipe.data.target
     train_labels = class_labels(whole.train_set, key)
     eval_labels = class_labels(whole.eval_set, key) if whole.eval_set is not None else None
-    shapes = cut_shapes(whole, parts, [0, int(train_labels.argmax())])
+    activations = cut_activations(whole, parts, [0, int(train_labels.argmax())])
+    check_codes_fit(labels, cuts, activations)
+    shapes = [value.shape[1:] for value in activations]
     whole.micro_step.device = device  # where the composed model is evaluated
-    for cut, shape in zip(cuts, shapes, strict=True):
-        if labels.dim != "auto" and labels.dim != shape.numel():
-            raise UsageError(
-                f"train.partition.labels.dim: {labels.dim}, but the activation at {cut.name} "
-                f"has {shape.numel()} values ({'×'.join(map(str, shape))}); the composed model "
-                "is the recipe's own, so its codes have the cut's width: use dim: auto")
     classes = 1 + int(max(train_labels.max(), eval_labels.max() if eval_labels is not None
                           and len(eval_labels) else 0))
     seed = recipe.seed if labels.seed is None else labels.seed
@@ -128,7 +125,7 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
                             data(index, eval_labels, whole.eval_set, 1),
                             whole.collate if index == 0 else None,
                             freeze_batchnorm=whole.freeze_batchnorm))
-    return Partition(whole, cuts, parts, setups, codes)
+    return Partition(whole, cuts, parts, setups, codes, relu_warnings(labels, cuts, activations))
 
 
 def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
@@ -149,31 +146,58 @@ def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     return answers
 
 
-def cut_shapes(whole: Setup, parts: list[nn.Module], indices: list[int]) -> list[torch.Size]:
-    """The shape of one sample's activation at each cut, from real samples (the whole model's
-    forward and loss tried on them first, the highest class among them: a model that does not
-    fit its data fails before any part trains)."""
+def cut_activations(whole: Setup, parts: list[nn.Module],
+                    indices: list[int]) -> list[Tensor]:
+    """The activations at each cut for real samples (the whole model's forward and loss tried
+    on them first, the highest class among them: a model that does not fit its data fails
+    before any part trains)."""
     dataset = whole.train_set
     batch = dataset.__getitems__(indices) if isinstance(dataset, TensorPairs) else \
         collate_samples(whole.collate)([dataset[i] for i in indices])
-    args, kwargs, _ = split_batch(batch, whole.micro_step.target_key)
-    value = [to_device(a, whole.device, whole.dtype) for a in args]
-    kwargs = {k: to_device(v, whole.device, whole.dtype) for k, v in kwargs.items()}
-    shapes = []
     whole.model.eval()  # no BatchNorm statistics moved
     try:
         with torch.no_grad(), explained_step_errors(True):
             whole.micro_step(batch)
-            value = parts[0](*value, **kwargs)
-            for part in parts[1:]:
-                if not isinstance(value, Tensor):
-                    raise UsageError("train.partition: a part would pass on a "
-                                     f"{type(value).__name__}, not a tensor; cut elsewhere")
-                shapes.append(value.shape[1:])
-                value = part(value)
+            return run_parts(parts, batch, whole.micro_step)
     finally:
         whole.train_mode()
-    return shapes
+
+
+def run_parts(parts: list[nn.Module], batch: Any, step: MicroStep) -> list[Tensor]:
+    """Each cut's activation for a batch, the parts run in turn."""
+    args, kwargs, _ = split_batch(batch, step.target_key)
+    value = parts[0](*[to_device(a, step.device, step.dtype) for a in args],
+                     **{k: to_device(v, step.device, step.dtype) for k, v in kwargs.items()})
+    activations = []
+    for part in parts[1:]:
+        if not isinstance(value, Tensor):
+            raise UsageError("train.partition: a part would pass on "
+                             f"{describe(value)}, not a tensor; cut elsewhere")
+        activations.append(value)
+        value = part(value)
+    return activations
+
+
+def check_codes_fit(labels: LabelSpec, cuts: list[Cut], activations: list[Tensor]) -> None:
+    """The codes take each cut's shape: an explicit `dim` must be its width."""
+    for cut, value in zip(cuts, activations, strict=True):
+        width, shape = value[0].numel(), "×".join(map(str, value.shape[1:]))
+        if labels.dim != "auto" and labels.dim != width:
+            shown = f" ({shape})" if value.dim() > 2 else ""
+            raise UsageError(
+                f"train.partition.labels.dim: {labels.dim}, but the activation at {cut.name} "
+                f"has {width} values{shown}; the composed model is the recipe's own, so its "
+                "codes have the cut's width: use dim: auto")
+
+
+def relu_warnings(labels: LabelSpec, cuts: list[Cut], activations: list[Tensor]) -> list[str]:
+    """Gaussian codes at a cut whose activation is never negative (after a ReLU): half of
+    each code is out of the first part's reach."""
+    return [f"the activation at {cut.name} is never negative on the samples tried (after a "
+            "ReLU?): half of each gaussian code is out of reach there; use "
+            "train.partition.labels.kind: uniform, or cut before the ReLU"
+            for cut, value in zip(cuts, activations, strict=True)
+            if labels.kind == "gaussian" and value.min() >= 0]
 
 
 def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ranks,
@@ -204,6 +228,8 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
             save_state_dict(run_dir / CODES_FILE, {f"cut_{i + 1}": code for i, code
                                                    in enumerate(partition.codes)}, "codes")
     emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
+    for warning in partition.warnings:
+        emit(RunWarning(warning))
     try:
         with ranks.agreed():  # side by side: a part that fails stops every rank
             try:
