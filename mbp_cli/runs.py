@@ -13,6 +13,7 @@ from typing import Any
 from mbp_cli.errors import UsageError
 
 LOCK = ".lock"  # held (flock) while training runs; the OS drops it when the process dies
+PARTS_FOLDER, CODES_FILE = "parts", "codes.pt"  # a partitioned run's parts and its codes
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ class RunRecord:
     @property
     def parts(self) -> list[RunRecord]:
         """A partitioned run's parts, each a run of its own (none for other runs)."""
-        folders = sorted((self.path / "parts").glob("part-*"), key=lambda p: int(p.name[5:]))
+        folders = sorted((self.path / PARTS_FOLDER).glob("part-*"), key=lambda p: int(p.name[5:]))
         return [read_run(p) for p in folders if (p / "metrics.jsonl").is_file()]
 
     @property
@@ -130,7 +131,7 @@ def _from_parts(record: RunRecord) -> RunRecord:
 
 def partitioned_run_of(path: Path) -> Path | None:
     """The partitioned run whose part `path` is (None where it is no part)."""
-    if path.parent.name == "parts" and (path.parent.parent / "codes.pt").is_file():
+    if path.parent.name == PARTS_FOLDER and (path.parent.parent / CODES_FILE).is_file():
         return path.parent.parent
     return None
 

@@ -2,8 +2,8 @@
 same loop as any run) towards its synthetic labels, then composed and evaluated whole.
 
 The parts run one after another on one device, or side by side, one rank each
-(`--nproc` = the number of parts); nothing crosses between them but the codes, which every
-rank draws alike from the seed.
+(`--nproc` = the number of parts); nothing crosses between them while they train (every rank
+draws the codes alike from the seed), and the finished weights go to rank 0 at the end.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from mbp_cli.partition.codes import (
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe import LabelSpec, Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
-from mbp_cli.runs import is_running
+from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, is_running
 from mbp_cli.step import MicroStep, describe, explained_step_errors, split_batch, to_device
 from mbp_cli.stopping import resume_command
 
@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # both import this module's callers
     from mbp_cli.memory.probe import ProbeOptions
     from mbp_cli.train import RunOptions
 
-PARTS_FOLDER = "parts"
-CODES_FILE = "codes.pt"
 WAIT_SECONDS = 7 * 24 * 3600  # side by side, a rank that is done waits this long for the rest
 
 
