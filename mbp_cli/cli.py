@@ -428,8 +428,10 @@ def report(
         from mbp_cli.run_report import comparison_table
         from mbp_cli.runs import read_run
 
-        # a partitioned run: its own summary, and each part's curves
-        records = [r for path in runs for r in (lambda run: [run, *run.parts])(read_run(path))]
+        records = []
+        for path in runs:  # a partitioned run: its own summary, then each part's curves
+            run = read_run(path)
+            records += [run, *run.parts]
         if json_:
             typer.echo(json.dumps([{**r.to_dict(), "events": r.events} for r in records]))
             return

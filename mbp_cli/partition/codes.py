@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from mbp_cli.datasets import ReadableDataset, TensorPairs
 from mbp_cli.errors import UsageError
-from mbp_cli.step import TARGET_KEYS, describe
+from mbp_cli.step import TARGET_KEYS, describe, split_batch
 
 
 def make_codes(kind: str, shapes: Sequence[torch.Size], num_classes: int,
@@ -40,7 +40,7 @@ def class_labels(dataset: Dataset, target_key: str | None = None) -> Tensor:
             and len(dataset.targets) == len(dataset):
         labels = torch.as_tensor(dataset.targets)
     else:
-        labels = torch.stack([torch.as_tensor(sample_target(dataset[i], target_key))
+        labels = torch.stack([torch.as_tensor(split_batch(dataset[i], target_key)[2])
                               for i in range(len(dataset))]) if len(dataset) else torch.zeros(0)
     return check_class_indices(labels)
 
@@ -54,18 +54,6 @@ def check_class_indices(labels: Tensor) -> Tensor:
         raise UsageError(f"train.partition gives each class a code, but some targets are "
                          f"{int(labels.min())} (ignored items?), which name no class")
     return labels.long()
-
-
-def sample_target(sample: Any, target_key: str | None) -> Any:
-    """The target of one sample: the last element of a tuple, or the dict's target key."""
-    if isinstance(sample, Mapping):
-        key = next((k for k in ((target_key,) if target_key else TARGET_KEYS) if k in sample),
-                   None)
-        if key is None:
-            raise UsageError(f"a sample is a dict with keys {sorted(sample)}, but none is the "
-                             "target; name it with data.target")
-        return sample[key]
-    return sample[-1]
 
 
 def with_target(sample: Any, target: Tensor, target_key: str | None) -> Any:
@@ -130,7 +118,7 @@ class NoisyCodes(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         label = self.labels[index]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
         noisy = self.code[label] + self.noise * torch.randn(self.code.shape[1:],
                                                             generator=generator)
         return noisy, (label if self.next_code is None else self.next_code[label])
