@@ -139,7 +139,8 @@ class MicroStep:
         with self.precision.autocast():
             return self._forward(batch)
 
-    def _forward(self, batch: Any) -> MicroResult:
+    def on_device(self, batch: Any) -> tuple[list[Tensor], dict[str, Tensor], Tensor]:
+        """A batch's (positional inputs, keyword inputs, target), checked and on the device."""
         args, kwargs, target = split_batch(batch, self.target_key)
         _check_tensor(target, "target")
         for value in (*args, *kwargs.values()):
@@ -147,7 +148,10 @@ class MicroStep:
         device, dtype = self.device, self.dtype
         args = [to_device(a, device, dtype) for a in args]
         kwargs = {k: to_device(v, device, dtype) for k, v in kwargs.items()} if kwargs else {}
-        target = to_device(target, device, dtype)
+        return args, kwargs, to_device(target, device, dtype)
+
+    def _forward(self, batch: Any) -> MicroResult:
+        args, kwargs, target = self.on_device(batch)
         output = pick_output(self.model(*args, **kwargs), self.output_key)
         loss_sum, items = self.loss_fn(output, target)
         return MicroResult(output, target, loss_sum, items, target.shape[0])

@@ -63,14 +63,13 @@ def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) ->
     from mbp_cli.partition.cuts import find_cuts, split, trace
     from mbp_cli.partition.run import check_codes_fit, run_parts
     from mbp_cli.recipe import partition_spec
-    from mbp_cli.step import split_batch
 
     spec = partition_spec(recipe)
     if spec is None:
         return ""
     graph = trace(model)
     cuts = find_cuts(graph, spec[0].at)
-    check_class_indices(torch.as_tensor(split_batch(batch, recipe.data.target)[2]))
+    check_class_indices(step.on_device(batch)[2])
     if next(model.parameters()).device.type != "meta":  # values, not only shapes
         with torch.no_grad():
             check_codes_fit(spec[1], cuts, run_parts(split(model, graph, cuts), batch, step))

@@ -98,15 +98,18 @@ class StepRunner:
 
 def batch_maker(dataset: Dataset, collate: Collate | None = None) -> BatchMaker:
     """Real micro-batches of any size from the start of a dataset (wrapping round if short)."""
-    collate = collate_samples(collate)
 
     def make(size: int) -> Any:
-        indices = [i % len(dataset) for i in range(size)]
-        if isinstance(dataset, TensorPairs):
-            return dataset.__getitems__(indices)
-        return collate([dataset[i] for i in indices])
+        return batch_of(dataset, [i % len(dataset) for i in range(size)], collate)
 
     return make
+
+
+def batch_of(dataset: Dataset, indices: list[int], collate: Collate | None = None) -> Any:
+    """These samples of a dataset as one batch (tensors in memory: one gather)."""
+    if isinstance(dataset, TensorPairs):
+        return dataset.__getitems__(indices)
+    return collate_samples(collate)([dataset[i] for i in indices])
 
 
 @contextlib.contextmanager

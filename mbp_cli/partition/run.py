@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.batching import collate_samples, steps_per_epoch
+from mbp_cli.batching import steps_per_epoch
 from mbp_cli.build import Setup, build, check_target_batch
-from mbp_cli.datasets import TensorPairs
 from mbp_cli.distributed import Ranks, World
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
 from mbp_cli.losses import LOSSES
+from mbp_cli.memory.step import batch_of
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
     class_labels,
@@ -40,7 +40,7 @@ from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe import LabelSpec, Recipe, partition_spec
 from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, is_running
-from mbp_cli.step import MicroStep, describe, explained_step_errors, split_batch, to_device
+from mbp_cli.step import MicroStep, describe, explained_step_errors
 from mbp_cli.stopping import resume_command
 
 if TYPE_CHECKING:  # both import this module's callers
@@ -60,6 +60,11 @@ class Partition:
     setups: list[Setup]
     codes: list[Tensor]
     warnings: list[str]  # said once the run starts
+
+    def place(self, index: int) -> None:
+        """Only part `index`'s weights on its device (the rest wait in host memory)."""
+        self.whole.model.to("cpu")
+        self.parts[index].to(self.setups[index].device)
 
     def describe(self, index: int) -> tuple[str, str]:
         """Where part `index` begins and ends: a cut's module name, input or output."""
@@ -98,8 +103,8 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     check_codes_fit(labels, cuts, activations)
     shapes = [value.shape[1:] for value in activations]
     whole.micro_step.device = device  # where the composed model is evaluated
-    classes = 1 + int(max(train_labels.max(), eval_labels.max() if eval_labels is not None
-                          and len(eval_labels) else 0))
+    every_label = train_labels if eval_labels is None else torch.cat([train_labels, eval_labels])
+    classes = int(every_label.max()) + 1
     seed = recipe.seed if labels.seed is None else labels.seed
     codes = make_codes(labels.kind, shapes, classes, seed)
 
@@ -135,8 +140,7 @@ def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     partition = build_partition(recipe, options.device)
     answers = []
     for index, setup in enumerate(partition.setups):
-        partition.whole.model.to("cpu")
-        partition.parts[index].to(setup.device)
+        partition.place(index)
         setup.train_mode()
         result = probe_setup(recipe, setup, build_optimizer(recipe, setup.model), options)
         begins, ends = partition.describe(index)
@@ -149,9 +153,7 @@ def cut_activations(whole: Setup, parts: list[nn.Module],
     """The activations at each cut for real samples (the whole model's forward and loss tried
     on them first, the highest class among them: a model that does not fit its data fails
     before any part trains)."""
-    dataset = whole.train_set
-    batch = dataset.__getitems__(indices) if isinstance(dataset, TensorPairs) else \
-        collate_samples(whole.collate)([dataset[i] for i in indices])
+    batch = batch_of(whole.train_set, indices, whole.collate)
     whole.model.eval()  # no BatchNorm statistics moved
     try:
         with torch.no_grad(), explained_step_errors(True):
@@ -163,9 +165,8 @@ def cut_activations(whole: Setup, parts: list[nn.Module],
 
 def run_parts(parts: list[nn.Module], batch: Any, step: MicroStep) -> list[Tensor]:
     """Each cut's activation for a batch, the parts run in turn."""
-    args, kwargs, _ = split_batch(batch, step.target_key)
-    value = parts[0](*[to_device(a, step.device, step.dtype) for a in args],
-                     **{k: to_device(v, step.device, step.dtype) for k, v in kwargs.items()})
+    args, kwargs, _ = step.on_device(batch)
+    value = parts[0](*args, **kwargs)
     activations = []
     for part in parts[1:]:
         if not isinstance(value, Tensor):
@@ -323,8 +324,7 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
             raise UsageError(f"{part_dir}/model.pt does not hold this part's weights "
                              f"({' '.join(str(exc).split())[:200]})") from exc
         return done, 0
-    partition.whole.model.to("cpu")  # only this part's weights on the device while it trains
-    part.to(setup.device)
+    partition.place(index)
     tracker = options.simulated_memory
     part_options = dataclasses.replace(
         options, run_dir=part_dir, max_steps=max_steps,
