@@ -22,6 +22,7 @@ from common import interleaved_times, markdown_table, paired_ratio, quiet_peers,
 
 from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
+from mbp_cli.build import spare_counting
 from mbp_cli.datasets import TensorPairs, digits
 from mbp_cli.losses import cross_entropy
 from mbp_cli.models import mlp, small_cnn
@@ -63,7 +64,8 @@ def mbp_loop(name, data, target, micro, device) -> Callable[[], None]:
     model, optimizer = build(name, device)
     plan = MicroBatchPlan(len(data), target, micro, 0, True, 0, 10**6)
     stream = iter(micro_batch_loader(data, plan, num_workers=0, pin_memory=False))
-    micro_step, steps = MicroStep(model, cross_entropy(), device, torch.float32), itertools.count()
+    loss = spare_counting(cross_entropy(), data)  # as `mbp train` builds it
+    micro_step, steps = MicroStep(model, loss, device, torch.float32), itertools.count()
 
     def step() -> None:
         pieces = itertools.islice(stream, plan.micro_batches_per_step(next(steps)))

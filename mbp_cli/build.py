@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mbp_cli import registry
-from mbp_cli.datasets import build_split, hold_out, image_transform
+from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform
 from mbp_cli.distributed import Ranks
 from mbp_cli.errors import UsageError, users_code
-from mbp_cli.losses import LossFn
+from mbp_cli.losses import ClassificationLoss, LossFn
 from mbp_cli.pretrained import build_pretrained, weights_transforms
 from mbp_cli.recipe import Recipe, ScheduleSpec, recipe_folders
 from mbp_cli.step import MicroStep
@@ -144,8 +144,8 @@ def build(recipe: Recipe, device: torch.device) -> Setup:
     model = build_model(recipe, device)
     if recipe.train.compile:
         model.compile()  # in place: the state dict keeps its keys
-    micro_step = build_micro_step(recipe, model, build_loss(recipe), device,
-                                  DTYPES[recipe.train.dtype])
+    loss_fn = spare_counting(build_loss(recipe), train_set, eval_set)
+    micro_step = build_micro_step(recipe, model, loss_fn, device, DTYPES[recipe.train.dtype])
     return Setup(micro_step, train_set, eval_set, build_collate(recipe),
                  freeze_batchnorm=recipe.batch.batchnorm == "frozen",
                  block_classes=recipe.memory.checkpoint_modules)
@@ -163,6 +163,18 @@ def build_loss(recipe: Recipe) -> LossFn:
     builder = registry.find_loss(recipe.loss.name, recipe_folders(recipe))
     with users_code(f"loss {recipe.loss.name}") if builder.is_users else nullcontext():
         return builder.fn(**recipe.loss.args)
+
+
+def spare_counting(loss_fn: LossFn, *datasets: Dataset | None) -> LossFn:
+    """Spare a classification loss its count per micro-batch (two ops, 1–2% of a small model's
+    step on the CPU) where no target of the data is its ignore_index: every target is then an
+    item. Known only of targets held in memory, checked here once; others are counted."""
+    if isinstance(loss_fn, ClassificationLoss):
+        loss_fn.may_ignore = any(
+            not isinstance(data, TensorPairs) or data.targets.is_floating_point()
+            or bool((data.targets == loss_fn.ignore_index).any())
+            for data in datasets if data is not None)
+    return loss_fn
 
 
 def build_collate(recipe: Recipe) -> Callable[[list[Any]], Any] | None:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from mbp_cli.errors import UsageError
 
-LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# (sum of the loss items, their count): a number where the shapes tell, else a device tensor
+LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | int]]
 
 
 def _readings(output: Tensor, target: Tensor) -> tuple[tuple[int, ...], tuple, tuple]:
@@ -125,6 +126,9 @@ class ClassificationLoss:
         self.loss, self.ignore_index, self.layout = loss, ignore_index, ClassLayout(class_dim)
         self.options = options
         self.weight = _class_weight(weight)
+        # Whether a target may be ignore_index; `build` clears it when no target of the data
+        # is, and the count is then the number of targets, with no op per micro-batch.
+        self.may_ignore = True
         self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _weight_like(self, output: Tensor) -> Tensor | None:
@@ -135,13 +139,15 @@ class ClassificationLoss:
             self._weights[key] = self.weight.to(output.device, output.dtype)
         return self._weights[key]
 
-    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor | int]:
         scores, target = _scores_and_target(output, target, self.layout)
         weight = self._weight_like(scores)
         total = self.loss(scores, target, weight=weight, ignore_index=self.ignore_index,
                           reduction="sum", **self.options)
         if target.is_floating_point():  # class probabilities: every position is an item
-            return total, torch.tensor(target.numel() // target.shape[1], device=target.device)
+            return total, target.numel() // target.shape[1]
+        if weight is None and not self.may_ignore:
+            return total, target.numel()
         counted = target != self.ignore_index
         if weight is None:
             return total, torch.count_nonzero(counted)
@@ -173,15 +179,14 @@ def nll(*, ignore_index: int = -100, weight: list[float] | str | None = None,
 def _elementwise(fn: Callable[..., Tensor], **options: float) -> LossFn:
     """A loss whose items are the elements of the output, as torch's `mean` reduction counts."""
 
-    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, int]:
         if target.shape != output.shape:
             if target.numel() != output.numel():
                 raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
                                f"{tuple(target.shape)}")
             target = target.reshape(output.shape)
         target = target.to(output.dtype)
-        total = fn(output, target, reduction="sum", **options)
-        return total, torch.tensor(output.numel(), device=output.device)
+        return fn(output, target, reduction="sum", **options), output.numel()
 
     return loss
 
@@ -214,13 +219,13 @@ def bce_with_logits() -> LossFn:
 def cosine() -> LossFn:
     """1 − cosine similarity between each sample's output and target (flattened), per sample."""
 
-    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(output: Tensor, target: Tensor) -> tuple[Tensor, int]:
         flat = output.reshape(output.shape[0], -1)
         if target.numel() != output.numel():
             raise UsageError(f"the model output {tuple(output.shape)} does not fit the target "
                              f"{tuple(target.shape)}")
         similarity = F.cosine_similarity(flat, target.reshape(flat.shape).to(output.dtype), dim=1)
-        return (1 - similarity).sum(), torch.tensor(flat.shape[0], device=output.device)
+        return (1 - similarity).sum(), flat.shape[0]
 
     return loss
 
@@ -265,7 +270,7 @@ class ItemLoss:
         self.ignore_index = getattr(fn, "ignore_index", args.get("ignore_index",
                                                                  _default_of(fn, "ignore_index")))
 
-    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor | int]:
         result = self.fn(output, target)
         if isinstance(result, tuple) and len(result) == 2:
             total, count = result
@@ -273,7 +278,8 @@ class ItemLoss:
                 raise UsageError(f"loss {self.name} returned (sum, count) whose sum is "
                                  f"{getattr(total, 'shape', type(total).__name__)}; expected "
                                  "one number: the sum of the item losses")
-            return total, torch.as_tensor(count, device=total.device)
+            is_number = isinstance(count, int | float)
+            return total, count if is_number else torch.as_tensor(count, device=total.device)
         if not isinstance(result, Tensor) or result.dim() == 0:
             got = "one number (a mean?)" if isinstance(result, Tensor) else type(result).__name__
             raise UsageError(f"loss {self.name} returned {got}; expected per-item losses "
@@ -282,4 +288,4 @@ class ItemLoss:
                      and result.shape == target.shape)
         if is_marked:  # torch gives ignored targets a loss of 0; they are not items
             return result.sum(), (target != self.ignore_index).sum()
-        return result.sum(), torch.tensor(result.numel(), device=result.device)
+        return result.sum(), result.numel()

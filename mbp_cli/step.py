@@ -27,7 +27,7 @@ class MicroResult(NamedTuple):
     output: Tensor
     target: Tensor
     loss_sum: Tensor  # sum of the loss items (on the device, with its graph in training)
-    items: Tensor  # how many items that sum is over (or the sum of their class weights)
+    items: Tensor | int  # how many items that sum is over (or the sum of their class weights)
     samples: int
 
 
@@ -141,6 +141,11 @@ class MicroStep:
 
     def on_device(self, batch: Any) -> tuple[list[Tensor], dict[str, Tensor], Tensor]:
         """A batch's (positional inputs, keyword inputs, target), checked and on the device."""
+        if type(batch) in (tuple, list) and len(batch) == 2:
+            inputs, target = batch
+            if type(inputs) is type(target) is Tensor:  # as most data comes: nothing to look up
+                return [to_device(inputs, self.device, self.dtype)], {}, \
+                    to_device(target, self.device, self.dtype)
         args, kwargs, target = split_batch(batch, self.target_key)
         _check_tensor(target, "target")
         for value in (*args, *kwargs.values()):

@@ -83,6 +83,7 @@ from mbp_cli.runs import is_running
 from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop, resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
+from mbp_cli.strategies.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -324,20 +325,21 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                     shrink_micro_batch(loop, stream, smallest_micro_batch(model), target,
                                        outcome.reports, world, emit)
                     continue
-                if world.is_main:
-                    folder.open()
                 grad_norm = None
-                if not math.isfinite(totals.loss):  # the same on every rank: the global mean
-                    handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
-                else:
+                is_finite = math.isfinite(totals.loss)  # the same on every rank: the global mean
+                if is_finite:
                     precision.unscale_(optimizer)
                     grad_norm = clip_gradients(model, recipe.optim.clip_grad_norm,
                                                recipe.optim.clip_grad_value)
-                    if precision.step(optimizer):
+                    if optimizer_step(precision, optimizer):
                         loop.last_loss = totals.loss
                     else:  # fp16 overflow: the whole target batch is skipped, once
                         loop.overflow_skips += 1
                         emit(Overflow(loop.step + 1, precision.scale))
+                if world.is_main:  # the first target batch went through (or stops with a
+                    folder.open()  # checkpoint of the last good state)
+                if not is_finite:
+                    handle_nonfinite(recipe, loop, totals, optimizer, checkpoint, emit)
                 step_schedule(scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 step_seconds = time.perf_counter() - step_started
@@ -478,6 +480,20 @@ def summarize(recipe: Recipe, loop: LoopState, choice: StrategyChoice, total_ste
         "versions": {"mbp": mbp_cli.__version__, "torch": torch.__version__},
         "run_dir": str(run_dir),
     }
+
+
+def optimizer_step(precision: Precision, optimizer: torch.optim.Optimizer) -> bool:
+    """`precision.step`; running out of memory there ends the run, as no smaller micro-batch
+    makes room for the optimizer's state (made at its first step, as large as the model or
+    twice)."""
+    try:
+        return precision.step(optimizer)
+    except Exception as exc:  # sorted just below: only out-of-memory is handled
+        if not is_out_of_memory(exc):
+            raise
+    raise DoesNotFitError("out of memory in the optimizer's step: its state does not fit beside "
+                          "the model and its gradients, whatever the micro-batch (an optimizer "
+                          "with less state, such as SGD, or a device with more memory)")
 
 
 def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,

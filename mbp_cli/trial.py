@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from mbp_cli.build import (
     DTYPES,
@@ -35,9 +36,9 @@ def trial_step(recipe: Recipe) -> str:
     """Build the model and run one forward + loss on two samples, as training would; raise the
     training's own one-line errors. Returns what it saw, in words."""
     torch.manual_seed(recipe.seed)
-    batch, train_samples = sample_batch(recipe, 2)
-    if train_samples is not None:
-        check_target_batch(recipe, train_samples)
+    batch, train_set = sample_batch(recipe, 2)
+    if train_set is not None:
+        check_target_batch(recipe, len(train_set))
     cpu, meta = torch.device("cpu"), torch.device("meta")
     with meta:
         parameters = sum(p.numel() for p in build_model(recipe, cpu, is_fake=True).parameters())
@@ -95,9 +96,9 @@ KNOWN_INPUT_SHAPES = {
 }
 
 
-def sample_batch(recipe: Recipe, size: int) -> tuple[Any, int | None]:
-    """A batch of `size` samples and the training split's size: from the dataset where it is on
-    this machine, else (split size None) of the shape `data.input_shape` (or the torchvision
+def sample_batch(recipe: Recipe, size: int) -> tuple[Any, Dataset | None]:
+    """A batch of `size` samples and the training split: from the dataset where it is on this
+    machine, else (split None) of the shape `data.input_shape` (or the torchvision
     dataset's known one) after the recipe's transforms, with a class-index target. Nothing is
     downloaded for it."""
     if recipe.data.args.get("download"):
@@ -116,7 +117,7 @@ def sample_batch(recipe: Recipe, size: int) -> tuple[Any, int | None]:
     else:
         check_not_empty(recipe, len(train_set))
         batch = batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
-        return batch, len(train_set)
+        return batch, train_set
     is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
     transform, _ = split_transforms(recipe, is_torchvision)
     image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)

@@ -89,6 +89,23 @@ def test_out_of_memory_at_micro_batch_1_is_exit_3(cli, write_recipe, tmp_path):
     assert result.stderr.count("out of memory at step 1") == 5  # 32 → 16 → 8 → 4 → 2 → 1
 
 
+def test_optimizer_state_that_does_not_fit_is_exit_3_and_leaves_nothing(cli, write_recipe,
+                                                                          tmp_path):
+    """AdamW's two moments per parameter are made at the first step, after the micro-batches
+    went through: no smaller micro-batch makes room, so the run ends at once, with no folder."""
+    recipe = small_recipe(optim={"name": "AdamW", "args": {"lr": 0.001}},
+                          train={"steps": 3, "eval_every": 0, "device": "cpu"})
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run",
+                 "--simulate-memory", "210KiB")
+    assert result.exit_code == 3, result.output
+    assert "out of memory in the optimizer's step: its state does not fit" in result.stderr
+    assert "out of memory at step 1" not in result.stderr  # no smaller micro-batch was tried
+    assert not (tmp_path / "run").exists()
+    result = cli("train", write_recipe(recipe), "--out", tmp_path / "run",
+                 "--simulate-memory", "300KiB")
+    assert result.exit_code == 0, result.output
+
+
 def test_auto_micro_batch_probes_first_and_saves_the_choice(cli, write_recipe, tmp_path):
     run_dir = tmp_path / "run"
     result = cli("train", write_recipe(fp64_recipe("auto", steps=2)), "--out", run_dir,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mbp_cli.batching import epoch_target_batches
 from mbp_cli.datasets import synthetic_tokens
-from mbp_cli.models import tiny_lm
+from mbp_cli.models import mlp, tiny_lm
 from mbp_cli.recipe import load_recipe
 from mbp_cli.train import RunOptions, build, resolve_device, train
 from tests.conftest import REPO, collect, small_recipe
@@ -104,6 +104,49 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
     loaded = load_recipe(write_recipe(recipe))
     summary = train(loaded, RunOptions(tmp_path / "run"), sinks=[])
     assert summary["samples_seen"] == 18 and summary["eval_accuracy"] is not None
+
+
+DATA_WITH_IGNORED_HELD_OUT = """
+import torch
+from mbp_cli.datasets import TensorPairs
+
+def pairs(train: bool = True):
+    draw = torch.Generator().manual_seed(1 if train else 2)
+    inputs = torch.randn(40, 6, generator=draw, dtype=torch.float64)
+    targets = torch.randint(3, (40,), generator=draw)
+    if not train:
+        targets[::3] = -100  # held-out items to leave out, as a masked split has
+    return TensorPairs(inputs, targets)
+"""
+
+
+def test_items_are_counted_where_the_data_may_hold_ignored_targets(write_recipe, tmp_path,
+                                                                   monkeypatch):
+    """Training targets without ignore_index are counted as they are (no op per micro-batch),
+    yet the held-out split's ignored targets still are left out: both means equal torch's."""
+    (tmp_path / "my_data.py").write_text(DATA_WITH_IGNORED_HELD_OUT)
+    monkeypatch.chdir(tmp_path)
+    model = {"name": "mlp", "args": {"in_features": 6, "hidden": 8, "out_features": 3}}
+    got = run(write_recipe, tmp_path, small_recipe(
+        model=model, data={"name": "my_data:pairs"}, batch={"target": 16, "micro": 5},
+        train={"steps": 3, "eval_every": 3, "device": "cpu", "dtype": "float64"}))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    import my_data
+    torch.manual_seed(0)
+    reference = mlp(**model["args"]).double()
+    train_set, held_out = my_data.pairs(train=True), my_data.pairs(train=False)
+    for batch in epoch_target_batches(40, 16, seed=0, epoch=0, drop_last=False):  # 16, 16, 8
+        reference.zero_grad()
+        F.cross_entropy(reference(train_set.inputs[batch]), train_set.targets[batch]).backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= 0.1 * p.grad
+    for name, expected in reference.state_dict().items():
+        assert torch.allclose(got[name], expected, rtol=1e-10, atol=1e-12), name
+    with torch.no_grad():
+        expected_loss = F.cross_entropy(reference(held_out.inputs), held_out.targets)
+    assert summary["eval_loss"] == pytest.approx(float(expected_loss), rel=1e-10)
 
 
 @pytest.mark.slow

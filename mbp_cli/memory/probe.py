@@ -23,6 +23,7 @@ from mbp_cli.build import (
     build_model,
     build_optimizer,
     smallest_micro_batch,
+    spare_counting,
 )
 from mbp_cli.errors import DoesNotFitError, UsageError, does_not_fit
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
@@ -367,7 +368,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
 
 def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
     """The recipe's model and optimizer on fake tensors (no data: fake batches are made)."""
-    sample, _ = sample_batch(recipe, 1)
+    sample, train_set = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
     with torch.device("meta"):  # initialized on meta: some inits (ViT's) read values
         model = build_model(recipe, torch.device("cpu"), is_fake=True)
@@ -375,6 +376,7 @@ def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]
         fake_parameters(model)
         optimizer = build_optimizer(recipe, model)
         loss_fn = build_loss(recipe)
+    spare_counting(loss_fn, train_set)  # read from the real data
 
     def make_fake_batch(size: int) -> Any:
         return tree_map(lambda t: torch.zeros((size, *t.shape[1:]), dtype=t.dtype)
