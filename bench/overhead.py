@@ -5,7 +5,7 @@ mbp, the hand loop and Accelerate take turns round by round; a ratio is the medi
 per-round ratios (back-to-back runs share the machine's state). Lightning runs its own loop, so
 it is timed per optimizer step by a callback, in a block of its own, and its ratio is of medians.
 
-    python bench/overhead.py [--rounds 40] [--device cpu]
+    python bench/overhead.py [--rounds 60] [--device cpu]
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def lightning_step_seconds(name, data, target, micro, device, steps: int) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     quiet_peers()
