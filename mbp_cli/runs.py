@@ -94,25 +94,39 @@ def read_run(path: Path) -> RunRecord:
         with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
             record = json.loads(line)
             events.setdefault(record.get("event", ""), []).append(record)
-    summary = None
-    if (path / "summary.json").is_file():
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    summary = read_summary(path)
     steps = [e["step"] for e in events.get("step", [])]
-    step = max(steps, default=summary["steps"] if summary else 0)  # a partitioned run: parts'
+    step = max(steps, default=summary.get("steps", 0) if summary else 0)  # partitioned: parts'
     starts = events.get("start", [])
-    total = starts[-1]["total_steps"] if starts else summary and summary["total_steps"]
+    # Runs from before start events and total_steps in the summary: the steps' own count
+    totals = [e.get("total_steps") for e in (*starts, summary or {}, *events.get("step", [])[-1:])]
+    total = next((t for t in totals if t is not None), None)
     name = starts[-1]["name"] if starts else (summary or {}).get("name", path.name)
     accuracies = [e["eval_accuracy"] for e in events.get("eval", [])
                   if e.get("eval_accuracy") is not None]
     losses = [e["eval_loss"] for e in events.get("eval", []) if e.get("eval_loss") is not None]
     record = RunRecord(path, name, run_status(path, summary, events, step), step, total,
                        max(accuracies, default=None), min(losses, default=None),
-                       summary["wall_seconds"] if summary else
-                       sum(e["step_seconds"] for e in events.get("step", [])) or None,
+                       (summary or {}).get("wall_seconds")
+                       or sum(e.get("step_seconds", 0) for e in events.get("step", [])) or None,
                        summary, events)
     if summary is None and events.get("part") and record.status != "running":
         record = _from_parts(record)
     return record
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run folder's summary.json (None until the run has finished)."""
+    file = path / "summary.json"
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{file} cannot be read: {exc}") from exc
+    if not isinstance(summary, dict):
+        raise UsageError(f"{file} is not a run's summary (a JSON object)")
+    return summary
 
 
 def _from_parts(record: RunRecord) -> RunRecord:
@@ -149,7 +163,7 @@ def run_status(path: Path, summary: dict | None, events: dict[str, list], step: 
     if is_running(path):
         return "running"
     if summary is not None:
-        if summary["steps"] >= summary["total_steps"]:
+        if summary.get("steps", step) >= summary.get("total_steps", 0):
             return "done"
         return f"stopped at step {summary['steps']}"
     stops = events.get("stopped", [])

@@ -72,6 +72,28 @@ def test_runs_lists_each_status(cli, runs_folder):
     assert "no such run folder" in cli("report", runs_folder / "runs/nope").output
 
 
+def test_runs_reads_an_older_runs_folder_and_names_a_corrupt_summary(cli, runs_folder, tmp_path):
+    """A run written before start events and `total_steps` in the summary is listed from its
+    steps; an unreadable summary.json is one line naming it, exit 2."""
+    old = tmp_path / "runs" / "old"
+    shutil.copytree(runs_folder / "runs" / "done", old)
+    metrics = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in metrics
+                                               if e["event"] != "start"))
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["total_steps"], summary["wall_seconds"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    result = cli("runs", tmp_path / "runs", "--json")
+    assert result.exit_code == 0, result.output
+    [listed] = json.loads(result.output)
+    assert listed["status"] == "done" and (listed["steps"], listed["total_steps"]) == (4, 4)
+    assert listed["wall_seconds"] > 0  # the steps' own seconds
+    (old / "summary.json").write_text('{"steps": 4, "total')  # cut short
+    result = cli("runs", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert f"{old / 'summary.json'} cannot be read" in result.output
+
+
 def test_report_draws_every_run_against_steps(cli, runs_folder, tmp_path):
     picture = tmp_path / "report.png"
     runs = [runs_folder / "runs/done", runs_folder / "runs/stopped"]
