@@ -52,7 +52,7 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         failed_rank = getattr(exc, "rank", rank)
         who = f"rank {failed_rank}: " if failed_rank else ""
         typer.echo(f"{who}{exc.label}: {exc}", err=True)
-        if exc.label == "error" and not details:
+        if exc.exit_code == EXIT_RUNTIME and not details:  # the input was fine: maybe ours
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
         _leave(exc)
     except KeyboardInterrupt:
