@@ -216,7 +216,7 @@ def test_offloaded_activations_give_the_same_gradients():
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_the_eager_one_and_reports_its_compile_time(
+def test_compiled_model_trains_like_the_eager_one_checkpointed_or_not(
         cli, write_recipe, tmp_path):
     train = {"steps": 2, "eval_every": 0, "device": "cpu"}
     recipe = small_recipe(batch={"target": 64, "micro": 32}, train=train)
@@ -229,6 +229,11 @@ def test_compiled_model_trains_like_the_eager_one_and_reports_its_compile_time(
         assert _relative(compiled[key], value) <= 1e-4, key
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["compile_seconds"] > 0
+    checkpointed_recipe = {**compiled_recipe, "memory": {"checkpointing": "on",
+                                                         "checkpoint_modules": ["Conv2d"]}}
+    checkpointed = _train(cli, write_recipe, tmp_path, checkpointed_recipe, "checkpointed")
+    for key, value in eager.items():
+        assert _relative(checkpointed[key], value) <= 1e-4, key
 
 
 def test_fp16_resume_continues_with_the_saved_loss_scale(cli, write_recipe, tmp_path):

@@ -190,8 +190,11 @@ class BlockStrategies:
             context = offloaded(estimate=estimate) if is_offloaded else contextlib.nullcontext()
             with context:
                 if checkpointing and torch.is_grad_enabled():
-                    return checkpoint(original, *args, use_reentrant=False,
-                                      context_fn=recompute.contexts, **kwargs)
+                    # Compiled, the recompute is the compiler's own (BatchNorm's update is not
+                    # run twice) and it takes no context_fn but dispatch modes: none is given.
+                    marks = {} if torch.compiler.is_compiling() else {
+                        "context_fn": recompute.contexts}
+                    return checkpoint(original, *args, use_reentrant=False, **marks, **kwargs)
                 return original(*args, **kwargs)
 
         block.forward = forward
