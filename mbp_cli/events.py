@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -183,6 +184,22 @@ class Done(Event):
         return {"event": self.kind, **self.summary}
 
 
+def to_json(value: Any, **options: Any) -> str:
+    """JSON that every reader parses: a NaN or infinite number (a skipped step's loss, the
+    gradient norm of an fp16 overflow) is written as null, not as NaN or Infinity."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 Sink = Callable[[Event], None]
 KINDS = {cls.kind: cls for cls in (Start, Step, Eval, Probe, RunWarning, OutOfMemory, Overflow,
                                    Rebalance, Resume, Stopped, Part, Done)}
@@ -237,7 +254,7 @@ class MetricsFile:
 
     def _write(self, event: Event) -> None:
         try:
-            self.handle.write(json.dumps(event.to_dict()) + "\n")
+            self.handle.write(to_json(event.to_dict()) + "\n")
             self.handle.flush()
         except OSError as exc:
             raise MbpError(f"cannot write metrics {self.path}: {exc.strerror or exc}") from exc
@@ -256,4 +273,4 @@ class JsonLines:
         self.out = out or sys.stdout
 
     def __call__(self, event: Event) -> None:
-        print(json.dumps(event.to_dict()), file=self.out, flush=True)
+        print(to_json(event.to_dict()), file=self.out, flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from mbp_cli.errors import MbpError, UsageError
-from mbp_cli.events import MetricsFile
+from mbp_cli.events import MetricsFile, to_json
 from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
 from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, held_lock
 
@@ -87,7 +86,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     """Atomically write indented JSON."""
-    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+    write_atomic(path, (to_json(value, indent=2) + "\n").encode())
 
 
 def save_state_dict(path: Path, state: dict[str, Any], what: str = "model") -> None:

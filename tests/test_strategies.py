@@ -142,14 +142,23 @@ def test_fp16_overflow_in_one_micro_batch_skips_its_target_batch_once(cli, write
         model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
         data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
               "eval_fraction": 0.0},
-        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
+        batch={"target": 8, "micro": 4}, loss={"name": "mse"}, optim={
+            "name": "SGD", "args": {"lr": 0.1}, "clip_grad_norm": 1.0},
         train={"steps": 2, "eval_every": 0, "device": "cpu", "precision": "fp16"})
     result = cli("train", write_recipe(recipe), "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+
+    def strict(line: str) -> dict:  # as JavaScript's JSON.parse reads it: no NaN, no Infinity
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+
+    events = [strict(line) for line in result.stdout.splitlines()]
     overflows = [e for e in events if e["event"] == "overflow"]
     summary = events[-1]
     assert summary["overflow_skips"] == 1 and len(overflows) == 1
+    steps = [e for e in events if e["event"] == "step"]  # the overflow's norm is infinite
+    assert [e["grad_norm"] is None for e in steps] == [e["step"] == overflows[0]["step"]
+                                                       for e in steps]
+    assert [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     first_scale = 2.0 ** 14  # 2**16 for a micro-batch of 4 whose loss is a sum of 4 items
     assert overflows[0]["loss_scale"] == first_scale / 2  # dropped once, not per micro-batch
     assert summary["strategies"] == "fp16"
