@@ -160,3 +160,22 @@ def test_batch_norm_models_are_warned_about(cli, write_recipe, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr.count("warning: the model has BatchNorm layers") == 1
     assert '"event": "warning"' in (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_a_reader_that_stops_reading_costs_no_run(write_recipe, tmp_path, flags):
+    """`mbp train … 2>&1 | head -2`: once head has gone, the run goes on quietly to its end and
+    writes its model, exit 0, with no complaint at exit."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(small_recipe(train={"steps": 40, "log_every": 1, "eval_every": 0,
+                                              "device": "cpu"}))
+    run = subprocess.Popen([sys.executable, "-m", "mbp_cli", "train", str(recipe), "--out",
+                            str(tmp_path / "run"), *flags],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = [run.stdout.readline() for _ in range(2)]
+    run.stdout.close()  # as head does after its lines
+    assert run.wait(timeout=300) == 0, first
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 40
