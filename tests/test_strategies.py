@@ -294,3 +294,22 @@ def test_the_start_says_which_blocks_are_checkpointed(cli, write_recipe, tmp_pat
     start = next(json.loads(line) for line in result.stdout.splitlines()
                  if json.loads(line)["event"] == "start")
     assert start["strategies"] == "fp32 + checkpointing on first … second"
+
+
+def test_a_model_without_repeated_blocks_is_told_which_classes_to_name(cli, write_recipe,
+                                                                       tmp_path):
+    """The classes suggested are ones that work: the model's own class is not among them."""
+    model = {"name": "mlp", "args": {"in_features": 64, "depth": 2}}  # a Sequential of layers
+    train = {"steps": 1, "eval_every": 0, "device": "cpu"}
+    result = cli("train", write_recipe(small_recipe(
+        model=model, train=train, memory={"checkpointing": "on"})), "--out", tmp_path / "a")
+    assert result.exit_code == 2
+    assert ("memory.checkpointing: no repeated blocks found in Sequential; name its blocks' "
+            "classes with memory.checkpoint_modules (one of: Linear)") in result.stderr
+    named_root = cli("train", write_recipe(small_recipe(model=model, train=train, memory={
+        "checkpointing": "on", "checkpoint_modules": ["Sequential"]})), "--out", tmp_path / "b")
+    assert named_root.exit_code == 2
+    assert "its modules' classes are: Linear" in named_root.stderr
+    suggested = cli("train", write_recipe(small_recipe(model=model, train=train, memory={
+        "checkpointing": "on", "checkpoint_modules": ["Linear"]})), "--out", tmp_path / "c")
+    assert suggested.exit_code == 0, suggested.output

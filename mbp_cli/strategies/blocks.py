@@ -102,9 +102,10 @@ def _repeated_blocks(module: nn.Module, prefix: str) -> Blocks:
 
 
 def block_classes(model: nn.Module) -> list[str]:
-    """Names of the classes of the model's modules that have children: what
-    `memory.checkpoint_modules` may name."""
-    return sorted({type(m).__name__ for m in model.modules() if _has_children(m)})
+    """Names of the classes of the model's modules (the model itself apart) that hold
+    parameters: what `memory.checkpoint_modules` may name."""
+    return sorted({type(m).__name__ for name, m in model.named_modules()
+                   if name and next(m.parameters(), None) is not None})
 
 
 def check_blocks(model: nn.Module, class_names: list[str] | None, what: str) -> Blocks:
@@ -113,7 +114,7 @@ def check_blocks(model: nn.Module, class_names: list[str] | None, what: str) -> 
     if not blocks:
         if class_names:
             raise UsageError(f"memory.checkpoint_modules: no module of the classes {class_names} "
-                             f"in {type(model).__name__}; its classes with submodules are: "
+                             f"in {type(model).__name__}; its modules' classes are: "
                              f"{', '.join(block_classes(model))}")
         raise UsageError(f"{what}: no repeated blocks found in {type(model).__name__}; name its "
                          f"blocks' classes with memory.checkpoint_modules (one of: "
