@@ -10,15 +10,15 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(value: int | str) -> int:
-    """'20GiB' → 21474836480; '1.5GB' → 1500000000; a bare integer is bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(f"a memory size must be positive, got {value}")
-        return value
+    """'20GiB' → 21474836480; '1.5GB' → 1500000000; a bare integer is bytes, from 1 MiB up (a
+    smaller one is a unit left out: '24' meant 24GiB, not 24 bytes)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     unit = match[2].lower() if match else ""
-    if not match or unit not in _UNITS or float(match[1]) <= 0:
+    if isinstance(value, bool) or not match or unit not in _UNITS or float(match[1]) <= 0:
         raise ValueError(f"{value!r} is not a memory size such as 512MiB, 20GiB or 1.5GB")
+    if not unit and float(match[1]) < 2**20:
+        raise ValueError(f"{value!r} has no unit, so it would be {match[1]} bytes; add one, "
+                         f"e.g. {match[1]}GiB or {match[1]}MiB")
     return int(float(match[1]) * _UNITS[unit])
 
 

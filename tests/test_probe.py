@@ -151,6 +151,8 @@ def test_nothing_fits_is_exit_3(cli, write_recipe):
     (["--budget", "lots"], "--budget: 'lots' is not a memory size"),
     (["--device-memory", "8GiB"], "--device-memory goes with --estimate"),
     (["--estimate"], "--estimate needs --device-memory"),
+    (["--estimate", "--device-memory", "24"],  # a unit left out: not a 24-byte device
+     "--device-memory: '24' has no unit, so it would be 24 bytes; add one, e.g. 24GiB or 24MiB"),
 ])
 def test_probe_usage_errors(cli, write_recipe, args, message):
     result = cli("probe", write_recipe(small_recipe()), *args)
