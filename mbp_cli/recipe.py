@@ -56,8 +56,9 @@ class BatchSpec:
 class OptimSpec:
     name: str = spec()
     args: dict[str, Any] = spec({})
-    clip_grad_norm: float | None = spec(None, minimum=0.0)  # of the whole target batch's gradient
-    clip_grad_value: float | None = spec(None, minimum=0.0)
+    # of the whole target batch's gradient; 0 would zero every gradient
+    clip_grad_norm: float | None = spec(None, above=0.0)
+    clip_grad_value: float | None = spec(None, above=0.0)
 
 
 @dataclass(frozen=True)

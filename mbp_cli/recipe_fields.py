@@ -14,9 +14,11 @@ from mbp_cli.errors import suggest
 
 
 def spec(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
-         maximum: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A recipe field with its default and the constraints the loader checks."""
-    meta = {"minimum": minimum, "maximum": maximum, "choices": choices}
+         above: float | None = None, maximum: float | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """A recipe field with its default and the constraints the loader checks (`above`: an
+    exclusive minimum)."""
+    meta = {"minimum": minimum, "above": above, "maximum": maximum, "choices": choices}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,6 +95,8 @@ def _constraints(value: Any, meta: typing.Mapping[str, Any], key: str,
         return
     if minimum is not None and is_number and value < minimum:
         problems.append(f"{key}: must be at least {minimum:g}, got {value!r}")
+    if meta.get("above") is not None and is_number and value <= meta["above"]:
+        problems.append(f"{key}: must be more than {meta['above']:g}, got {value!r}")
     if meta.get("maximum") is not None and is_number and value > meta["maximum"]:
         problems.append(f"{key}: must be at most {meta['maximum']:g}, got {value!r}")
     if choices and value is not None and value not in choices:

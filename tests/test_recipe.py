@@ -54,7 +54,7 @@ def test_every_problem_is_reported_at_once(write_recipe):
 model: {name: small_cnn, args: {num_clases: 10}}
 data: digits
 batch: {target: 0, micro: 8}
-optim: {name: SGDD, args: {lr: fast}}
+optim: {name: SGDD, args: {lr: fast}, clip_grad_norm: 0}
 loss: [cross_entropy]
 train: {steps: 3, dtype: float16, eval_every: -1}
 trian: {}
@@ -63,6 +63,7 @@ trian: {}
     assert problems == [
         "trian: unknown key; did you mean train?",
         "batch.target: must be at least 1, got 0",
+        "optim.clip_grad_norm: must be more than 0, got 0.0",  # would zero every gradient
         "loss: expected a mapping, got a list",
         "train.eval_every: must be at least 0, got -1",
         "train.dtype: 'float16' is not one of float32, float64; did you mean float64?",
