@@ -97,3 +97,27 @@ def test_auto_strategies_are_probed_saved_and_reused_on_resume(cli, write_recipe
     probe = next(e for e in events if e["event"] == "probe")
     assert probe["reused"] and probe["strategies"] == saved["choice_label"]
     assert events[-1]["strategies"] == saved["choice_label"] and events[-1]["steps"] == 2
+
+
+def test_auto_strategies_with_a_fixed_micro_batch_report_that_micro_batch(cli, write_recipe,
+                                                                        tmp_path):
+    """batch.micro: 4 with strategies auto: the probe weighs the strategies at 4, and what it
+    says and saves is about the 4 × 6 that trains, not the largest micro-batch it found."""
+    recipe = _user_recipe(write_recipe, tmp_path, {
+        "model": {"name": "user_blocks:SmallNet"},
+        "data": {"name": "user_blocks:Images", "args": {"n": 48}},
+        "batch": {"target": 24, "micro": 4, "memory_budget": "64MiB"},
+        "optim": {"name": "SGD", "args": {"lr": 0.1}},
+        "memory": {"checkpointing": "auto"},
+        "train": {"steps": 1, "eval_every": 0, "device": "cpu"}})
+    result = cli("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    probe = next(e for e in events if e["event"] == "probe")
+    saved = json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert (probe["micro_batch"], probe["accumulation_steps"]) == (4, 6)
+    assert (saved["micro_batch"], saved["accumulation_steps"]) == (4, 6)
+    assert saved["largest_micro_batch"] > 4  # what else would have fitted
+    assert saved["verified_peak_bytes"] == probe["verified_peak_bytes"] <= saved["usable_bytes"]
+    at_largest = max(m["peak_bytes"] for m in saved["measurements"] if m["peak_bytes"])
+    assert saved["verified_peak_bytes"] < at_largest  # measured at 4, not at the largest

@@ -335,8 +335,14 @@ def _probe_one(recipe: Recipe, options: ProbeOptions, runner: StepRunner,
     seconds = None
     if micro_batch is not None and result.largest_micro_batch >= micro_batch \
             and not is_estimate:
+        # The recipe's micro-batch is what trains: its figures are the answer
         steps = accumulation_steps(result.target_batch, micro_batch)
-        seconds = runner.measure(micro_batch).step_seconds * steps
+        measured = runner.measure(micro_batch)
+        seconds = measured.step_seconds * steps
+        result = dataclasses.replace(
+            result, micro_batch=micro_batch, accumulation_steps=steps,
+            predicted_peak_bytes=round(result.fit.predict(micro_batch)),
+            verified_peak_bytes=measured.peak_bytes, seconds_per_target_batch=seconds)
     return StrategyRow(choice, result, "", seconds)
 
 
