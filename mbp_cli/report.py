@@ -223,7 +223,9 @@ def print_probe(result: Data, *, as_json: bool, out: TextIO | None = None) -> No
         why = ("fewest micro-batches per target batch, then the least added work: an estimate "
                "has no timings") if result["backend"] == "estimate" else \
             "the fastest per target batch that fits"
-        console.print(f"strategies chosen: {result['choice_label']} ({why})", highlight=False)
+        console.print(f"strategies chosen: {result['choice_label']} ({why}); to train with "
+                      f"them: --set {result['choice_keys'].replace(' ', ' --set ')}",
+                      highlight=False)
     for line in probe_choice_lines(result):
         console.print(line, highlight=False)
 

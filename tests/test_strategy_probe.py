@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import user_blocks
 from tests.conftest import REPO
@@ -73,6 +74,21 @@ def test_probe_strategies_shows_each_combination_and_the_fastest_that_fits(cli, 
 
     shown = cli("probe", recipe, "--budget", "64MiB", "--strategies")
     assert shown.exit_code == 0 and "← chosen" in shown.output
+    keys = answer["choice_keys"].split()  # what to set to train with the choice
+    assert f"to train with them: --set {' --set '.join(keys)}" in " ".join(shown.output.split())
+    assert f"train.precision={answer['choice']['precision']}" in keys
+
+
+def test_probe_strategies_weighs_the_recipes_own_fp16_too(write_recipe):
+    from mbp_cli.recipe import load_recipe
+    from mbp_cli.strategies.choice import candidates
+    from tests.conftest import small_recipe
+
+    recipe = load_recipe(write_recipe(small_recipe(train={"steps": 1, "precision": "fp16"})))
+    labels = [c.label for c in candidates(recipe, torch.device("cpu"), 2, estimate=False,
+                                          every=True)]
+    assert labels == ["fp32", "fp32 + checkpointing", "bf16", "bf16 + checkpointing", "fp16",
+                      "fp16 + checkpointing"]
 
 
 def test_auto_strategies_are_probed_saved_and_reused_on_resume(cli, write_recipe, tmp_path):

@@ -245,7 +245,7 @@ class WeighedStrategies:
         """The chosen combination's probe answer, with `choice` (its strategies) and
         `strategies` (the table), for --json and probe.json."""
         return {**self.chosen_result.to_dict(), "choice": self.choice.to_dict(),
-                "choice_label": self.choice.label,
+                "choice_label": self.choice.label, "choice_keys": self.choice.recipe_keys,
                 "strategies": [row.to_dict() for row in self.rows]}
 
 

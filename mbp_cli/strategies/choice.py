@@ -41,6 +41,16 @@ class StrategyChoice:
         """Plain data for probe.json and --json."""
         return asdict(self)
 
+    @property
+    def recipe_keys(self) -> str:
+        """The recipe keys that train with these strategies, as --set would take them."""
+        keys = [f"train.precision={self.precision}",
+                f"memory.checkpointing={'on' if self.checkpointing else 'off'}",
+                f"memory.offload={'on' if self.offload_blocks else 'off'}"]
+        if self.offload_blocks:
+            keys.append(f"memory.offload_blocks={self.offload_blocks}")
+        return " ".join(keys)
+
 
 def offload_refusal(device: torch.device) -> str:
     """Why offload means nothing on this device (empty when it applies)."""
@@ -88,8 +98,11 @@ def candidates(recipe: Recipe, device: torch.device, block_count: int, *, estima
     memory = recipe.memory
     bf16 = device.type == "cpu" or estimate or (device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported())
-    precisions = ["fp32", "bf16"] if bf16 and (every or recipe.train.precision == "auto") \
-        else [fixed.precision]
+    precisions = [fixed.precision]
+    if every or recipe.train.precision == "auto":
+        precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+        if every and fixed.precision not in precisions:
+            precisions.append(fixed.precision)  # the recipe's own fp16, weighed with them
     checkpointing = [False, True] if block_count and (every or memory.checkpointing == "auto") \
         else [fixed.checkpointing]
     offload_applies = block_count and (estimate or not offload_refusal(device))
