@@ -94,6 +94,9 @@ def summary_table(s: Data) -> Table:
     ]
     if s.get("compile_seconds") is not None:
         rows.insert(-2, ("compile time", f"{s['compile_seconds']:.1f} s (not in samples/s)"))
+    if s.get("loss_scale") is not None:  # fp16
+        rows.insert(-2, ("fp16 loss scale", f"{s['loss_scale']:g}, {s.get('overflow_skips', 0)} "
+                                            "target batches skipped for overflow"))
     for part in (s.get("partition") or {}).get("parts", []):
         rows.insert(-2, (f"part {part['part']} ({part['begins']} → {part['ends']})",
                          part_figures(part)))

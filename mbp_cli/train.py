@@ -292,6 +292,10 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                                     for m in model.modules()):
         emit(RunWarning("the model has dropout: each rank draws its own masks, so the run "
                         "equals a single process's in distribution, not number for number"))
+    if choice.precision == "fp16" and device.type == "cpu":
+        emit(RunWarning("train.precision: fp16 on the CPU runs slowly (autocast has few fp16 "
+                        "kernels there, and nothing needs its loss scaling); bf16 is the CPU's "
+                        "format"))
     if has_batch_norm(model) and loop.micro_batch < target and not setup.freeze_batchnorm:
         emit(RunWarning(
             "the model has BatchNorm layers: they normalize by the statistics of each "

@@ -159,6 +159,10 @@ def test_fp16_overflow_in_one_micro_batch_skips_its_target_batch_once(cli, write
     assert [e["grad_norm"] is None for e in steps] == [e["step"] == overflows[0]["step"]
                                                        for e in steps]
     assert [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any("fp16 on the CPU runs slowly" in message for message in warnings)
+    shown = cli("train", write_recipe(recipe), "--out", tmp_path / "shown")
+    assert "fp16 loss scale" in shown.stdout and "1 target batches skipped" in shown.stdout
     first_scale = 2.0 ** 14  # 2**16 for a micro-batch of 4 whose loss is a sum of 4 items
     assert overflows[0]["loss_scale"] == first_scale / 2  # dropped once, not per micro-batch
     assert summary["strategies"] == "fp16"
