@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from mbp_cli.errors import RecipeError, UsageError, suggest
-from mbp_cli.recipe_fields import build_section, kind, spec, typed, unknown_keys
+from mbp_cli.recipe_fields import build_section, field_names, kind, spec, typed, unknown_keys
 from mbp_cli.recipe_yaml import apply_overrides, parse_yaml
 from mbp_cli.units import parse_bytes
 
@@ -159,7 +159,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe, problems = read_recipe(path, overrides)
     problems += recipe_problems(recipe)
     if problems:
-        raise RecipeError(str(path), problems)
+        raise RecipeError(f"{path}{' with the --set overrides' if overrides else ''}", problems)
     return recipe
 
 
@@ -207,7 +207,7 @@ def build_recipe(raw: Any, default_name: str, problems: list[str]) -> Recipe:
         value = raw.get(key)
         if value is None and key in REQUIRED_SECTIONS:
             problems.append(f"{key}: missing section")
-        if isinstance(value, str):
+        if isinstance(value, str) and "name" in field_names(cls):
             value = {"name": value}  # `loss: mse` is short for `loss: {name: mse}`
         sections[key] = build_section(cls, value, key, problems)
     recipe = Recipe(name=name, seed=seed if isinstance(seed, int) else 0, **sections)

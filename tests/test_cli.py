@@ -34,10 +34,13 @@ def test_validate_refuses_a_bad_recipe_with_exit_2_and_no_traceback(cli, write_r
     path = write_recipe(small_recipe(batch={"target": 8, "mirco": 2}))
     result = cli("validate", path, "--set", "optim.args.lr=fast", "--set", "seed=1.5")
     assert result.exit_code == 2
-    assert f"error: {path} is not a valid recipe (3 problems)" in result.stderr
+    assert f"error: {path} with the --set overrides is not a valid recipe (3 problems)" \
+        in result.stderr
     assert "  • batch.mirco: unknown key; did you mean batch.micro?" in result.stderr
     assert "  • seed: expected an integer, got 1.5 (a number)" in result.stderr
     assert "Traceback" not in result.output and "MBP_DEBUG=1" not in result.stderr  # not ours
+    section = cli("validate", write_recipe(small_recipe()), "--set", "memory=on")
+    assert "memory: expected a mapping, got a string" in section.stderr  # no name to be short for
 
 
 def test_missing_recipe_file_is_a_usage_error(cli, tmp_path):
