@@ -258,6 +258,9 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     elif names and memory.checkpointing == "off" and memory.offload == "off":
         problems.append("memory.checkpoint_modules: names blocks, but memory.checkpointing and "
                         "memory.offload are off; set memory.checkpointing: on (or auto)")
+    if memory.offload_blocks is not None and memory.offload == "off":
+        problems.append("memory.offload_blocks: counts blocks to offload, but memory.offload is "
+                        "off; set memory.offload: on (or auto)")
     from mbp_cli.loggers import LOGGERS
 
     for name in train.log or []:

@@ -57,6 +57,7 @@ batch: {target: 0, micro: 8}
 optim: {name: SGDD, args: {lr: fast}, clip_grad_norm: 0}
 loss: [cross_entropy]
 train: {steps: 3, dtype: float16, eval_every: -1}
+memory: {offload_blocks: 3}
 trian: {}
 """
     problems = problems_of(write_recipe(text))
@@ -67,6 +68,8 @@ trian: {}
         "loss: expected a mapping, got a list",
         "train.eval_every: must be at least 0, got -1",
         "train.dtype: 'float16' is not one of float32, float64; did you mean float64?",
+        "memory.offload_blocks: counts blocks to offload, but memory.offload is off; set "
+        "memory.offload: on (or auto)",
         "model.args.num_clases: small_cnn() has no argument 'num_clases'; "
         "did you mean num_classes?",
         "optim.name: unknown optimizer 'SGDD'; did you mean SGD?",
