@@ -75,6 +75,14 @@ def wall_time(s: Data) -> str:
             f"{s['resumed_wall_seconds']:.1f} s)")
 
 
+def precision_text(s: Data) -> str:
+    """`float32`, `float32 + checkpointing`, `float32 parameters, bf16 + checkpointing`."""
+    dtype, strategies = s.get("dtype") or "float32", s.get("strategies") or "fp32"
+    if strategies.startswith("fp32"):
+        return dtype + strategies.removeprefix("fp32")
+    return f"{dtype} parameters, {strategies}"
+
+
 def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
     status = "done" if s["steps"] >= s["total_steps"] else \
@@ -87,8 +95,7 @@ def summary_table(s: Data) -> Table:
         ("eval loss", _number(s.get("eval_loss"))),
         ("eval accuracy", format_percent(s.get("eval_accuracy"))),
         ("samples/s", _number(s["samples_per_second"], ",.0f")),
-        ("precision", s.get("dtype", "float32") if s.get("strategies", "fp32") == "fp32"
-         else f"{s.get('dtype', 'float32')}, {s['strategies']}"),
+        ("precision", precision_text(s)),
         ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
         ("wall time", wall_time(s)), ("run folder", s["run_dir"]),
     ]
@@ -154,10 +161,17 @@ def rebalance_line(e: ev.Rebalance) -> str:
             f"(samples/s per rank: {speeds})")
 
 
+def where(result: Data) -> str:
+    """How and where the probe measured: `tracked, cpu`; an estimate is of a CUDA device."""
+    if result["backend"] == "estimate":
+        return "estimate for a CUDA device, on fake tensors"
+    return f"{result['backend']}, {result['device']}"
+
+
 def probe_table(result: Data) -> Table:
     """The probe's measurements: micro-batch, peak, share of budget (`over` past the usable
     part, the budget less its margin), step time, samples/s."""
-    table = Table(title=f"memory of one training step ({result['backend']}, {result['device']})")
+    table = Table(title=f"memory of one training step ({where(result)})")
     for column in ("micro-batch", "peak memory", "of budget", "step time", "samples/s"):
         table.add_column(column, justify="right")
     for m in result["measurements"]:
@@ -174,7 +188,7 @@ def probe_table(result: Data) -> Table:
 def strategies_table(result: Data) -> Table:
     """The strategies weighed: largest micro-batch, split, peak and time per target batch."""
     table = Table(title=f"strategies for a target batch of {result['target_batch']} "
-                        f"({result['backend']}, {result['device']})")
+                        f"({where(result)})")
     table.add_column("strategies", no_wrap=True)
     for column in ("largest", "split", "peak", "per target batch"):
         table.add_column(column, justify="right")
