@@ -137,3 +137,19 @@ def test_auto_strategies_with_a_fixed_micro_batch_report_that_micro_batch(cli, w
     assert saved["verified_peak_bytes"] == probe["verified_peak_bytes"] <= saved["usable_bytes"]
     at_largest = max(m["peak_bytes"] for m in saved["measurements"] if m["peak_bytes"])
     assert saved["verified_peak_bytes"] < at_largest  # measured at 4, not at the largest
+
+
+def test_more_blocks_to_offload_than_the_model_has_is_refused(cli, write_recipe, tmp_path):
+    recipe = _user_recipe(write_recipe, tmp_path, {
+        "model": {"name": "user_blocks:SmallNet"},
+        "data": {"name": "user_blocks:Images", "args": {"n": 16}},
+        "batch": {"target": 16, "micro": "auto"},
+        "optim": {"name": "SGD", "args": {"lr": 0.1}},
+        "memory": {"offload": "on", "offload_blocks": 3},
+        "train": {"steps": 1, "device": "cpu"}})
+    result = cli("probe", recipe, "--estimate", "--device-memory", "1GiB")
+    assert result.exit_code == 2
+    assert ("memory.offload_blocks: 3, but the model has 2 blocks to offload; leave it out to "
+            "offload them all") in result.stderr
+    assert _probe(cli, recipe, "--estimate", "--device-memory", "1GiB",
+                  "--set", "memory.offload_blocks=2")["backend"] == "estimate"

@@ -73,6 +73,15 @@ def is_auto(recipe: Recipe) -> bool:
     return "auto" in (recipe.train.precision, recipe.memory.checkpointing, recipe.memory.offload)
 
 
+def blocks_to_offload(recipe: Recipe, block_count: int) -> int:
+    """memory.offload_blocks, or every block; more than the model has is refused."""
+    wanted = recipe.memory.offload_blocks
+    if wanted is not None and wanted > block_count:
+        raise UsageError(f"memory.offload_blocks: {wanted}, but the model has {block_count} "
+                         "blocks to offload; leave it out to offload them all")
+    return wanted or block_count
+
+
 def fixed_choice(recipe: Recipe, device: torch.device, count_blocks: Callable[[], int], *,
                  estimate: bool = False) -> StrategyChoice:
     """The recipe's own choice where it names one (auto counts as off here); offload refused
@@ -84,7 +93,7 @@ def fixed_choice(recipe: Recipe, device: torch.device, count_blocks: Callable[[]
         if not estimate:
             refuse_offload_here(device)
         block_count = count_blocks()
-        offload = min(memory.offload_blocks or block_count, block_count)
+        offload = blocks_to_offload(recipe, block_count)
     precision = recipe.train.precision if recipe.train.precision != "auto" else "fp32"
     return StrategyChoice(precision, memory.checkpointing == "on", offload)
 
@@ -106,7 +115,7 @@ def candidates(recipe: Recipe, device: torch.device, block_count: int, *, estima
     checkpointing = [False, True] if block_count and (every or memory.checkpointing == "auto") \
         else [fixed.checkpointing]
     offload_applies = block_count and (estimate or not offload_refusal(device))
-    offloads = [0, memory.offload_blocks or block_count] \
+    offloads = [0, blocks_to_offload(recipe, block_count)] \
         if offload_applies and (every or memory.offload == "auto") else [fixed.offload_blocks]
     found = []
     for precision, is_checkpointed, offload in itertools.product(precisions, checkpointing,
