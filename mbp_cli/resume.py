@@ -62,6 +62,11 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore the newest good checkpoint (None: start over); keep metrics up to its step
     (rank 0 writes them)."""
     path, state, notes = newest_good_checkpoint(run_dir)
+    if state is None and notes:  # starting over would replace what the run has
+        raise UsageError(f"no checkpoint of {run_dir} can be read ({len(notes)} corrupt or "
+                         "truncated); nothing was changed. Move them out of "
+                         f"{run_dir / 'checkpoints'} to train it again from step 0, or start "
+                         "afresh with --overwrite")
     for note in notes:
         emit(RunWarning(note))
     loop = None

@@ -137,6 +137,23 @@ def test_a_corrupt_checkpoint_is_named_and_the_one_before_is_used(cli, tmp_path)
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+def test_resume_with_every_checkpoint_corrupt_changes_nothing(cli, tmp_path):
+    """Starting over would replace model.pt and the metrics: refused, the fix named."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 6, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "4").exit_code == 0
+    for checkpoint in (run / "checkpoints").glob("step-*.pt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 2
+    assert f"no checkpoint of {run} can be read (2 corrupt or truncated); nothing was " \
+        "changed" in result.stderr
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
+            if path.is_file()} == before
+
+
 def test_resume_refuses_a_changed_recipe_but_takes_more_steps(cli, tmp_path):
     recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
     run = tmp_path / "run"
