@@ -182,4 +182,14 @@ def find_runs(folder: Path) -> list[RunRecord]:
     if not folder.exists():
         return []
     found = [p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()]
-    return [read_run(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+    return [_listed(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+
+
+def _listed(path: Path) -> RunRecord:
+    """A run as `mbp runs` lists it: one whose summary cannot be read says so in its status,
+    and the others are listed still."""
+    try:
+        return read_run(path)
+    except UsageError:
+        return RunRecord(path, path.name, "summary.json unreadable", 0, None, None, None, None,
+                         None, {})

@@ -74,7 +74,8 @@ def test_runs_lists_each_status(cli, runs_folder):
 
 def test_runs_reads_an_older_runs_folder_and_names_a_corrupt_summary(cli, runs_folder, tmp_path):
     """A run written before start events and `total_steps` in the summary is listed from its
-    steps; an unreadable summary.json is one line naming it, exit 2."""
+    steps; an unreadable summary.json is listed as such among the others, and one line naming
+    it (exit 2) for that run alone."""
     old = tmp_path / "runs" / "old"
     shutil.copytree(runs_folder / "runs" / "done", old)
     metrics = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +90,11 @@ def test_runs_reads_an_older_runs_folder_and_names_a_corrupt_summary(cli, runs_f
     assert listed["status"] == "done" and (listed["steps"], listed["total_steps"]) == (4, 4)
     assert listed["wall_seconds"] > 0  # the steps' own seconds
     (old / "summary.json").write_text('{"steps": 4, "total')  # cut short
-    result = cli("runs", tmp_path / "runs")
+    shutil.copytree(runs_folder / "runs" / "done", tmp_path / "runs" / "fine")
+    listed = {Path(r["path"]).name: r["status"] for r in json.loads(
+        cli("runs", tmp_path / "runs", "--json").output)}
+    assert listed == {"old": "summary.json unreadable", "fine": "done"}  # the others still
+    result = cli("runs", old)
     assert result.exit_code == 2
     assert f"{old / 'summary.json'} cannot be read" in result.output
 
