@@ -136,12 +136,13 @@ class Setup:
         return self.micro_step.dtype
 
 
-def build(recipe: Recipe, device: torch.device) -> Setup:
-    """Seed every generator, then build data, model and loss as the recipe names them."""
+def build(recipe: Recipe, device: torch.device, *, with_weights: bool = True) -> Setup:
+    """Seed every generator, then build data, model and loss as the recipe names them
+    (pretrained weights loaded unless `with_weights` is False: a run's model.pt fills them)."""
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     train_set, eval_set = build_data(recipe)
-    model = build_model(recipe, device)
+    model = build_model(recipe, device, with_weights=with_weights)
     if recipe.train.compile:
         model.compile()  # in place: the state dict keeps its keys
     loss_fn = spare_counting(build_loss(recipe), train_set, eval_set)
@@ -276,10 +277,12 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
     dtype = DTYPES[recipe.train.dtype]
     spec = recipe.model
     builder = registry.find_model(spec.name, recipe_folders(recipe))
-    with_weights = with_weights and not is_fake
-    if builder.is_torchvision and spec.args.get("weights") is not None and with_weights:
-        return build_pretrained(spec.name, spec.args, spec.head).to(device, dtype)
-    args = {k: v for k, v in spec.args.items() if with_weights or k != "weights"}
+    if builder.is_torchvision and spec.args.get("weights") is not None and not is_fake:
+        model = build_pretrained(spec.name, spec.args, spec.head, load=with_weights)
+        return model.to(device, dtype)
+    # fake tensors: torchvision's shapes without its weights (a builder of your own keeps any
+    # argument named weights)
+    args = {k: v for k, v in spec.args.items() if k != "weights" or not builder.is_torchvision}
     make = functools.partial(builder.fn, **args)
     guard = users_code(f"model {spec.name}") if builder.is_users else nullcontext()
     if not is_fake:

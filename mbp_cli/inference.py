@@ -52,7 +52,7 @@ def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None
         raise UsageError(f"{weights} not found: the run has not finished (give --checkpoint "
                          f"{run_dir}/checkpoints/step-….pt)")
     state = _weights(weights)
-    setup = build(recipe, resolve_device(recipe.train.device))
+    setup = build(recipe, resolve_device(recipe.train.device), with_weights=False)
     try:
         setup.model.load_state_dict(state)
     except RuntimeError as exc:

@@ -58,22 +58,26 @@ def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
     setattr(model.get_submodule(parent_path), attr, new)
 
 
-def build_pretrained(model_name: str, args: dict[str, Any], head: str | None) -> nn.Module:
-    """A torchvision model with `args["weights"]` loaded; `num_classes` replaces its head."""
+def build_pretrained(model_name: str, args: dict[str, Any], head: str | None, *,
+                     load: bool = True) -> nn.Module:
+    """A torchvision model with `args["weights"]` loaded; `num_classes` replaces its head.
+    Without `load`, the same model with fresh weights (for a run's model.pt to fill; nothing
+    downloaded)."""
     import torchvision.models
 
     args = dict(args)
     weights = find_weights(model_name, args.pop("weights"))
     num_classes = args.pop("num_classes", None)
+    classes = len(weights.meta["categories"])
     try:
-        model = torchvision.models.get_model(model_name, weights=weights, **args)
+        model = torchvision.models.get_model(model_name, **(
+            {"weights": weights} if load else {"num_classes": classes}), **args)
     except (URLError, OSError, RuntimeError) as exc:
         cache = f"{torch.hub.get_dir()}/checkpoints"
         file = weights.url.rsplit("/", 1)[-1]
         raise UsageError(f"cannot get the weights {weights} for {model_name} ({exc}); torch "
                          f"caches them in {cache}: put {file} there, or drop model.args.weights"
                          ) from exc
-    classes = len(weights.meta["categories"])
     if num_classes is not None and num_classes != classes:
         replace_head(model, find_head(model, classes, head), num_classes)
     return model

@@ -45,6 +45,12 @@ def test_weights_from_the_cache_with_a_new_head(cli, write_recipe, tmp_path, tor
     for name, value in cached.items():
         if name.startswith("features.") and name.endswith("weight"):  # lr 0: unchanged
             assert torch.equal(trained[name], value), name
+    (torch_cache / WEIGHTS_FILE).unlink()  # offline, the run's model.pt is all eval needs
+    evaluated = cli("eval", tmp_path / "r", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    torch.save(torch.randn(3, 32, 32), tmp_path / "x.pt")
+    predicted = cli("predict", tmp_path / "r", tmp_path / "x.pt", "--out", tmp_path / "p.pt")
+    assert predicted.exit_code == 0, predicted.output
 
 
 def test_offline_without_the_file_is_one_line_naming_the_cache(cli, write_recipe, tmp_path,
