@@ -7,16 +7,22 @@ runs, and a strategy added here (autocast, checkpointing, no_sync) is added once
 from __future__ import annotations
 
 import contextlib
+import sysconfig
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.errors import UsageError
+import mbp_cli
+from mbp_cli.errors import MbpError, UsageError, UserCodeError
 from mbp_cli.losses import LossFn
 from mbp_cli.strategies.precision import Precision
 
+# What torch raises when a model does not fit its data or loss (shapes, classes, dtypes)
+MISFIT_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, KeyError)
 TARGET_KEYS = ("labels", "label", "target")  # looked up in dict batches, in this order
 OUTPUT_KEYS = ("logits", "out")  # looked up in dict or object outputs, in this order
 
@@ -110,14 +116,34 @@ def _check_tensor(value: Any, what: str) -> None:
 @contextlib.contextmanager
 def explained_step_errors(is_first: bool) -> Iterator[None]:
     """The first step is where a model that does not fit its data or loss shows: its errors
-    become one message (exit 2). Later ones are raised as they are."""
+    become one message (exit 2), after the traceback where code of your own ran (a model's
+    forward, a loss). Later ones are raised as they are."""
     try:
         yield
-    except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as exc:
+    except MbpError:
+        raise
+    except Exception as exc:  # sorted just below
         if not is_first:
             raise
-        raise UsageError(f"the first training step failed: {exc}. Check that model.args fit the "
-                         "data (input shape, number of classes) and the loss") from exc
+        frames = [(frame.filename, _is_users(frame.filename))
+                  for frame in traceback.extract_tb(exc.__traceback__)]
+        is_misfit = isinstance(exc, MISFIT_ERRORS) and not frames[-1][1]  # torch's complaint
+        if is_misfit:
+            raise UsageError(f"the first training step failed: {str(exc).rstrip('.')}. Check "
+                             "that model.args fit the data (input shape, number of classes) "
+                             "and the loss") from exc
+        where = next((name for name, is_users in reversed(frames) if is_users), None)
+        if where is None:
+            raise
+        raise UserCodeError(f"the first training step failed in {where}: "
+                            f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+
+
+def _is_users(filename: str) -> bool:
+    """Whether a file is code of your own (a model, a loss): not torch's, mbp's or Python's."""
+    ours = (*(str(Path(module.__file__).parent) for module in (torch, mbp_cli)),
+            sysconfig.get_paths()["stdlib"])
+    return not filename.startswith(ours)
 
 
 class MicroStep:

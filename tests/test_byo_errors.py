@@ -67,6 +67,8 @@ class Net(nn.Module):
             return out[:, 0]
         if self.returns == "list":
             return [out.tolist()]
+        if self.returns == "a bug":
+            return out + self.forgotten
         return out
 
 
@@ -76,6 +78,10 @@ def broken(**kwargs):
 
 def mean_loss(output, target):
     return torch.nn.functional.cross_entropy(output, target)
+
+
+def broken_loss(output, target):
+    raise ValueError("my loss is broken")
 '''
 
 
@@ -121,12 +127,18 @@ def test_wrong_outputs_batches_and_samples_are_one_message(cli, tmp_path, model_
 
 @pytest.mark.parametrize(("where", "message"), [
     ("model", "error: model mistakes:broken raised ValueError: my constructor is broken"),
+    ("forward", "mistakes.py: AttributeError: 'Net' object has no attribute 'forgotten'"),
+    ("loss", "mistakes.py: ValueError: my loss is broken"),
     ("dataset", "raised KeyError: 'no such row'"),
     ("dataset in a worker", "raised KeyError: 'no such row'"),
 ])
 def test_your_own_code_raising_keeps_its_traceback(cli, tmp_path, where, message):
     if where == "model":
         recipe = mistake_recipe(tmp_path, model="mistakes:broken")
+    elif where == "forward":
+        recipe = mistake_recipe(tmp_path, model_args={"returns": "a bug"})
+    elif where == "loss":
+        recipe = mistake_recipe(tmp_path, loss="mistakes:broken_loss")
     else:
         recipe = mistake_recipe(tmp_path, data_args={"kind": "raises"})
     workers = "1" if where.endswith("worker") else "0"
