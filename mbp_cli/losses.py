@@ -237,12 +237,17 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
 }
 
 
+def _parameters_of(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """`fn`'s parameters (a class's: its constructor's); none where they cannot be read."""
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
 def _default_of(fn: Callable[..., Any], name: str) -> Any:
     """The default value of `fn`'s argument `name`, or None."""
-    try:
-        parameter = inspect.signature(fn).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
+    parameter = _parameters_of(fn).get(name)
     return None if parameter is None or parameter.default is parameter.empty else \
         parameter.default
 
@@ -253,17 +258,18 @@ class ItemLoss:
     It returns per-item losses, as torch's losses do with `reduction="none"`: mbp sums them and
     counts the elements (leave masked items out of the tensor, or return 0 for targets equal to
     the callable's `ignore_index`, as torch's own losses do). Or it returns `(sum, count)`.
-    A torch loss class (`torch.nn:CrossEntropyLoss`) is built with `reduction="none"`.
+    A loss that takes `reduction`, as torch's classes and functions do
+    (`torch.nn:CrossEntropyLoss`, a focal loss of your own), is given `reduction="none"`.
     """
 
     def __init__(self, fn: Callable[..., Any], name: str, **args: Any) -> None:
+        if "reduction" in _parameters_of(fn):
+            args.setdefault("reduction", "none")
         if inspect.isclass(fn):
             if issubclass(fn, nn.modules.loss._WeightedLoss) and args.get("weight") is not None:
                 raise UsageError(f"loss {name}: for class weights use loss.name: cross_entropy "
                                  "(or nll) with loss.args.weight, which divides by the sum of "
                                  "the counted targets' weights as torch's mean does")
-            if issubclass(fn, nn.modules.loss._Loss):
-                args.setdefault("reduction", "none")
             fn, args = fn(**args), {}
         self.fn = functools.partial(fn, **args) if args else fn
         self.name = name

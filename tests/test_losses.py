@@ -109,3 +109,30 @@ def test_own_losses_that_break_the_contract_are_one_line(fn, message):
 
     with pytest.raises(UsageError, match=message):
         ItemLoss(fn, "mine:loss")(torch.randn(4, 3), torch.randint(3, (4,)))
+
+
+class FocalLoss(torch.nn.Module):
+    """A focal loss written as torch's losses are: `reduction` defaults to "mean"."""
+
+    def __init__(self, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
+
+    def forward(self, output, target):
+        ce = F.cross_entropy(output, target, ignore_index=self.ignore_index, reduction="none")
+        loss = (1 - torch.exp(-ce)) ** self.gamma * ce
+        return loss.mean() if self.reduction == "mean" else loss
+
+
+def test_an_own_loss_taking_reduction_is_given_none_as_torchs_are():
+    from mbp_cli.losses import ItemLoss
+
+    output = torch.randn(6, 4, dtype=torch.float64)
+    target = torch.tensor([0, 3, -100, 1, 2, -100])
+    per_item = FocalLoss(reduction="none")(output, target)
+    for loss in (ItemLoss(FocalLoss, "mine:FocalLoss", gamma=2.0),
+                 ItemLoss(lambda out, y, reduction="mean": FocalLoss(reduction=reduction)(out, y),
+                          "mine:focal")):
+        total, items = loss(output, target)
+        assert float(total) == pytest.approx(float(per_item.sum()), rel=1e-12)
+        assert int(items) == (4 if loss.ignore_index == -100 else 6)
