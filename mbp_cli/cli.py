@@ -357,12 +357,15 @@ def predict(
     out: Annotated[Path, typer.Option(
         help="Where outputs that are not class scores are saved (torch.save).")]
     = Path("predictions.pt"),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the --out file where it exists.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
     """The top classes a run's model gives each input, with their probabilities."""
     with user_errors(as_json=json_):
         import torch
 
+        from mbp_cli.errors import UsageError
         from mbp_cli.inference import load_run, read_inputs
         from mbp_cli.inference import predict as run_predict
 
@@ -371,6 +374,9 @@ def predict(
         raw = {str(path): a.pop("output") for path, a in zip(inputs, answers, strict=True)
                if "output" in a}
         if raw:
+            if out.exists() and not overwrite:
+                raise UsageError(f"{out} exists: give --overwrite to replace it, or --out "
+                                 "another file")
             torch.save(raw, out)
         rows = [{"input": str(path), **answer}
                 for path, answer in zip(inputs, answers, strict=True)]

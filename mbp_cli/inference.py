@@ -15,6 +15,7 @@ from mbp_cli.build import Setup, build, resolve_device, split_transforms
 from mbp_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
+from mbp_cli.losses import ClassificationLoss, ItemLoss, LossFn
 from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
 from mbp_cli.registry import find_dataset
 from mbp_cli.runs import refuse_part
@@ -156,6 +157,14 @@ def _classes(dataset: Any) -> list[str] | None:
     return None
 
 
+def is_scores(output: Tensor, loss_fn: LossFn) -> bool:
+    """Whether an output is (N, classes) scores: two classes or more, from a run trained with a
+    classification loss (or one of your own); a regression's (N, 1) or a multi-label
+    bce_with_logits output is not."""
+    return output.dim() == 2 and output.shape[1] > 1 and \
+        isinstance(loss_fn, ClassificationLoss | ItemLoss)
+
+
 def predict(run: LoadedRun, inputs: list[Tensor], top: int) -> list[dict[str, Any]]:
     """Each input's top-k classes with probabilities (softmax of the scores), or, where the
     output is not (N, classes) scores, the raw output."""
@@ -176,7 +185,7 @@ def predict(run: LoadedRun, inputs: list[Tensor], top: int) -> list[dict[str, An
                 raise UsageError(f"the model cannot take an input of shape "
                                  f"{tuple(batch.shape)}{expected}: "
                                  f"{str(exc).splitlines()[0][:200]}") from exc
-            if output.dim() != 2:
+            if not is_scores(output, setup.loss_fn):
                 answers.append({"output": output})
                 continue
             probabilities = output.softmax(dim=1)

@@ -317,3 +317,26 @@ def test_a_model_without_repeated_blocks_is_told_which_classes_to_name(cli, writ
     suggested = cli("train", write_recipe(small_recipe(model=model, train=train, memory={
         "checkpointing": "on", "checkpoint_modules": ["Linear"]})), "--out", tmp_path / "c")
     assert suggested.exit_code == 0, suggested.output
+
+
+def test_predict_saves_outputs_that_are_not_class_scores_and_overwrites_only_when_asked(
+        cli, write_recipe, tmp_path):
+    shutil.copy(USER, tmp_path / "user_blocks.py")
+    recipe = write_recipe(small_recipe(
+        model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
+        data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
+              "eval_fraction": 0.0},
+        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
+        train={"steps": 1, "eval_every": 0, "device": "cpu"}))
+    assert cli("train", recipe, "--out", tmp_path / "run").exit_code == 0
+    torch.save(torch.ones(4), tmp_path / "x.pt")
+    out = tmp_path / "mine.pt"
+    out.write_bytes(b"the user's own file")
+    refused = cli("predict", tmp_path / "run", tmp_path / "x.pt", "--out", out)
+    assert refused.exit_code == 2
+    assert f"{out} exists: give --overwrite to replace it" in refused.stderr
+    assert out.read_bytes() == b"the user's own file"
+    done = cli("predict", tmp_path / "run", tmp_path / "x.pt", "--out", out, "--overwrite")
+    assert done.exit_code == 0, done.output
+    saved = torch.load(out, weights_only=True)
+    assert saved[str(tmp_path / "x.pt")].shape == (1, 1)  # a batch of one: (N, 1), no softmax
