@@ -35,6 +35,7 @@ LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta dev
 def trial_step(recipe: Recipe) -> str:
     """Build the model and run one forward + loss on two samples, as training would; raise the
     training's own one-line errors. Returns what it saw, in words."""
+    resolve_device(recipe.train.device)  # one that is not here is refused, as training would
     torch.manual_seed(recipe.seed)
     batch, train_set = sample_batch(recipe, 2)
     if train_set is not None:

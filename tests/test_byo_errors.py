@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.test_byo import CASES, byo_recipe, write_beside_byo
@@ -227,6 +228,9 @@ def test_validate_refuses_what_train_would(cli, tmp_path):
     assert transforms.exit_code == 2
     assert "data.transforms: mistakes:Samples() takes no `transform` argument" \
         in transforms.stderr
+    if not torch.cuda.is_available():
+        absent = cli("validate", recipe, "--set", "train.device=cuda")
+        assert absent.exit_code == 2 and "CUDA is not available here" in absent.stderr
 
 
 def test_a_run_folders_recipe_validates_from_anywhere(cli, tmp_path, monkeypatch):
