@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
-BENCHMARKS := exactness overhead memory_flatness probe_accuracy paper_claim strategies balance \
+BENCHMARKS := exactness overhead overhead_parts memory_flatness probe_accuracy paper_claim strategies balance \
 	partitioned
 
 .PHONY: install train test test-fast lint bench gpu-check clean
