@@ -7,6 +7,7 @@ runs, and a strategy added here (autocast, checkpointing, no_sync) is added once
 from __future__ import annotations
 
 import contextlib
+import sys
 import sysconfig
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -127,8 +128,7 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
             raise
         frames = [(frame.filename, _is_users(frame.filename))
                   for frame in traceback.extract_tb(exc.__traceback__)]
-        is_misfit = isinstance(exc, MISFIT_ERRORS) and not frames[-1][1]  # torch's complaint
-        if is_misfit:
+        if isinstance(exc, MISFIT_ERRORS) and not (frames and frames[-1][1]):  # torch's complaint
             raise UsageError(f"the first training step failed: {str(exc).rstrip('.')}. Check "
                              "that model.args fit the data (input shape, number of classes) "
                              "and the loss") from exc
@@ -140,9 +140,10 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
 
 
 def _is_users(filename: str) -> bool:
-    """Whether a file is code of your own (a model, a loss): not torch's, mbp's or Python's."""
-    ours = (*(str(Path(module.__file__).parent) for module in (torch, mbp_cli)),
-            sysconfig.get_paths()["stdlib"])
+    """Whether a file is code of your own (a model, a loss): not torch's, torchvision's, mbp's
+    or Python's."""
+    packages = [m for m in (torch, sys.modules.get("torchvision"), mbp_cli) if m is not None]
+    ours = (*(str(Path(m.__file__).parent) for m in packages), sysconfig.get_paths()["stdlib"])
     return not filename.startswith(ours)
 
 
