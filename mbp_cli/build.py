@@ -223,7 +223,8 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     try:
         return optimizer_class(model.parameters(), **recipe.optim.args)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"optim.args: {recipe.optim.name} refused them: {exc}") from exc
+        raise UsageError(f"optim.args {recipe.optim.args}: {recipe.optim.name} refused them: "
+                         f"{exc}") from exc
 
 
 def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:

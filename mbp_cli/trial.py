@@ -17,6 +17,7 @@ from mbp_cli.build import (
     build_loss,
     build_micro_step,
     build_model,
+    build_optimizer,
     check_not_empty,
     check_target_batch,
     resolve_device,
@@ -48,6 +49,7 @@ def trial_step(recipe: Recipe) -> str:
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
     check_strategies(recipe, model)
+    build_optimizer(recipe, model)  # arguments torch refuses, as training would find them
     step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
