@@ -11,6 +11,7 @@ import torch
 from mbp_cli.errors import MbpError
 from mbp_cli.rng import restore_rng_states, rng_states
 from mbp_cli.rundir import save_state_dict
+from mbp_cli.tensor_files import load_tensors
 
 FORMAT = "mbp-checkpoint-1"
 FOLDER = "checkpoints"
@@ -68,10 +69,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint, or raise ValueError saying why it is not usable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or garbled file fails in many ways
-        raise ValueError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    state = load_tensors(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError("not an mbp checkpoint")
     return state

@@ -20,6 +20,7 @@ from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
 from mbp_cli.registry import find_dataset
 from mbp_cli.runs import refuse_part
 from mbp_cli.step import pick_output
+from mbp_cli.tensor_files import load_tensors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -64,9 +65,9 @@ def load_run(run_dir: Path, overrides: list[str], checkpoint: Path | None = None
 def _weights(path: Path) -> dict[str, Any]:
     """A state dict: model.pt as it is, or a checkpoint's model (loaded weights-only)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file fails in many ways
-        raise UsageError(f"cannot load {path}: {' '.join(str(exc).split())[:200]}") from exc
+        state = load_tensors(path)
+    except ValueError as exc:
+        raise UsageError(f"cannot load {path}: {exc}") from exc
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state["model"]
     if not isinstance(state, dict):
@@ -105,10 +106,10 @@ def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Tensor]:
             tensor = _image(path, transform, sample)
         else:
             try:
-                tensor = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
+                tensor = load_tensors(path)
+            except ValueError as exc:
                 raise UsageError(f"{path} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor "
-                             "a tensor file saved with torch.save") from exc
+                                 f"a tensor file saved with torch.save: {exc}") from exc
             if not isinstance(tensor, Tensor):
                 raise UsageError(f"{path} holds {type(tensor).__name__}, not a tensor")
         if sample is not None and tensor.shape == sample.shape:

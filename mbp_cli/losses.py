@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbp_cli.errors import UsageError
+from mbp_cli.tensor_files import load_tensors
 
 # (sum of the loss items, their count): a number where the shapes tell, else a device tensor
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | int]]
@@ -100,10 +100,9 @@ def _class_weight(weight: list[float] | str | None) -> Tensor | None:
         return None
     if isinstance(weight, str):
         try:
-            loaded = torch.load(weight, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            weight = load_tensors(weight)
+        except ValueError as exc:
             raise UsageError(f"loss.args.weight: cannot load {weight}: {exc}") from exc
-        weight = loaded
     try:
         tensor = torch.as_tensor(weight, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:

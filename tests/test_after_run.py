@@ -127,6 +127,25 @@ def test_eval_equals_the_runs_final_eval(cli, runs_folder):
         assert again["eval_accuracy"] == summary["eval_accuracy"]
     missing = cli("eval", run, "--checkpoint", run / "nope.pt")
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("cut short", "not a file written by torch.save, or one cut short"),
+    ("not torch's", "not a file written by torch.save, or one cut short"),
+    ("code", "it holds Python objects besides tensors, and mbp loads tensors only"),
+])
+def test_a_weights_file_that_cannot_be_loaded_says_why_in_words(cli, runs_folder, tmp_path,
+                                                               content, reason):
+    path = tmp_path / "weights.pt"
+    if content == "cut short":
+        path.write_bytes((runs_folder / "runs/done/model.pt").read_bytes()[:1000])
+    elif content == "not torch's":
+        path.write_bytes(b"\x00\x01 some other program's file" * 40)
+    else:
+        torch.save({"layer": Path("a pickled object, not a tensor")}, path)
+    result = cli("eval", runs_folder / "runs/done", "--checkpoint", path)
+    assert result.exit_code == 2
+    assert f"cannot load {path}: {reason}" in result.stderr
     missing = cli("eval", runs_folder / "runs/failed")
     assert missing.exit_code == 2 and "has not finished" in missing.output
 
