@@ -135,16 +135,22 @@ def test_bf16_autocast_accumulates_the_full_batch_gradient_within_its_rounding()
         assert _relative(p.grad, want) <= 1e-2  # bf16 keeps 8 bits of mantissa
 
 
-def test_fp16_overflow_in_one_micro_batch_skips_its_target_batch_once(cli, write_recipe,
-                                                                      tmp_path):
+def outlier_regression(tmp_path, train: dict, **sections) -> dict:
+    """A linear regression on features ten thousand times larger in sample 5 (fp16 overflows
+    on its micro-batch), the tests' user_blocks copied beside it."""
     shutil.copy(USER, tmp_path / "user_blocks.py")
-    recipe = small_recipe(
+    return small_recipe(
         model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
         data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
               "eval_fraction": 0.0},
-        batch={"target": 8, "micro": 4}, loss={"name": "mse"}, optim={
-            "name": "SGD", "args": {"lr": 0.1}, "clip_grad_norm": 1.0},
-        train={"steps": 2, "eval_every": 0, "device": "cpu", "precision": "fp16"})
+        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
+        train={"eval_every": 0, "device": "cpu", **train}, **sections)
+
+
+def test_fp16_overflow_in_one_micro_batch_skips_its_target_batch_once(cli, write_recipe,
+                                                                      tmp_path):
+    recipe = outlier_regression(tmp_path, {"steps": 2, "precision": "fp16"}, optim={
+        "name": "SGD", "args": {"lr": 0.1}, "clip_grad_norm": 1.0})
     result = cli("train", write_recipe(recipe), "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
 
@@ -250,14 +256,8 @@ def test_compiled_model_trains_like_the_eager_one_checkpointed_or_not(
 
 
 def test_fp16_resume_continues_with_the_saved_loss_scale(cli, write_recipe, tmp_path):
-    shutil.copy(USER, tmp_path / "user_blocks.py")
-    recipe = write_recipe(small_recipe(
-        model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
-        data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
-              "eval_fraction": 0.0},
-        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
-        train={"steps": 4, "eval_every": 0, "checkpoint_every": 1, "device": "cpu",
-               "precision": "fp16"}))
+    recipe = write_recipe(outlier_regression(tmp_path, {"steps": 4, "checkpoint_every": 1,
+                                                        "precision": "fp16"}))
     straight = cli("train", recipe, "--out", tmp_path / "straight", "--json")
     first = cli("train", recipe, "--out", tmp_path / "resumed", "--max-steps", "2", "--json")
     resumed = cli("train", "--resume", tmp_path / "resumed", "--json")
@@ -321,13 +321,7 @@ def test_a_model_without_repeated_blocks_is_told_which_classes_to_name(cli, writ
 
 def test_predict_saves_outputs_that_are_not_class_scores_and_overwrites_only_when_asked(
         cli, write_recipe, tmp_path):
-    shutil.copy(USER, tmp_path / "user_blocks.py")
-    recipe = write_recipe(small_recipe(
-        model={"name": "torch.nn:Linear", "args": {"in_features": 4, "out_features": 1}},
-        data={"name": "user_blocks:Features", "args": {"n": 16, "outlier": True},
-              "eval_fraction": 0.0},
-        batch={"target": 8, "micro": 4}, loss={"name": "mse"},
-        train={"steps": 1, "eval_every": 0, "device": "cpu"}))
+    recipe = write_recipe(outlier_regression(tmp_path, {"steps": 1}))
     assert cli("train", recipe, "--out", tmp_path / "run").exit_code == 0
     torch.save(torch.ones(4), tmp_path / "x.pt")
     out = tmp_path / "mine.pt"
