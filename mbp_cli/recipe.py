@@ -179,8 +179,11 @@ def read_recipe(path: str | Path,
     if text.startswith(READ_FROM):  # a run folder's copy: its imports resolve as they did
         folder = text.split("\n", 1)[0].removeprefix(READ_FROM)
     raw, problems = parse_yaml(text)
-    if raw is not None:
-        problems += apply_overrides(raw, overrides, tuple(SECTIONS))
+    if not isinstance(raw, dict):  # not a recipe at all: nothing else in it can be told
+        if raw is not None:
+            problems.append(f"the top level must be a mapping of sections, got {kind(raw)}")
+        raise RecipeError(str(path), problems or ["the file is empty"])
+    problems += apply_overrides(raw, overrides, tuple(SECTIONS))
     recipe = build_recipe(raw, path.stem, problems)
     return dataclasses.replace(recipe, folder=folder), problems
 
@@ -190,13 +193,9 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
 
 
-def build_recipe(raw: Any, default_name: str, problems: list[str]) -> Recipe:
-    """Build the Recipe from raw data, appending every problem found; defaults fill the gaps."""
-    if raw is None and not problems:
-        problems.append("the file is empty")
-    if raw is not None and not isinstance(raw, dict):
-        problems.append(f"the top level must be a mapping of sections, got {kind(raw)}")
-    raw = raw if isinstance(raw, dict) else {}
+def build_recipe(raw: dict[str, Any], default_name: str, problems: list[str]) -> Recipe:
+    """Build the Recipe from a mapping of sections, appending every problem found; defaults
+    fill the gaps."""
     unknown_keys(raw, TOP_LEVEL_KEYS, "", problems)
     name = typed(raw.get("name", default_name), str, "name", problems) or default_name
     seed = typed(raw.get("seed", 0), int, "seed", problems)

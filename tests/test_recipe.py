@@ -104,7 +104,9 @@ def test_scientific_notation_loads_as_float(write_recipe):
     ("model: {name: [unclosed\n", "invalid YAML"),
 ])
 def test_not_a_recipe_at_all(write_recipe, text, expected):
-    assert problems_of(write_recipe(text))[0].startswith(expected)
+    problems = problems_of(write_recipe(text))
+    assert problems[0].startswith(expected)
+    assert len(problems) == 1  # not YAML: no made-up "missing section" lines after it
 
 
 def test_missing_sections_and_a_bad_step_count(write_recipe):
