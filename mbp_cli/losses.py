@@ -236,7 +236,7 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
 }
 
 
-def _parameters_of(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+def parameters_of(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     """`fn`'s parameters (a class's: its constructor's); none where they cannot be read."""
     try:
         return dict(inspect.signature(fn).parameters)
@@ -246,7 +246,7 @@ def _parameters_of(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
 
 def _default_of(fn: Callable[..., Any], name: str) -> Any:
     """The default value of `fn`'s argument `name`, or None."""
-    parameter = _parameters_of(fn).get(name)
+    parameter = parameters_of(fn).get(name)
     return None if parameter is None or parameter.default is parameter.empty else \
         parameter.default
 
@@ -262,7 +262,7 @@ class ItemLoss:
     """
 
     def __init__(self, fn: Callable[..., Any], name: str, **args: Any) -> None:
-        if "reduction" in _parameters_of(fn):
+        if "reduction" in parameters_of(fn):
             args.setdefault("reduction", "none")
         if inspect.isclass(fn):
             if issubclass(fn, nn.modules.loss._WeightedLoss) and args.get("weight") is not None:

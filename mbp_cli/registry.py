@@ -15,7 +15,7 @@ import torch
 
 from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
 from mbp_cli.errors import UserCodeError, suggest, users_code
-from mbp_cli.losses import LOSSES, ItemLoss
+from mbp_cli.losses import LOSSES, ItemLoss, parameters_of
 from mbp_cli.models import MODELS
 
 
@@ -83,19 +83,12 @@ def find_loss(name: str, folders: Folders = ()) -> Builder:
     """A built-in loss by name, or `package.module:callable` of your own (see ItemLoss)."""
     if ":" in name:
         fn = import_path(name, folders)
-        takes = [] if inspect.isclass(fn) else list(_parameters(fn))
+        takes = [] if inspect.isclass(fn) else list(parameters_of(fn))
         return Builder(functools.partial(ItemLoss, fn, name), f"loss {name}", tuple(takes[:2]),
                        is_users=True, signature_of=fn)
     if name not in LOSSES:
         raise LookupFailed(f"unknown loss {name!r}" + suggest(name, LOSSES))
     return Builder(LOSSES[name], f"loss {name}")
-
-
-def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return {}
 
 
 def import_path(name: str, folders: Folders = ()) -> Callable[..., Any]:

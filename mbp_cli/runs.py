@@ -99,7 +99,8 @@ def read_run(path: Path) -> RunRecord:
     step = max(steps, default=summary.get("steps", 0) if summary else 0)  # partitioned: parts'
     starts = events.get("start", [])
     # Runs from before start events and total_steps in the summary: the steps' own count
-    totals = [e.get("total_steps") for e in (*starts, summary or {}, *events.get("step", [])[-1:])]
+    totals = [e.get("total_steps") for e in (*starts[-1:], summary or {},
+                                            *events.get("step", [])[-1:])]
     total = next((t for t in totals if t is not None), None)
     name = starts[-1]["name"] if starts else (summary or {}).get("name", path.name)
     accuracies = [e["eval_accuracy"] for e in events.get("eval", [])

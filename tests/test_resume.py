@@ -167,6 +167,8 @@ def test_resume_refuses_a_changed_recipe_but_takes_more_steps(cli, tmp_path):
     assert longer.exit_code == 0, longer.output
     steps = [json.loads(line) for line in longer.stdout.splitlines()]
     assert [e["step"] for e in steps if e["event"] == "step"] == [3, 4]
+    [listed] = json.loads(cli("runs", run, "--json").output)
+    assert (listed["status"], listed["total_steps"]) == ("done", 4)  # the resume's schedule
 
 
 def test_resume_without_a_checkpoint_starts_over_and_needs_a_run_folder(cli, tmp_path):
