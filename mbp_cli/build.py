@@ -19,6 +19,7 @@ from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform
 from mbp_cli.distributed import Ranks
 from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import ClassificationLoss, LossFn
+from mbp_cli.model_loss import ModelLoss, takes_labels
 from mbp_cli.pretrained import build_pretrained, weights_transforms
 from mbp_cli.recipe import Recipe, ScheduleSpec, recipe_folders
 from mbp_cli.step import MicroStep
@@ -145,7 +146,7 @@ def build(recipe: Recipe, device: torch.device, *, with_weights: bool = True) ->
     model = build_model(recipe, device, with_weights=with_weights)
     if recipe.train.compile:
         model.compile()  # in place: the state dict keeps its keys
-    loss_fn = spare_counting(build_loss(recipe), train_set, eval_set)
+    loss_fn = spare_counting(build_loss(recipe, model), train_set, eval_set)
     micro_step = build_micro_step(recipe, model, loss_fn, device, DTYPES[recipe.train.dtype])
     return Setup(micro_step, train_set, eval_set, build_collate(recipe),
                  freeze_batchnorm=recipe.batch.batchnorm == "frozen",
@@ -159,10 +160,22 @@ def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: 
                      target_key=recipe.data.target)
 
 
-def build_loss(recipe: Recipe) -> LossFn:
+def loss_name(recipe: Recipe, model: nn.Module) -> str:
+    """The loss the recipe means: `auto` is the model's own where its forward takes labels
+    (Hugging Face's models) and no loss.args are given, else cross_entropy."""
+    name = recipe.loss.name
+    if name != "auto":
+        return name
+    return "model" if takes_labels(model) and not recipe.loss.args else "cross_entropy"
+
+
+def build_loss(recipe: Recipe, model: nn.Module) -> LossFn:
     """The recipe's loss as (sum, count)."""
-    builder = registry.find_loss(recipe.loss.name, recipe_folders(recipe))
-    with users_code(f"loss {recipe.loss.name}") if builder.is_users else nullcontext():
+    name = loss_name(recipe, model)
+    builder = registry.find_loss(name, recipe_folders(recipe))
+    if name == "model":
+        return ModelLoss(model, **recipe.loss.args)
+    with users_code(f"loss {name}") if builder.is_users else nullcontext():
         return builder.fn(**recipe.loss.args)
 
 
@@ -288,15 +301,24 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
     guard = users_code(f"model {spec.name}") if builder.is_users else nullcontext()
     if not is_fake:
         with guard:
-            return make().to(device, dtype)
+            return without_cache(make().to(device, dtype))
     # Fake parameters cannot be converted after the fact: build them in the training dtype.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with guard:
-            return make()
+            return without_cache(make())
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def without_cache(model: nn.Module) -> nn.Module:
+    """A Hugging Face model set not to keep its key-value cache: training never reads it, and
+    activation checkpointing's recompute would fill it a second time (a size mismatch)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+    return model
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec,

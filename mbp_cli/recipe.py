@@ -70,7 +70,9 @@ class ScheduleSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    name: str = spec("cross_entropy")
+    # auto: the model's own where its forward takes labels and no args are given (Hugging
+    # Face's way), else cross_entropy
+    name: str = spec("auto")
     args: dict[str, Any] = spec({})
 
 

@@ -16,6 +16,7 @@ import torch
 from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
 from mbp_cli.errors import UserCodeError, suggest, users_code
 from mbp_cli.losses import LOSSES, ItemLoss, parameters_of
+from mbp_cli.model_loss import ModelLoss
 from mbp_cli.models import MODELS
 
 
@@ -80,14 +81,19 @@ def find_optimizer(name: str, folders: Folders = ()) -> Builder:
 
 
 def find_loss(name: str, folders: Folders = ()) -> Builder:
-    """A built-in loss by name, or `package.module:callable` of your own (see ItemLoss)."""
+    """A built-in loss by name, the model's own (`model`; `auto`: the default), or
+    `package.module:callable` of your own (see ItemLoss)."""
+    if name == "model":
+        return Builder(ModelLoss, "loss model", ("model",))
+    if name == "auto":  # its arguments are cross_entropy's: with any, it is cross_entropy
+        return Builder(LOSSES["cross_entropy"], "loss auto (cross_entropy)")
     if ":" in name:
         fn = import_path(name, folders)
         takes = [] if inspect.isclass(fn) else list(parameters_of(fn))
         return Builder(functools.partial(ItemLoss, fn, name), f"loss {name}", tuple(takes[:2]),
                        is_users=True, signature_of=fn)
     if name not in LOSSES:
-        raise LookupFailed(f"unknown loss {name!r}" + suggest(name, LOSSES))
+        raise LookupFailed(f"unknown loss {name!r}" + suggest(name, [*LOSSES, "model"]))
     return Builder(LOSSES[name], f"loss {name}")
 
 

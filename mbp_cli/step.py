@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import mbp_cli
 from mbp_cli.errors import MbpError, UsageError, UserCodeError
 from mbp_cli.losses import LossFn
+from mbp_cli.model_loss import is_real, refuse_copy_task
 from mbp_cli.strategies.precision import Precision
 
 # What torch raises when a model does not fit its data or loss (shapes, classes, dtypes)
@@ -140,9 +141,10 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
 
 
 def _is_users(filename: str) -> bool:
-    """Whether a file is code of your own (a model, a loss): not torch's, torchvision's, mbp's
-    or Python's."""
-    packages = [m for m in (torch, sys.modules.get("torchvision"), mbp_cli) if m is not None]
+    """Whether a file is code of your own (a model, a loss): not torch's, torchvision's,
+    transformers', mbp's or Python's."""
+    packages = [m for m in (torch, sys.modules.get("torchvision"),
+                            sys.modules.get("transformers"), mbp_cli) if m is not None]
     ours = (*(str(Path(m.__file__).parent) for m in packages), sysconfig.get_paths()["stdlib"])
     return not filename.startswith(ours)
 
@@ -158,6 +160,7 @@ class MicroStep:
         self.device, self.dtype = device, dtype
         self.output_key, self.target_key = output_key, target_key
         self.precision = precision or Precision("fp32", device)
+        self.is_checked = False  # the first micro-batch's targets are checked once
 
     def __call__(self, batch: Any) -> MicroResult:
         """Run the model on one micro-batch and return its loss sum and item count."""
@@ -184,6 +187,21 @@ class MicroStep:
 
     def _forward(self, batch: Any) -> MicroResult:
         args, kwargs, target = self.on_device(batch)
+        if not self.is_checked and is_real(target):
+            self.is_checked = True
+            refuse_copy_task(self.loss_fn, kwargs, target)
+        if getattr(self.loss_fn, "takes_model_output", False):
+            return self._forward_own_loss(args, kwargs, target)
         output = pick_output(self.model(*args, **kwargs), self.output_key)
         loss_sum, items = self.loss_fn(output, target)
         return MicroResult(output, target, loss_sum, items, target.shape[0])
+
+    def _forward_own_loss(self, args: list[Tensor], kwargs: dict[str, Tensor],
+                          labels: Tensor) -> MicroResult:
+        """loss: model — the labels go in with the inputs, as Hugging Face's models take them."""
+        loss = self.loss_fn
+        items = loss.count(labels)
+        raw = self.model(*args, **kwargs, labels=labels, **loss.extra_inputs(items))
+        output = pick_output(raw, self.output_key)
+        return MicroResult(output, labels, loss.loss_sum(raw, output, labels, items), items,
+                           labels.shape[0])

@@ -50,7 +50,8 @@ def trial_step(recipe: Recipe) -> str:
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
     check_strategies(recipe, model)
     build_optimizer(recipe, model)  # arguments torch refuses, as training would find them
-    step = build_micro_step(recipe, model, build_loss(recipe), device, DTYPES[recipe.train.dtype])
+    step = build_micro_step(recipe, model, build_loss(recipe, model), device,
+                            DTYPES[recipe.train.dtype])
     with explained_step_errors(True), torch.no_grad():
         result = step(batch)
     cut = check_cuts(recipe, model, batch, step)

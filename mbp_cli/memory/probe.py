@@ -381,7 +381,7 @@ def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]
     with fake_mode:
         fake_parameters(model)
         optimizer = build_optimizer(recipe, model)
-        loss_fn = build_loss(recipe)
+        loss_fn = build_loss(recipe, model)
     spare_counting(loss_fn, train_set)  # read from the real data
 
     def make_fake_batch(size: int) -> Any:

@@ -1,0 +1,79 @@
+"""A Hugging Face user's code: transformers models built from small configs (the hub is not
+reachable), padded texts with labels as HF's collators make them, and a model of one's own that
+returns a mean loss. Tests copy this file beside their recipes and name its parts by import path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB, LENGTH = 40, 12
+
+
+def gpt2() -> nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=2,
+                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def llama() -> nn.Module:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, max_position_embeddings=LENGTH))
+
+
+def bert_classifier(num_labels: int = 3) -> nn.Module:
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+class Texts(Dataset):
+    """Token sequences of 3 to 12 tokens, padded to 12, as dicts: input_ids, attention_mask and
+    labels — the input_ids with -100 on the padding (a causal LM's, shifted inside its loss) or,
+    with `classes`, one class per text."""
+
+    def __init__(self, train: bool = True, n: int = 37, classes: int | None = None) -> None:
+        g = torch.Generator().manual_seed(1 if train else 2)
+        lengths = torch.randint(3, LENGTH + 1, (n,), generator=g)
+        self.mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+        self.ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g) * self.mask
+        self.labels = self.ids.masked_fill(self.mask == 0, -100) if classes is None else \
+            torch.randint(classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i],
+                "labels": self.labels[i]}
+
+
+class MeanLossLM(nn.Module):
+    """A model of one's own, HF-style: it takes labels and returns {"loss", "logits"}, the loss
+    the mean cross-entropy over its non-padding next tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        loss = None if labels is None else F.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return {"loss": loss, "logits": logits}
+
+
+def mean_loss_lm() -> nn.Module:
+    return MeanLossLM()

@@ -1,0 +1,150 @@
+"""Hugging Face models the Hugging Face way, through the real `mbp train` and `mbp validate`:
+labels among the inputs and the model's own loss (`loss: model`, the default where the model
+takes labels). One SGD step on an uneven split equals the step of the model's own full-batch
+`.loss`, computed here."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import default_collate
+
+from mbp_cli.batching import epoch_target_batches
+from tests import hf_parts
+
+HF_PARTS = Path(hf_parts.__file__)
+TARGET, MICRO, LR = 13, 4, 0.5  # 4 + 4 + 4 + 1
+
+
+def hf_recipe(model: str, loss: dict | None = None, data: dict | None = None, **train) -> dict:
+    recipe = {"name": "hf", "seed": 0, "model": {"name": f"hf_parts:{model}"},
+              "data": data or {"name": "hf_parts:Texts"},
+              "batch": {"target": TARGET, "micro": MICRO},
+              "optim": {"name": "SGD", "args": {"lr": LR}},
+              "train": {"steps": 1, "eval_every": 0, "device": "cpu", "dtype": "float64",
+                        **train}}
+    if loss is not None:
+        recipe["loss"] = loss
+    return recipe
+
+
+def write_beside(folder: Path, recipe: dict) -> Path:
+    """The recipe with the user's module beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HF_PARTS, folder / "hf_parts.py")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def own_full_batch_step(model_name: str, data: dict | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first target batch in one piece through the model with its labels, its own `.loss`
+    (or `loss` key) backpropagated: (parameters before, gradients), each one flat vector."""
+    torch.manual_seed(0)
+    model = getattr(hf_parts, model_name)().double()
+    names = [name for name, _ in model.named_parameters()]
+    dataset = hf_parts.Texts(train=True, **(data or {}).get("args", {}))
+    indices = epoch_target_batches(len(dataset), TARGET, seed=0, epoch=0, drop_last=False)[0]
+    output = model(**default_collate([dataset[i] for i in indices]))
+    loss = output["loss"] if isinstance(output, dict) else output.loss
+    loss.backward()
+    parameters = dict(model.named_parameters())
+    return names, torch.cat([parameters[n].detach().flatten() for n in names]), torch.cat(
+        [torch.zeros_like(parameters[n]).flatten() if parameters[n].grad is None
+         else parameters[n].grad.flatten() for n in names])
+
+
+def assert_equal_to_own_step(run: Path, model: str, tolerance: float,
+                             data: dict | None = None) -> None:
+    """The update the run made against the full batch's, as one vector (BERT's zero-initialized
+    key biases get no gradient: alone, their relative error would be noise over nothing)."""
+    saved = torch.load(run / "model.pt", weights_only=True)
+    names, before, gradient = own_full_batch_step(model, data)
+    update = torch.cat([saved[name].flatten() for name in names]) - before
+    error = float((update + LR * gradient).norm() / (LR * gradient).norm())
+    assert error <= tolerance, error
+
+
+CASES = {  # model, loss section, data section, tolerance (HF computes its loss in float32)
+    "GPT-2, HF labels, loss: model": ("gpt2", {"name": "model"}, None, 1e-5),
+    "Llama, HF labels, the default loss": ("llama", None, None, 1e-5),
+    "BERT sequence classification, loss: model": (
+        "bert_classifier", {"name": "model"}, {"name": "hf_parts:Texts", "args": {"classes": 3}},
+        1e-5),
+    # a model of one's own in float64: the normalization itself, isolated
+    "own model's mean loss, items: next_tokens": (
+        "mean_loss_lm", {"name": "model", "args": {"items": "next_tokens"}}, None, 1e-10),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_models_own_loss_equals_its_full_batch_step(cli, tmp_path, case):
+    model, loss, data, tolerance = CASES[case]
+    recipe = write_beside(tmp_path / "project", hf_recipe(model, loss, data))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert_equal_to_own_step(tmp_path / "run", model, tolerance, data)
+
+
+def test_checkpointing_a_causal_lm_trains_the_same_step(cli, tmp_path):
+    """Its KV cache would be refilled on the recompute: training runs without it."""
+    recipe = write_beside(tmp_path / "project", {**hf_recipe("gpt2", {"name": "model"}),
+                                                 "memory": {"checkpointing": "on"}})
+    assert cli("validate", recipe).exit_code == 0
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-5)
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_cross_entropy_on_causal_lm_labels_is_refused_as_a_copy_task(cli, tmp_path, command):
+    recipe = write_beside(tmp_path / "project", hf_recipe("gpt2", {"name": "cross_entropy"}))
+    args = ("--out", tmp_path / "run") if command == "train" else ()
+    result = cli(command, recipe, *args)
+    assert result.exit_code == 2
+    assert "copy" in result.output and "loss: model" in result.output
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_mean_loss_over_unknown_items_is_refused(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe("mean_loss_lm", {"name": "model"}))
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "loss.args.items" in result.output, result.output
+
+
+def test_items_that_are_not_what_the_model_averages_are_refused(cli, tmp_path):
+    """GPT-2's mean is over next tokens: counting every token is not exact, and the comparison
+    with its own step sees it (the user's word is taken: it is not checked)."""
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", {"name": "model", "args": {"items": "tokens"}}))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0
+    with pytest.raises(AssertionError):
+        assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-3)
+    recipe = write_beside(tmp_path / "other", hf_recipe("bert_classifier", {"name": "model"}))
+    result = cli("validate", recipe)  # causal-LM labels for a classifier: the scores do not fit
+    assert result.exit_code == 2, result.output
+
+
+def test_eval_reports_the_models_loss_and_next_token_accuracy(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe("gpt2", eval_every=1))
+    result = cli("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    summary = yaml.safe_load(result.stdout.splitlines()[-1])
+    torch.manual_seed(0)
+    model = hf_parts.gpt2().double()
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
+    model.eval()
+    held_out = default_collate([hf_parts.Texts(train=False)[i] for i in range(37)])
+    with torch.no_grad():
+        output = model(**held_out)
+    assert summary["eval_loss"] == pytest.approx(float(output.loss), rel=1e-6)
+    predicted, labels = output.logits[:, :-1].argmax(-1), held_out["labels"][:, 1:]
+    counted = labels != -100
+    expected = float(((predicted == labels) & counted).sum()) / float(counted.sum())
+    assert summary["eval_accuracy"] == pytest.approx(expected, abs=1e-12)
