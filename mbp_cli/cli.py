@@ -312,7 +312,7 @@ def _probe_parts(recipe: Recipe, options: ProbeOptions, has_other_options: bool,
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe without training: its keys, builder arguments, then the model built and
-    one forward + loss on two samples. Exit 0 if valid, 2 if not."""
+    one forward + loss + backward on two samples. Exit 0 if valid, 2 if not."""
     with user_errors():
         from mbp_cli.recipe import load_recipe
         from mbp_cli.trial import trial_step

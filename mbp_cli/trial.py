@@ -1,5 +1,6 @@
-"""mbp validate's trial: the model built and one forward + loss on two samples (real ones where
-the dataset is here; nothing downloaded), on the meta device where the model is large."""
+"""mbp validate's trial: the model built and one forward + loss + backward on two samples (real
+ones where the dataset is here; nothing downloaded), a forward on the meta device where the model
+is large."""
 
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ from mbp_cli.errors import UsageError, UserCodeError
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
-from mbp_cli.strategies.blocks import check_blocks
+from mbp_cli.strategies.blocks import Blocks, BlockStrategies, check_blocks
 from mbp_cli.strategies.choice import refuse_offload_here
 
 LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta device
 
 
 def trial_step(recipe: Recipe) -> str:
-    """Build the model and run one forward + loss on two samples, as training would; raise the
-    training's own one-line errors. Returns what it saw, in words."""
+    """Build the model and run one forward + loss + backward on two samples, as training would;
+    raise the training's own one-line errors. Returns what it saw, in words."""
     resolve_device(recipe.train.device)  # one that is not here is refused, as training would
     torch.manual_seed(recipe.seed)
     batch, train_set = sample_batch(recipe, 2)
@@ -48,16 +49,28 @@ def trial_step(recipe: Recipe) -> str:
     device = meta if is_meta else cpu
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
-    check_strategies(recipe, model)
+    blocks = check_strategies(recipe, model)
     build_optimizer(recipe, model)  # arguments torch refuses, as training would find them
     step = build_micro_step(recipe, model, build_loss(recipe, model), device,
                             DTYPES[recipe.train.dtype])
-    with explained_step_errors(True), torch.no_grad():
+    # One backward too, checkpointing's recompute included where asked: errors of the
+    # backward (a model's cache refilled on the recompute, say) show before training
+    checkpointed = BlockStrategies(blocks, checkpointing=True).apply() \
+        if recipe.memory.checkpointing == "on" and not is_meta else None
+    with explained_step_errors(True), torch.no_grad() if is_meta else contextlib.nullcontext():
         result = step(batch)
+        if not is_meta:
+            result.loss_sum.backward()
+    if checkpointed is not None:
+        checkpointed.remove()
     cut = check_cuts(recipe, model, batch, step)
+    what = "one forward + loss" if is_meta else "one forward + loss + backward"
     where = "the meta device" if is_meta else f"{result.samples} samples"
-    loss = "" if is_meta else f", loss {float(result.loss_sum) / max(float(result.items), 1):.4g}"
-    return (f"one forward + loss on {where}: output {tuple(result.output.shape)}{loss}; "
+    loss = "" if is_meta else \
+        f", loss {float(result.loss_sum.detach()) / max(float(result.items), 1):.4g}"
+    items = getattr(step.loss_fn, "items", None)  # loss: model's
+    whose = f" (the model's own, a mean over {items})" if loss and items else ""
+    return (f"{what} on {where}: output {tuple(result.output.shape)}{loss}{whose}; "
             f"{parameters:,} parameters{cut}")
 
 
@@ -81,14 +94,16 @@ def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) ->
     return f"; cut into {len(cuts) + 1} parts at {', '.join(c.name for c in cuts)}"
 
 
-def check_strategies(recipe: Recipe, model: torch.nn.Module) -> None:
+def check_strategies(recipe: Recipe, model: torch.nn.Module) -> Blocks:
     """Refuse, as training would, memory strategies that cannot apply: offload on a device
-    without a GPU, named block classes the model does not have."""
+    without a GPU, named block classes the model does not have. Returns the blocks they would
+    wrap (none where no strategy is asked)."""
     memory = recipe.memory
     if memory.offload == "on":
         refuse_offload_here(resolve_device(recipe.train.device))
     if memory.checkpoint_modules or "on" in (memory.checkpointing, memory.offload):
-        check_blocks(model, memory.checkpoint_modules, "memory.checkpointing")
+        return check_blocks(model, memory.checkpoint_modules, "memory.checkpointing")
+    return []
 
 
 # One sample's shape, for --estimate where the dataset is not on this machine.
