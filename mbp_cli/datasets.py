@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from mbp_cli.errors import UsageError, users_code
 
@@ -175,6 +175,11 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
             dataset = builder(**kwargs)
         except (RuntimeError, OSError, ValueError) as exc:
             raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise UsageError(
+            f"dataset {name} is a stream (an IterableDataset: no length, no indexing), and mbp "
+            "does not train from streams yet: give a dataset with __len__ and __getitem__ (for "
+            "Hugging Face datasets, the Dataset rather than its to_iterable_dataset())")
     return dataset if isinstance(dataset, TensorPairs) else ReadableDataset(dataset, name, is_users)
 
 

@@ -77,3 +77,18 @@ class MeanLossLM(nn.Module):
 
 def mean_loss_lm() -> nn.Module:
     return MeanLossLM()
+
+
+def texts_table(train: bool = True, n: int = 37):
+    """The same texts as a Hugging Face `datasets.Dataset` (made offline with from_dict), in
+    torch format."""
+    from datasets import Dataset as Table
+
+    texts = Texts(train=train, n=n)
+    return Table.from_dict({"input_ids": texts.ids.tolist(), "attention_mask": texts.mask.tolist(),
+                            "labels": texts.labels.tolist()}).with_format("torch")
+
+
+def texts_stream(train: bool = True, n: int = 37):
+    """The texts as a stream: the table's `to_iterable_dataset()`."""
+    return texts_table(train, n).to_iterable_dataset()

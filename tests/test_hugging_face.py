@@ -148,3 +148,19 @@ def test_eval_reports_the_models_loss_and_next_token_accuracy(cli, tmp_path):
     counted = labels != -100
     expected = float(((predicted == labels) & counted).sum()) / float(counted.sum())
     assert summary["eval_accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_datasets_table_trains_like_the_same_texts(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", data={"name": "hf_parts:texts_table"}))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-5)
+
+
+def test_a_stream_is_refused_in_one_line_for_now(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", data={"name": "hf_parts:texts_stream"}))
+    for command in (("validate", recipe), ("train", recipe, "--out", tmp_path / "run")):
+        result = cli(*command)
+        assert result.exit_code == 2 and "stream" in result.output, result.output
