@@ -164,3 +164,37 @@ def test_a_stream_is_refused_in_one_line_for_now(cli, tmp_path):
     for command in (("validate", recipe), ("train", recipe, "--out", tmp_path / "run")):
         result = cli(*command)
         assert result.exit_code == 2 and "stream" in result.output, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2", "bert_classifier"])
+def test_the_models_own_loss_over_two_ranks_equals_its_full_batch_step(tmp_path, model):
+    """Uneven shares and micro-batches: each rank's sums, one global count."""
+    from test_distributed import mbp
+
+    data = {"name": "hf_parts:Texts", "args": {"classes": 3}} if model != "gpt2" else None
+    recipe = write_beside(tmp_path, hf_recipe(model, {"name": "model"}, data))
+    run = mbp("train", recipe, "--out", "run", "--nproc", 2, "--set", "batch.shares=[3, 1]",
+              "--set", "batch.micro=[4, 2]", "-q", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert_equal_to_own_step(tmp_path / "run", model, 1e-5, data)
+
+
+def readme_block(marker: str) -> str:
+    """The fenced block after `<!-- marker -->` in the README."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = text.split(f"<!-- {marker} -->\n", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_the_readme_example_trains_as_it_is(cli, tmp_path):
+    (tmp_path / "hf_lm.py").write_text(readme_block("hf_lm.py"))
+    recipe = tmp_path / "hf-lm.yaml"
+    recipe.write_text(readme_block("hf-lm.yaml"))
+    checked = cli("validate", recipe)
+    assert checked.exit_code == 0 and "the model's own, a mean over next_tokens" in checked.output
+    result = cli("train", recipe, "--out", tmp_path / "run", "--set", "train.steps=2",
+                 "--set", "batch.target=16", "--json")
+    assert result.exit_code == 0, result.output
+    summary = yaml.safe_load(result.stdout.splitlines()[-1])
+    assert summary["strategies"].endswith("checkpointing") and summary["eval_accuracy"] > 0
