@@ -2,32 +2,74 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+from typing import Any
+
 import torch
+from torch.utils.data import default_collate
 
 from mbp_cli.batching import eval_loader
 from mbp_cli.build import Setup
+from mbp_cli.errors import MbpError, UsageError
+from mbp_cli.rng import restore_rng_states, rng_states
+from mbp_cli.step import MISFIT_ERRORS, describe
+
+# What shapes the held-out samples: data.transforms are the training split's alone
+HELD_OUT_KEYS = ("data.eval_transforms (the held-out split's own transforms; data.transforms "
+                 "apply to training alone) or data.resize (both splits)")
 
 
 def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, float | None]:
     """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad,
-    through the same micro-step as training."""
+    through the same micro-step as training. Every random generator is left as it was found
+    (a random eval transform draws too), so a checkpoint written before it resumes exactly."""
     if setup.eval_set is None or len(setup.eval_set) == 0:
         return {}
     loader = eval_loader(setup.eval_set, micro_batch, num_workers, setup.device.type == "cuda",
-                         setup.collate)
+                         setup.collate or _stack_held_out)
     correct = getattr(setup.loss_fn, "correct", None)  # classification losses count hits
     totals = torch.zeros(4, device=setup.device, dtype=torch.float64)  # loss, items, right, all
+    states = rng_states()
     setup.model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            result = setup.micro_step(batch)
-            totals[0] += result.loss_sum
-            totals[1] += result.items
-            if correct is not None:
-                right, counted = correct(result.output, result.target)
-                totals[2] += right
-                totals[3] += counted
-    setup.train_mode()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                result = setup.micro_step(batch)
+                totals[0] += result.loss_sum
+                totals[1] += result.items
+                if correct is not None:
+                    right, counted = correct(result.output, result.target)
+                    totals[2] += right
+                    totals[3] += counted
+    except MbpError:
+        raise
+    except MISFIT_ERRORS as exc:  # sorted just below: torch's complaint about a misfit alone
+        if not _is_torchs(exc):
+            raise
+        raise UsageError(f"the evaluation on the held-out split failed: "
+                         f"{str(exc).rstrip('.')}. Its samples reach the model through "
+                         f"{HELD_OUT_KEYS}: check that they fit the model as training's "
+                         "do") from exc
+    finally:
+        setup.train_mode()
+        restore_rng_states(states)
     loss_sum, items, right, counted = totals.tolist()
     accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
+
+
+def _stack_held_out(samples: list[Any]) -> Any:
+    """torch's default collate, with a message naming the held-out split's own keys."""
+    try:
+        return default_collate(samples)
+    except (TypeError, RuntimeError) as exc:
+        raise UsageError(f"cannot make a batch of held-out samples ({exc}); a sample is "
+                         f"{describe(samples[0])}. Give them one shape with {HELD_OUT_KEYS}, "
+                         "or pad them with data.collate") from exc
+
+
+def _is_torchs(exc: BaseException) -> bool:
+    """Whether an error was raised inside torch (a shape it refuses), not in code of your own."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(str(Path(torch.__file__).parent))

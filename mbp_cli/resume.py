@@ -20,6 +20,8 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
     "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
     "train.collective_timeout", "batch.micro", "batch.shares",
+    # the held-out split's alone (see sets_training_transforms)
+    "data.eval_transforms",
     # exact either way: they change memory and speed, not the result
     "train.compile", "memory.checkpointing", "memory.checkpoint_modules", "memory.offload",
     "memory.offload_blocks",
@@ -40,6 +42,14 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
             if before.get(key) != after.get(key)]
 
 
+def sets_training_transforms(old: Recipe, new: Recipe) -> bool:
+    """Whether a change of data.eval_transforms changes training's too: pretrained weights'
+    own transforms serve both splits only while neither data.transforms nor
+    data.eval_transforms is set, so setting (or unsetting) the held-out split's replaces them."""
+    is_preset = "weights" in old.model.args and old.data.transforms is None
+    return is_preset and (old.data.eval_transforms is None) != (new.data.eval_transforms is None)
+
+
 def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -> Recipe:
     """The run folder's saved recipe with the overrides; refuse changes unsafe for a resume."""
     saved = run_dir / "recipe.yaml"
@@ -47,10 +57,15 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
         raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
     original = load_recipe(saved)  # its first line names the folder its imports resolve from
     wanted = load_recipe(recipe or saved, overrides)
-    unsafe = [(key, old, new) for key, old, new in recipe_differences(original, wanted)
+    unsafe = [f"{key}: {old!r} → {new!r}"
+              for key, old, new in recipe_differences(original, wanted)
               if key not in SAFE_TO_CHANGE_ON_RESUME]
+    if sets_training_transforms(original, wanted):
+        unsafe.append(f"data.eval_transforms: {original.data.eval_transforms!r} → "
+                      f"{wanted.data.eval_transforms!r} (with model.args.weights and no "
+                      "data.transforms, it decides training's transforms too)")
     if unsafe:
-        listed = "\n".join(f"  • {key}: {old!r} → {new!r}" for key, old, new in unsafe)
+        listed = "\n".join(f"  • {line}" for line in unsafe)
         raise UsageError(
             f"cannot resume {run_dir} with a different recipe; these keys differ:\n{listed}\n"
             f"Only {', '.join(SAFE_TO_CHANGE_ON_RESUME)} may change on resume")
@@ -77,11 +92,23 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs,
                                           scheduler.lr_lambdas, strict=True):
             group["lr"] = base_lr * factor(scheduler.last_epoch)
+        loop.wall_seconds = max(loop.wall_seconds, finished_wall_seconds(run_dir, loop.step))
     step = loop.step if loop is not None else 0
     if world.is_main:
         trim_metrics(run_dir / "metrics.jsonl", step)
     emit(Resume(step, str(path) if path else None))
     return loop
+
+
+def finished_wall_seconds(run_dir: Path, step: int) -> float:
+    """The wall time of a part that ended at `step` with its summary: a part's last checkpoint
+    is written before its final evaluation, which the summary's time includes (0: none)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return 0.0
+    is_this_step = isinstance(summary, dict) and summary.get("steps") == step
+    return float(summary.get("wall_seconds") or 0.0) if is_this_step else 0.0
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -358,13 +358,17 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                           per_rank, loop.micro_batch))
                 if world.is_distributed:
                     rebalance(recipe, loop, stream, outcome.reports, per_epoch, emit)
-                if is_due(loop.step, recipe.train.eval_every, stop_step) and world.is_main:
-                    loop.eval_result = evaluate(setup, stream.micro_batch,
-                                                recipe.train.num_workers)
-                    if loop.eval_result:
-                        emit(Eval(loop.step, **loop.eval_result))
+                # The checkpoint and the model before the evaluation: one that fails (held-out
+                # samples the model cannot take) loses no trained step.
                 if is_due(loop.step, recipe.train.checkpoint_every, stop_step):
                     checkpoint()
+                if loop.step == stop_step and world.is_main:
+                    save_state_dict(run_dir / "model.pt", model.state_dict())
+                if is_due(loop.step, recipe.train.eval_every, stop_step) and world.is_main:
+                    loop.eval_result = held_out_eval(setup, stream.micro_batch, recipe,
+                                                     run_dir if loop.step == stop_step else None)
+                    if loop.eval_result:
+                        emit(Eval(loop.step, **loop.eval_result))
                 if ranks.any(stop.is_set):  # every rank stops after the same target batch
                     stop_now(stop, loop, checkpoint, emit, options.resume_command
                              or resume_command(run_dir, world.size))
@@ -381,7 +385,6 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
         summary.update(world_size=world.size, micro_batches=ranks.gather_objects(
             loop.micro_batch), shares=loop.shares)
     if world.is_main:
-        save_state_dict(run_dir / "model.pt", model.state_dict())
         write_json(run_dir / "summary.json", summary)
     emit(Done(summary))
     return summary
@@ -447,6 +450,20 @@ def compile_now(setup: Setup, optimizer: torch.optim.Optimizer, micro_batch: int
             explained_step_errors(True):
         setup.micro_step.precision.backward(setup.micro_step(make_batch(micro_batch)).loss_sum)
     return time.perf_counter() - started
+
+
+def held_out_eval(setup: Setup, micro_batch: int, recipe: Recipe,
+                  kept_in: Path | None) -> dict[str, float | None]:
+    """The held-out evaluation; one that fails at the end, after model.pt and the checkpoint
+    are written in `kept_in`, says they are kept and how to score them."""
+    try:
+        return evaluate(setup, micro_batch, recipe.train.num_workers)
+    except UsageError as exc:
+        if kept_in is None:
+            raise
+        raise UsageError(f"{exc}. The trained model is kept in {kept_in / 'model.pt'} (and a "
+                         f"checkpoint in {kept_in / 'checkpoints'}); score it with: mbp eval "
+                         f"{kept_in} --set data.eval_transforms=…") from exc
 
 
 def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:

@@ -218,3 +218,85 @@ def test_a_run_in_progress_is_running(tmp_path, write_recipe):
     listed = subprocess.run([sys.executable, "-m", "mbp_cli", "runs", str(tmp_path / "runs"),
                              "--json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(listed.stdout)[0]["status"].startswith("failed at step")
+
+
+def test_a_failing_final_eval_keeps_the_trained_model_and_a_resume_may_fix_it(cli, tmp_path):
+    """Images of mixed sizes, cropped for training but not for the held-out split: the final
+    evaluation cannot batch them. model.pt and the last checkpoint are written before it, the
+    message names the held-out split's keys, and a resume may change data.eval_transforms."""
+    write_images(tmp_path / "images", lambda i: (8 + i, 10 + i))
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(
+        model={"name": "small_cnn", "args": {"num_classes": 2, "in_channels": 3, "width": 4}},
+        data={"name": "ImageFolder", "args": {"root": str(tmp_path / "images")},
+              "eval_fraction": 0.25, "transforms": [{"RandomResizedCrop": {"size": 8}}]},
+        batch={"target": 6, "micro": 4},
+        train={"steps": 2, "eval_every": 0, "checkpoint_every": 0, "device": "cpu"})))
+    run = tmp_path / "run"
+    failed = cli("train", recipe, "--out", run, "-q")
+    assert failed.exit_code == 2, failed.output
+    assert "cannot make a batch of held-out samples" in failed.stderr
+    assert "data.eval_transforms" in failed.stderr
+    assert "(data.transforms for images)" not in failed.stderr  # training's hint
+    assert f"kept in {run / 'model.pt'}" in failed.stderr
+    assert "Traceback" not in failed.output
+    [checkpoint] = (run / "checkpoints").glob("step-*.pt")
+    assert checkpoint.name == "step-000002.pt"
+    trained = torch.load(run / "model.pt", weights_only=True)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(trained[k], saved[k]) for k in saved)
+    assert not (run / "summary.json").exists()
+    resize = "data.eval_transforms=[{Resize: {size: [8, 8]}}]"
+    scored = cli("eval", run, "--set", resize, "--json")
+    assert scored.exit_code == 0, scored.output
+    resumed = cli("train", "--resume", run, "--set", resize, "--set", "train.steps=3", "-q")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_accuracy"] is not None
+    unsafe = cli("train", "--resume", run, "--set", resize, "--set", "train.steps=4",
+                 "--set", "data.transforms=[{Resize: {size: [8, 8]}}]", "-q")
+    assert unsafe.exit_code == 2 and "data.transforms:" in unsafe.stderr
+
+
+def test_held_out_samples_the_model_cannot_take_are_one_line_after_the_model_is_kept(
+        cli, tmp_path):
+    """data.eval_transforms resizing to a shape the MLP cannot take: torch's complaint in the
+    evaluation becomes one line naming the held-out split's keys, exit 2."""
+    write_images(tmp_path / "images", lambda i: (8, 8))
+    recipe = tmp_path / "resized.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(
+        model={"name": "mlp", "args": {"in_features": 192, "out_features": 2}},
+        data={"name": "ImageFolder", "args": {"root": str(tmp_path / "images")},
+              "eval_fraction": 0.25, "eval_transforms": [{"Resize": {"size": [6, 6]}}]},
+        batch={"target": 6, "micro": 4}, train={"steps": 1, "device": "cpu"})))
+    failed = cli("train", recipe, "--out", tmp_path / "run", "-q")
+    assert failed.exit_code == 2, failed.output
+    assert "the evaluation on the held-out split failed" in failed.stderr
+    assert "data.eval_transforms" in failed.stderr and "Traceback" not in failed.output
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def write_images(folder: Path, size) -> None:
+    """Two classes of 8 RGB images each, image i of size size(i)."""
+    for name, shade in (("cats", 30), ("dogs", 220)):
+        (folder / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", size(i), (shade + i, shade, shade)).save(folder / name / f"{i}.png")
+
+
+def test_eval_transforms_that_would_replace_the_weights_transforms_are_refused_on_resume(
+        cli, tmp_path):
+    """With pretrained weights and no data.transforms, both splits take the weights' own
+    transforms until data.eval_transforms is set: then training's change too, so a resume
+    that sets it is refused."""
+    recipe = small_recipe(
+        model={"name": "mobilenet_v3_small", "args": {"weights": "DEFAULT", "num_classes": 3}},
+        data={"name": "ImageFolder", "args": {"root": str(tmp_path / "images")}})
+    write_images(tmp_path / "images", lambda i: (8, 8))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    resize = "data.eval_transforms=[{Resize: {size: [16, 16]}}]"
+    refused = cli("train", "--resume", tmp_path / "run", "--set", resize)
+    assert refused.exit_code == 2
+    assert "data.eval_transforms: None → [{'Resize'" in refused.stderr
+    assert "it decides training's transforms too" in refused.stderr
