@@ -80,6 +80,15 @@ class ClassLayout:
         self.known = dim
         return dim
 
+    def guess(self) -> str | None:
+        """Which reading was taken where it was a guess (both fit and no micro-batch told)."""
+        if self.guessed is None or self.known is not None:
+            return None
+        return ("the model output's number of classes equals its sequence length, so either "
+                "dimension could hold the classes: they were read in dim 1, as torch's "
+                "cross_entropy has them; set loss.args.class_dim: -1 if they are last (as "
+                "language models write them)")
+
 
 def _scores_and_target(output: Tensor, target: Tensor,
                        layout: ClassLayout) -> tuple[Tensor, Tensor]:

@@ -325,6 +325,9 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                                    ranks, loop.micro_batch, stream.plan.share_at(loop.step),
                                    memory)
                 totals = outcome.totals
+                layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
+                if loop.step == first_step and layout is not None and layout.guess():
+                    emit(RunWarning(layout.guess()))
                 if totals is None:  # out of memory: redo this whole target batch, smaller
                     shrink_micro_batch(loop, stream, smallest_micro_batch(model), target,
                                        outcome.reports, world, emit)

@@ -136,3 +136,19 @@ def test_an_own_loss_taking_reduction_is_given_none_as_torchs_are():
         total, items = loss(output, target)
         assert float(total) == pytest.approx(float(per_item.sum()), rel=1e-12)
         assert int(items) == (4 if loss.ignore_index == -100 else 6)
+
+
+@pytest.mark.parametrize(("class_dim", "is_warned"), [(None, True), (-1, False)])
+def test_a_guessed_class_dimension_is_said(cli, write_recipe, tmp_path, class_dim, is_warned):
+    """24 classes over sequences of 24: both readings fit every micro-batch, so it is a guess."""
+    from conftest import small_recipe
+
+    loss = {"name": "cross_entropy", "args": {} if class_dim is None else {"class_dim": -1}}
+    recipe = write_recipe(small_recipe(
+        model={"name": "tiny_lm", "args": {"vocab_size": 24, "dim": 8}},
+        data={"name": "synthetic_tokens", "args": {"num_samples": 64, "vocab_size": 24,
+                                                   "max_len": 24}},
+        loss=loss, train={"steps": 1, "eval_every": 0, "device": "cpu"}))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert ("read in dim 1" in result.output and "class_dim: -1" in result.output) == is_warned
