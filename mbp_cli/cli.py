@@ -351,7 +351,8 @@ def eval_(
 def predict(
     run: RunArg,
     inputs: Annotated[list[Path], typer.Argument(
-        help="Image files, or tensor files (torch.save) of one sample or a batch.",
+        help="Image files, or files saved with torch.save of one sample or a batch: a "
+             "tensor, or a dict of tensors given to the model by name (as dict batches are).",
         show_default=False)],
     top: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
     out: Annotated[Path, typer.Option(

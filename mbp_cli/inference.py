@@ -19,7 +19,7 @@ from mbp_cli.losses import ClassificationLoss, ItemLoss, LossFn
 from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
 from mbp_cli.registry import find_dataset
 from mbp_cli.runs import refuse_part
-from mbp_cli.step import pick_output
+from mbp_cli.step import TARGET_KEYS, describe, pick_output, to_device
 from mbp_cli.tensor_files import load_tensors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -92,10 +92,14 @@ def evaluate_run(run: LoadedRun) -> dict[str, Any]:
     return {**result, "samples": len(run.setup.eval_set), "weights": str(run.weights)}
 
 
-def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Tensor]:
+Inputs = Tensor | dict[str, Tensor]  # one batch: positional, or keyword inputs by name
+
+
+def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Inputs]:
     """Each input as a batch for the model: images through the run's held-out transform (or,
     for tensor datasets, to its samples' shape in [0, 1]), tensor files as they are (one sample
-    or a batch)."""
+    or a batch); a file holding a dict of tensors gives the model keyword inputs, as a dict
+    batch does in training (its target key, where it has one, left out)."""
     sample = _first_input(run.setup)
     transform = _eval_transform(run.recipe)
     batches = []
@@ -103,24 +107,61 @@ def read_inputs(run: LoadedRun, paths: list[Path]) -> list[Tensor]:
         if not path.is_file():
             raise UsageError(f"input not found: {path}")
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            tensor = _image(path, transform, sample)
+            inputs = _image(path, transform, sample)
         else:
             try:
-                tensor = load_tensors(path)
+                inputs = load_tensors(path)
             except ValueError as exc:
                 raise UsageError(f"{path} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor "
                                  f"a tensor file saved with torch.save: {exc}") from exc
-            if not isinstance(tensor, Tensor):
-                raise UsageError(f"{path} holds {type(tensor).__name__}, not a tensor")
-        if sample is not None and tensor.shape == sample.shape:
-            tensor = tensor.unsqueeze(0)  # one sample: a batch of one
-        batches.append(tensor)
+            if isinstance(inputs, dict):
+                inputs = _keyword_inputs(path, inputs, run.setup.micro_step.target_key)
+            elif not isinstance(inputs, Tensor):
+                raise UsageError(f"{path} holds {type(inputs).__name__}, not a tensor or a "
+                                 "dict of tensors")
+        batches.append(_as_batch(inputs, sample))
     return batches
 
 
-def _first_input(setup: Setup) -> Tensor | None:
+def _keyword_inputs(path: Path, inputs: dict[Any, Any], target_key: str | None
+                    ) -> dict[str, Tensor]:
+    """A saved dict's tensors by name, without the target (data.target, else labels, label or
+    target): the model's keyword inputs."""
+    kept = _without_target(inputs, target_key)
+    wrong = [f"{k!r} is {describe(v)}" for k, v in kept.items()
+             if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if wrong or not kept:
+        why = "; ".join(wrong) if wrong else "it has no inputs besides the target"
+        raise UsageError(f"{path} holds a dict, but not of named tensors ({why}); save the "
+                         "model's keyword inputs as {name: tensor}")
+    return kept
+
+
+def _without_target(sample: dict[Any, Any], target_key: str | None) -> dict[Any, Any]:
+    """A dict sample or batch without its target, found as training finds it (data.target,
+    else labels, label or target)."""
+    keys = (target_key,) if target_key else TARGET_KEYS
+    target = next((k for k in keys if k in sample), None)
+    return {k: v for k, v in sample.items() if k != target}
+
+
+def _as_batch(inputs: Inputs, sample: Inputs | None) -> Inputs:
+    """One sample (the shape of the run's samples) as a batch of one; a batch as it is."""
+    if isinstance(inputs, Tensor):
+        is_one = isinstance(sample, Tensor) and inputs.shape == sample.shape
+        return inputs.unsqueeze(0) if is_one else inputs
+    is_one = isinstance(sample, dict) and all(
+        k in sample and v.shape == sample[k].shape for k, v in inputs.items())
+    return {k: v.unsqueeze(0) for k, v in inputs.items()} if is_one else inputs
+
+
+def _first_input(setup: Setup) -> Inputs | None:
+    """The inputs of the run's first sample: a tensor, or a dict sample's tensors by name."""
     data = setup.eval_set if setup.eval_set is not None else setup.train_set
     first = data[0]
+    if isinstance(first, dict):
+        inputs = _without_target(first, setup.micro_step.target_key)
+        return {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
     value = first[0] if isinstance(first, tuple | list) else None
     return value if isinstance(value, Tensor) else None
 
@@ -130,7 +171,7 @@ def _eval_transform(recipe: Recipe) -> Any:
     return split_transforms(recipe, data.is_torchvision)[1]
 
 
-def _image(path: Path, transform: Any, sample: Tensor | None) -> Tensor:
+def _image(path: Path, transform: Any, sample: Inputs | None) -> Tensor:
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import v2
 
@@ -141,11 +182,18 @@ def _image(path: Path, transform: Any, sample: Tensor | None) -> Tensor:
         raise UsageError(f"cannot read image {path}: {exc}") from exc
     if transform is not None:
         return transform(image.convert("RGB"))
-    if sample is None or sample.dim() != 3:
+    if not isinstance(sample, Tensor) or sample.dim() != 3:
         raise UsageError(f"{path}: the run's data are not images; give a tensor file")
     channels, height, width = sample.shape
     image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])(image)
+
+
+def _shapes(inputs: Inputs) -> str:
+    """(3, 8, 8), or {input_ids: (2, 9), attention_mask: (2, 9)}, for messages."""
+    if isinstance(inputs, Tensor):
+        return str(tuple(inputs.shape))
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in inputs.items()) + "}"
 
 
 def _classes(dataset: Any) -> list[str] | None:
@@ -166,26 +214,28 @@ def is_scores(output: Tensor, loss_fn: LossFn) -> bool:
         isinstance(loss_fn, ClassificationLoss | ItemLoss)
 
 
-def predict(run: LoadedRun, inputs: list[Tensor], top: int) -> list[dict[str, Any]]:
+def predict(run: LoadedRun, inputs: list[Inputs], top: int) -> list[dict[str, Any]]:
     """Each input's top-k classes with probabilities (softmax of the scores), or, where the
-    output is not (N, classes) scores, the raw output."""
+    output is not (N, classes) scores, the raw output. A dict gives keyword inputs."""
     setup = run.setup
     classes = _classes(setup.eval_set) or _classes(setup.train_set)
     setup.model.eval()
     answers = []
     with torch.no_grad():
-        for tensor in inputs:
-            batch = tensor.to(setup.device, setup.micro_step.dtype if tensor.is_floating_point()
-                              else tensor.dtype)
+        for given in inputs:
+            device, dtype = setup.device, setup.micro_step.dtype
             try:
-                output = pick_output(setup.model(batch), run.recipe.model.output).float().cpu()
+                if isinstance(given, dict):
+                    raw = setup.model(**{k: to_device(v, device, dtype) for k, v in given.items()})
+                else:
+                    raw = setup.model(to_device(given, device, dtype))
+                output = pick_output(raw, run.recipe.model.output).float().cpu()
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 sample = _first_input(setup)
-                expected = f" (a sample of the run's data is {tuple(sample.shape)})" \
+                expected = f" (a sample of the run's data is {_shapes(sample)})" \
                     if sample is not None else ""
-                raise UsageError(f"the model cannot take an input of shape "
-                                 f"{tuple(batch.shape)}{expected}: "
-                                 f"{str(exc).splitlines()[0][:200]}") from exc
+                raise UsageError(f"the model cannot take an input of shape {_shapes(given)}"
+                                 f"{expected}: {str(exc).splitlines()[0][:200]}") from exc
             if not is_scores(output, setup.loss_fn):
                 answers.append({"output": output})
                 continue

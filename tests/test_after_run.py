@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -300,3 +301,85 @@ def test_eval_transforms_that_would_replace_the_weights_transforms_are_refused_o
     assert refused.exit_code == 2
     assert "data.eval_transforms: None → [{'Resize'" in refused.stderr
     assert "it decides training's transforms too" in refused.stderr
+
+
+KEYWORD_MODEL = '''
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Reviews(Dataset):
+    """{"input_ids", "attention_mask", "label"} samples of 6 tokens: a dict batch in training."""
+
+    def __init__(self, train: bool = True, n: int = 20) -> None:
+        g = torch.Generator().manual_seed(1 if train else 2)
+        self.ids = torch.randint(1, 12, (n, 6), generator=g)
+        self.mask = (torch.rand(n, 6, generator=g) < 0.8).long()
+        self.labels = self.ids[:, 0] % 2
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i],
+                "label": self.labels[i]}
+
+
+class Classifier(nn.Module):
+    """forward(input_ids=…, attention_mask=…): (N, 2) scores from the unmasked tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids) * attention_mask[..., None]
+        return self.head(hidden.sum(1))
+'''
+
+
+def test_predict_takes_a_saved_dict_of_keyword_inputs(cli, tmp_path):
+    """A model trained on dict batches (keyword inputs) is given a torch.save'd dict, one
+    sample or a batch, and scores it as the model does when called with those keywords."""
+    (tmp_path / "reviews.py").write_text(KEYWORD_MODEL)
+    recipe = tmp_path / "reviews.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(
+        model={"name": "reviews:Classifier"}, data={"name": "reviews:Reviews"},
+        loss={"name": "cross_entropy"}, batch={"target": 8, "micro": 3},
+        train={"steps": 2, "eval_every": 0, "device": "cpu"})))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "-q").exit_code == 0
+    generator = torch.Generator().manual_seed(7)
+    batch = {"input_ids": torch.randint(1, 12, (3, 6), generator=generator),
+             "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    torch.save(batch, tmp_path / "batch.pt")
+    one = {"input_ids": batch["input_ids"][1], "attention_mask": batch["attention_mask"][1],
+           "label": torch.tensor(1)}  # a sample as the dataset gives it: the target left out
+    torch.save(one, tmp_path / "one.pt")
+    result = cli("predict", run, tmp_path / "batch.pt", tmp_path / "one.pt", "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.output)
+    spec = importlib.util.spec_from_file_location("own_reviews", tmp_path / "reviews.py")
+    reviews = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reviews)
+    model = reviews.Classifier()
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    with torch.no_grad():
+        scores = model.eval()(**batch).softmax(1)
+    assert len(answers[0]["top"]) == 3 and len(answers[1]["top"]) == 1
+    for row, ranked in zip(scores, answers[0]["top"], strict=True):
+        assert ranked[0]["class"] == row.argmax().item()
+        assert ranked[0]["probability"] == pytest.approx(row.max().item(), rel=1e-5)
+    assert answers[1]["top"][0] == answers[0]["top"][1]
+    torch.save({"input_ids": batch["input_ids"], "mask": batch["attention_mask"]},
+               tmp_path / "misnamed.pt")
+    misnamed = cli("predict", run, tmp_path / "misnamed.pt")
+    assert misnamed.exit_code == 2 and "Traceback" not in misnamed.output
+    assert "cannot take an input of shape {input_ids: (3, 6), mask: (3, 6)}" in misnamed.stderr
+    assert "attention_mask: (6,)" in misnamed.stderr  # a sample of the run's data
+    torch.save({"input_ids": [1, 2, 3]}, tmp_path / "list.pt")
+    listed = cli("predict", run, tmp_path / "list.pt")
+    assert listed.exit_code == 2
+    assert "holds a dict, but not of named tensors ('input_ids' is a list" in listed.stderr
