@@ -25,7 +25,8 @@ app = typer.Typer(
 
 RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file.", show_default=False)]
 SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a recipe key: KEY.PATH=VALUE (VALUE read as YAML). Repeatable.")]
+    "--set", metavar="KEY=VALUE",
+    help="Override a recipe key: KEY.PATH=VALUE (VALUE read as YAML). Repeatable.")]
 
 
 @contextlib.contextmanager
@@ -101,30 +102,35 @@ def train(
         show_default=False)] = None,
     set_: SetOption = None,
     resume: Annotated[Path | None, typer.Option(
-        help="Continue the run in this folder from its newest good checkpoint.")] = None,
+        metavar="DIR", help="Continue the run in this folder from its newest good checkpoint.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Run folder. Default: runs/<name>-<timestamp>.")] = None,
+        metavar="DIR", help="Run folder. Default: runs/<name>-<timestamp>.")] = None,
     overwrite: Annotated[bool, typer.Option(
-        help="Replace the results in an existing run folder.")] = False,
+        "--overwrite", help="Replace the results in an existing run folder.")] = False,
     max_steps: Annotated[int | None, typer.Option(
-        min=1, help="Stop after N more optimizer steps, with a checkpoint; the learning-rate "
-                    "schedule stays the recipe's, so --resume continues it.")] = None,
+        min=1, metavar="N", help="Stop after N more optimizer steps, with a checkpoint; the "
+                                 "learning-rate schedule stays the recipe's, so --resume "
+                                 "continues it.")] = None,
     device: Annotated[str | None, typer.Option(
-        help="cpu, cuda, cuda:1, mps or auto (overrides train.device).")] = None,
+        metavar="DEVICE", help="cpu, cuda, cuda:1, mps or auto (overrides train.device).")
+    ] = None,
     json_: Annotated[bool, typer.Option(
         "--json", help="JSON lines on stdout (one per step and eval, then a summary).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     budget: BudgetOption = None,
     simulate_memory: Annotated[str | None, typer.Option(
-        "--simulate-memory", help="Train as if the device had only this much memory, e.g. "
-                                  "64MiB: tensors are tracked and allocations past it fail "
-                                  "with out-of-memory (to try sizing and recovery on a CPU). "
-                                  "With several ranks, one size or one per rank: 64MiB,16MiB.")
+        "--simulate-memory", metavar="SIZE",
+        help="Train as if the device had only this much memory, e.g. "
+             "64MiB: tensors are tracked and allocations past it fail "
+             "with out-of-memory (to try sizing and recovery on a CPU). "
+             "With several ranks, one size or one per rank: 64MiB,16MiB.")
     ] = None,
     nproc: Annotated[int, typer.Option(
-        "--nproc", min=1, help="Train as N processes on this machine with torch.distributed "
-                               "(a GPU each on CUDA, gloo on CPU); for several machines, "
-                               "start `python -m mbp_cli train` with torchrun.")] = 1,
+        "--nproc", min=1, metavar="N",
+        help="Train as N processes on this machine with torch.distributed "
+             "(a GPU each on CUDA, gloo on CPU); for several machines, "
+             "start `python -m mbp_cli train` with torchrun.")] = 1,
 ) -> None:
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors(as_json=json_):
@@ -236,8 +242,9 @@ def _memory_size(value: str | None, option: str) -> int | None:
 
 
 BudgetOption = Annotated[str | None, typer.Option(
-    "--budget", help="Memory budget, e.g. 20GiB. Default: batch.memory_budget, else free "
-                     "memory × batch.memory_fraction.")]
+    "--budget", metavar="SIZE",
+    help="Memory budget, e.g. 20GiB. Default: batch.memory_budget, else free "
+         "memory × batch.memory_fraction.")]
 
 
 @app.command()
@@ -414,7 +421,7 @@ def list_runs(
         elif not records:
             typer.echo(f"no runs in {folder}", err=True)
         else:
-            Console(width=max(100, Console().width)).print(runs_table(records))
+            Console().print(runs_table(records))
 
 
 @app.command()
@@ -446,7 +453,7 @@ def report(
 
         picture = out or records[0].path / "report.png"
         plot_runs(records, picture)
-        Console(width=max(100, Console().width)).print(comparison_table(records))
+        Console().print(comparison_table(records))
         typer.echo(f"wrote {picture}")
 
 

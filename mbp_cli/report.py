@@ -88,6 +88,8 @@ def summary_table(s: Data) -> Table:
     status = "done" if s["steps"] >= s["total_steps"] else \
         f"stopped after step {s['steps']} of {s['total_steps']}"
     table = Table(title=f"{s['name']}: {status}", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a long run folder folds, never cut
     rows = [
         ("steps", str(s["steps"])), ("samples seen", f"{s['samples_seen']:,}"),
         ("batch", batch_split(s)),
@@ -340,7 +342,7 @@ class PlainReporter(Reporter):
 
     def on_done(self, e: ev.Done) -> None:
         if self.show_summary:
-            Console(file=self.out, width=100).print(summary_table(e.summary))
+            Console(file=self.out).print(summary_table(e.summary))
         summary = e.summary
         if summary["steps"] < summary["total_steps"]:  # --max-steps
             self._err(f"stopped after step {summary['steps']} of {summary['total_steps']}; "

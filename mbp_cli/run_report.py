@@ -16,15 +16,21 @@ def _seconds(value: float | None) -> str:
 
 
 def runs_table(records: list[RunRecord]) -> Table:
-    """One line per run: name, status, steps, best eval, wall time."""
+    """One line per run: folder, status, steps, best eval, wall time; fits 80 columns, where a
+    long folder name folds (never cut) and the figures stay whole. The recipe's name is shown
+    only where a folder's name does not begin with it (as the default folder's does)."""
     table = Table(title=f"runs in {records[0].path.parent}" if records else "runs")
-    for column in ("run", "name", "status", "steps", "best accuracy", "best eval loss",
-                   "wall time"):
-        table.add_column(column, no_wrap=column == "status",
-                         justify="right" if column in ("steps", "wall time") else "left")
+    has_names = any(not r.path.name.startswith(r.name) for r in records)
+    # the folder names fold to make room; the figures never do
+    table.add_column("run", overflow="fold")
+    if has_names:
+        table.add_column("name", overflow="fold")
+    for column in ("status", "steps", "best\naccuracy", "best\nloss", "wall\ntime"):
+        table.add_column(column, no_wrap=True,
+                         justify="right" if column in ("steps", "wall\ntime") else "left")
     for r in records:
         loss = "-" if r.best_eval_loss is None else f"{r.best_eval_loss:.4f}"
-        table.add_row(r.path.name, r.name, r.status, r.progress,
+        table.add_row(r.path.name, *([r.name] if has_names else []), r.state, r.progress,
                       format_percent(r.best_eval_accuracy), loss, _seconds(r.wall_seconds))
     return table
 
@@ -34,12 +40,12 @@ def comparison_table(records: list[RunRecord]) -> Table:
     table = Table(title="runs side by side")
     table.add_column("")
     for r in records:
-        table.add_column(r.label, justify="right")
+        table.add_column(r.label, justify="right", overflow="fold")
 
     def row(label: str, value) -> None:
         table.add_row(label, *[value(r, r.summary or {}) for r in records])
 
-    row("status", lambda r, s: r.status)
+    row("status", lambda r, s: r.state)
     row("steps", lambda r, s: r.progress)
     row("target batch", lambda r, s: _start(r, "target_batch"))
     row("micro-batch", lambda r, s: _start(r, "micro_batch"))

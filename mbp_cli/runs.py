@@ -71,6 +71,12 @@ class RunRecord:
         return [read_run(p) for p in folders if (p / "metrics.jsonl").is_file()]
 
     @property
+    def state(self) -> str:
+        """The status without its step, which `progress` shows: done, stopped, failed,
+        running."""
+        return self.status.split(" at step ")[0]
+
+    @property
     def progress(self) -> str:
         """Steps done, of the schedule's: '87/150'."""
         return f"{self.steps}/{self.total_steps}" if self.total_steps else str(self.steps)

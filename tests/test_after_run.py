@@ -64,7 +64,8 @@ def test_runs_lists_each_status(cli, runs_folder):
     final = json.loads((runs_folder / "runs/done/summary.json").read_text())
     assert runs["done"]["best_eval_accuracy"] >= final["eval_accuracy"]
     table = cli("runs", runs_folder / "runs")
-    assert "stopped at step 1" in table.output and "failed at step 0" in table.output
+    assert "stopped " in table.output and " 1/4 " in table.output  # stopped at step 1 of 4
+    assert "failed " in table.output and " 0/3 " in table.output
     alone = json.loads(cli("runs", runs_folder / "runs/done", "--json").output)
     assert [Path(r["path"]).name for r in alone] == ["done"]  # a run folder itself
     none_yet = cli("runs", runs_folder / "nothing-here")
@@ -98,6 +99,35 @@ def test_runs_reads_an_older_runs_folder_and_names_a_corrupt_summary(cli, runs_f
     result = cli("runs", old)
     assert result.exit_code == 2
     assert f"{old / 'summary.json'} cannot be read" in result.output
+
+
+def test_runs_and_report_fit_80_columns_with_every_name_whole(cli, runs_folder, tmp_path,
+                                                              monkeypatch):
+    """Run folders named as mbp names them (recipe name and time) are listed whole, with
+    every figure, in 80 columns; so are the summaries side by side, and the summary a run
+    prints at its end."""
+    monkeypatch.setenv("COLUMNS", "80")
+    names = {"done": "test-digits-20250101-120000", "stopped": "test-digits-20250101-120500",
+             "failed": "test-digits-20250101-121000"}
+    for old, new in names.items():
+        shutil.copytree(runs_folder / "runs" / old, tmp_path / "runs" / new)
+    listed = cli("runs", tmp_path / "runs")
+    report = cli("report", *(tmp_path / "runs" / n for n in names.values()),
+                 "--out", tmp_path / "report.png")
+    assert listed.exit_code == report.exit_code == 0, listed.output + report.output
+    for result in (listed, report):
+        lines = result.stdout.splitlines()
+        assert max(map(len, lines)) <= 80, result.stdout
+        assert "…" not in result.stdout
+    assert all(any(n in line for line in listed.stdout.splitlines()) for n in names.values())
+    assert "10.31%" in listed.stdout and " 1/4 " in listed.stdout
+    summary = cli("train", runs_folder / "digits.yaml", "--out", tmp_path / "again",
+                  "--max-steps", "1")
+    assert summary.exit_code == 0, summary.output
+    assert max(map(len, summary.stdout.splitlines())) <= 80, summary.stdout
+    values = [line.split("│")[2].strip() for line in summary.stdout.splitlines()
+              if line.count("│") == 3]
+    assert str(tmp_path / "again") in "".join(values)  # folded, not cut
 
 
 def test_report_draws_every_run_against_steps(cli, runs_folder, tmp_path):

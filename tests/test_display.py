@@ -62,3 +62,21 @@ def test_the_bar_and_times_stay_and_figures_drop_in_order(tmp_path, write_recipe
         assert "peak" not in last and "samples/s" not in last
     else:
         assert "peak " in last and "samples/s" in last and "micro 7×8" in last
+
+
+def test_train_help_reads_whole_in_80_columns(monkeypatch):
+    """`mbp train --help` at 80 columns: every line fits, and no help text is cut short."""
+    from typer.testing import CliRunner
+
+    from mbp_cli.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(app, ["train", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert "…" not in result.output
+    text = " ".join(line.strip("│ ") for line in lines)
+    for phrase in ("Default: runs/<name>-<timestamp>.", "batch.memory_budget, else free memory",
+                   "--resume continues it."):
+        assert phrase in " ".join(text.split()), phrase
