@@ -172,9 +172,9 @@ def loss_name(recipe: Recipe, model: nn.Module) -> str:
 def build_loss(recipe: Recipe, model: nn.Module) -> LossFn:
     """The recipe's loss as (sum, count)."""
     name = loss_name(recipe, model)
-    builder = registry.find_loss(name, recipe_folders(recipe))
     if name == "model":
         return ModelLoss(model, **recipe.loss.args)
+    builder = registry.find_loss(name, recipe_folders(recipe))
     with users_code(f"loss {name}") if builder.is_users else nullcontext():
         return builder.fn(**recipe.loss.args)
 
