@@ -26,6 +26,7 @@ from mbp_cli.build import (
     spare_counting,
 )
 from mbp_cli.errors import DoesNotFitError, UsageError, does_not_fit
+from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.memory.step import BatchMaker, StepRunner, batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import available_bytes
@@ -53,6 +54,7 @@ class ProbeResult:
     seconds_per_target_batch: float | None
     probe_seconds: float
     measurements: list[Measurement] = field(default_factory=list)
+    attention: str | None = None  # an estimate's attention kernel (`CUDA flash attention`)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json and probe.json."""
@@ -130,14 +132,15 @@ def choose_micro_batch(runner: StepRunner, target_batch: int, budget_bytes: int,
         largest_micro_batch=largest, accumulation_steps=steps, fit=fit,
         predicted_peak_bytes=round(fit.predict(chosen)), verified_peak_bytes=verified.peak_bytes,
         seconds_per_target_batch=per_target, probe_seconds=time.perf_counter() - started,
-        measurements=[measured[s] for s in sorted(measured)])
+        measurements=[measured[s] for s in sorted(measured)],
+        attention=runner.attention.assumed if runner.attention else None)
 
 
 @dataclass(frozen=True)
 class ProbeOptions:
     """Where and against what the probe measures."""
 
-    device: torch.device | None  # None with estimate
+    device: torch.device | None  # with estimate: the device asked about (None: a CUDA GPU)
     budget_bytes: int | None = None  # default: the recipe's, else free memory × fraction
     estimate: bool = False  # fake tensors: no memory used, any model size
     device_memory_bytes: int | None = None  # with estimate: the device being asked about
@@ -177,21 +180,25 @@ def probe_setup(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
 
 @dataclass(frozen=True)
 class FakeParts:
-    """What an estimate measures in: the fake tensor mode, and fake batches of any size."""
+    """What an estimate measures in: the fake tensor mode, fake batches of any size, and the
+    device asked about (whose attention kernel the step runs)."""
 
     mode: FakeTensorMode
     make_batch: BatchMaker
+    device_type: str = "cuda"
 
 
 def _runner(setup: Setup, optimizer: torch.optim.Optimizer, options: ProbeOptions,
             fake: FakeParts | None = None) -> StepRunner:
     if fake is not None:
         return StepRunner(setup.micro_step, optimizer, fake.make_batch, "estimate",
-                          context=lambda: fake.mode)
+                          context=lambda: fake.mode,
+                          attention=DeviceAttention(fake.device_type))
     return StepRunner(setup.micro_step, optimizer, batch_maker(setup.train_set, setup.collate),
                       backend_for(options), options.capacity_bytes)
 
 
+CUDA = torch.device("cuda")  # what an estimate is about unless told
 SLOWER_CUTOFF = 3.0  # a combination this many times slower per sample is not probed further
 
 
@@ -218,7 +225,8 @@ class StrategyRow:
                        largest_micro_batch=result.largest_micro_batch,
                        accumulation_steps=result.accumulation_steps,
                        verified_peak_bytes=result.verified_peak_bytes,
-                       seconds_per_target_batch=result.seconds_per_target_batch)
+                       seconds_per_target_batch=result.seconds_per_target_batch,
+                       attention=result.attention)
         if self.seconds_at_micro_batch is not None:
             row["seconds_at_micro_batch"] = self.seconds_at_micro_batch
         return row
@@ -352,12 +360,13 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
     strategies, or weigh every strategy that applies (`every_strategy`)."""
     fake = None
     if options.estimate:
-        setup, optimizer, fake = fake_setup(recipe)
+        device = options.device or CUDA
+        setup, optimizer, fake = fake_setup(recipe, device)
     else:
         setup = build(recipe, options.device)
         optimizer = build_optimizer(recipe, setup.model)
+        device = setup.device
     setup.train_mode()
-    device = torch.device("cuda") if options.estimate else setup.device
     if every_strategy or is_auto(recipe):
         choices = candidates(recipe, device, setup.block_count(), estimate=options.estimate,
                              every=every_strategy)
@@ -372,8 +381,10 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
     return probe_setup(recipe, setup, optimizer, options)
 
 
-def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
-    """The recipe's model and optimizer on fake tensors (no data: fake batches are made)."""
+def fake_setup(recipe: Recipe, device: torch.device = CUDA,
+               ) -> tuple[Setup, torch.optim.Optimizer, FakeParts]:
+    """The recipe's model and optimizer on fake tensors (no data: fake batches are made), for
+    an estimate about `device`."""
     sample, train_set = sample_batch(recipe, 1)
     fake_mode = FakeTensorMode()
     with torch.device("meta"):  # initialized on meta: some inits (ViT's) read values
@@ -392,7 +403,7 @@ def fake_setup(recipe: Recipe) -> tuple[Setup, torch.optim.Optimizer, FakeParts]
                                   DTYPES[recipe.train.dtype])
     setup = Setup(micro_step, [], None, freeze_batchnorm=recipe.batch.batchnorm == "frozen",
                   block_classes=recipe.memory.checkpoint_modules)
-    return setup, optimizer, FakeParts(fake_mode, make_fake_batch)
+    return setup, optimizer, FakeParts(fake_mode, make_fake_batch, device.type)
 
 
 def fake_parameters(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from mbp_cli.batching import Collate, collate_samples
 from mbp_cli.datasets import TensorPairs
+from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.fit import Measurement
 from mbp_cli.memory.tracker import (
     StorageTracker,
@@ -39,6 +40,7 @@ class StepRunner:
     backend: str
     capacity_bytes: int | None = None  # the simulated device's
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    attention: DeviceAttention | None = None  # an estimate's: the asked-about device's kernel
 
     @property
     def model(self) -> nn.Module:
@@ -52,7 +54,8 @@ class StepRunner:
 
     def measure(self, micro_batch: int) -> Measurement:
         """Forward, backward and optimizer step (state created) at `micro_batch`; grads cleared."""
-        with self.context():
+        attention = self.attention.active() if self.attention else contextlib.nullcontext()
+        with self.context(), attention:
             measured = unless_out_of_memory(lambda: self._measure(micro_batch), self.device,
                                             self.optimizer)
         return measured or Measurement(micro_batch, None)
