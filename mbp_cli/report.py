@@ -226,6 +226,9 @@ def probe_choice_lines(result: Data) -> list[str]:
     ]
     if per_target is not None:
         lines.append(f"estimated time per target batch: {per_target:.3f} s")
+    if result.get("attention"):
+        lines.append(f"attention: {result['attention']} assumed (the kernel the device would "
+                     "choose)")
     return lines
 
 

@@ -93,6 +93,9 @@ def test_the_gpu_kernel_assumed(cli, attention_recipe, model, train, kernel):
                  "--device-memory", "1GiB", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["attention"] == f"CUDA {kernel} attention"
+    said = cli("probe", attention_recipe(model, train=train), "--estimate",
+               "--device-memory", "1GiB")
+    assert f"attention: CUDA {kernel} attention assumed" in said.stdout
 
 
 def test_no_attention_named_where_there_is_none(write_recipe):

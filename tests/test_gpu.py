@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mbp_cli.build import build, build_optimizer
+from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.probe import ProbeOptions, fake_setup, probe_recipe
 from mbp_cli.memory.step import StepRunner, batch_maker
 from mbp_cli.recipe import load_recipe
@@ -41,7 +42,8 @@ def test_the_estimate_is_within_tolerance_of_cuda(write_recipe, model, micro):
     fake, optimizer, parts = fake_setup(recipe)
     fake.train_mode()
     estimated = StepRunner(fake.micro_step, optimizer, parts.make_batch, "estimate",
-                           context=lambda: parts.mode).measure(micro)
+                           context=lambda: parts.mode,
+                           attention=DeviceAttention("cuda")).measure(micro)
     assert real.peak_bytes and estimated.peak_bytes
     error = abs(estimated.peak_bytes - real.peak_bytes) / real.peak_bytes
     assert error <= ESTIMATE_TOLERANCE, (model, real.peak_bytes / MiB,
