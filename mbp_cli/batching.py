@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mbp_cli.datasets import TensorPairs
+from mbp_cli.datasets import TensorPairs, is_stream
 from mbp_cli.distributed import share_bounds
 from mbp_cli.errors import UsageError
 from mbp_cli.step import describe
@@ -149,7 +149,10 @@ def micro_batch_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], num
 
 def eval_loader(dataset: Dataset, micro_batch: int, num_workers: int, pin_memory: bool,
                 collate: Collate | None = None) -> Iterable[Any]:
-    """Sequential micro-batches over a held-out split."""
+    """Sequential micro-batches over a held-out split (a stream's, in its order)."""
+    if is_stream(dataset):
+        return DataLoader(dataset, batch_size=micro_batch, collate_fn=collate_samples(collate),
+                          pin_memory=pin_memory)
     sampler = torch.utils.data.BatchSampler(
         torch.utils.data.SequentialSampler(dataset), micro_batch, drop_last=False)
     return micro_batch_loader(dataset, sampler, num_workers, pin_memory, collate=collate)
@@ -206,6 +209,10 @@ class MicroBatchStream:
         self._stream = iter(micro_batch_loader(self.dataset, self.plan, self.num_workers,
                                                self.pin_memory, seed=self.seed + step,
                                                collate=self.collate))
+
+    def share_at(self, step: int) -> int:
+        """How many samples of step `step`'s target batch this rank streams."""
+        return self.plan.share_at(step)
 
     def pieces(self, step: int) -> Iterator[Any]:
         """The micro-batches of `step`, streamed (call once per step, in order)."""

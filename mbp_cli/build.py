@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mbp_cli import registry
-from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform
+from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform, is_stream
 from mbp_cli.distributed import Ranks
 from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import ClassificationLoss, LossFn
@@ -252,7 +252,7 @@ def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
                            is_users=data.is_users)
 
     train_set, eval_set = split(True, train_tf), split(False, eval_tf)
-    if eval_set is None:
+    if eval_set is None and not is_stream(train_set):  # a stream's held-out: its own split
         eval_source = split(True, eval_tf) if eval_tf is not train_tf else None
         train_set, eval_set = hold_out(train_set, spec.eval_fraction, recipe.seed, eval_source)
     return train_set, eval_set

@@ -153,6 +153,11 @@ class ReadableDataset(Dataset):
                              f"{exc}") from exc
 
 
+def is_stream(dataset: Any) -> bool:
+    """Whether a dataset is read in order only: an IterableDataset, or nothing to index."""
+    return isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
+
+
 def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train: bool,
                 transform: Callable[[Any], Any] | None, is_users: bool) -> Dataset | None:
     """One split of a dataset, or None when the builder has no notion of splits."""
@@ -175,12 +180,9 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
             dataset = builder(**kwargs)
         except (RuntimeError, OSError, ValueError) as exc:
             raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise UsageError(
-            f"dataset {name} is a stream (an IterableDataset: no length, no indexing), and mbp "
-            "does not train from streams yet: give a dataset with __len__ and __getitem__ (for "
-            "Hugging Face datasets, the Dataset rather than its to_iterable_dataset())")
-    return dataset if isinstance(dataset, TensorPairs) else ReadableDataset(dataset, name, is_users)
+    if isinstance(dataset, TensorPairs) or is_stream(dataset):
+        return dataset  # streams are read in order (mbp_cli.streaming)
+    return ReadableDataset(dataset, name, is_users)
 
 
 def hold_out(dataset: Dataset, fraction: float, seed: int,

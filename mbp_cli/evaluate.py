@@ -11,6 +11,7 @@ from torch.utils.data import default_collate
 
 from mbp_cli.batching import eval_loader
 from mbp_cli.build import Setup
+from mbp_cli.datasets import is_stream
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.rng import restore_rng_states, rng_states
 from mbp_cli.step import MISFIT_ERRORS, describe
@@ -24,7 +25,7 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     """Mean loss (and top-1 accuracy for classification) on the held-out split, under no_grad,
     through the same micro-step as training. Every random generator is left as it was found
     (a random eval transform draws too), so a checkpoint written before it resumes exactly."""
-    if setup.eval_set is None or len(setup.eval_set) == 0:
+    if setup.eval_set is None or not is_stream(setup.eval_set) and len(setup.eval_set) == 0:
         return {}
     loader = eval_loader(setup.eval_set, micro_batch, num_workers, setup.device.type == "cuda",
                          setup.collate or _stack_held_out)

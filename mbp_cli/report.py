@@ -47,9 +47,10 @@ def start_line(e: ev.Start) -> str:
         pairs = zip(e.shares, e.micro_batches or [], strict=True)
         split = f"{len(e.shares)} ranks' shares " + " + ".join(
             f"{share} (micro-batch {micro})" for share, micro in pairs)
+    samples = f"{e.train_samples:,} training samples" if e.steps_per_epoch else "a stream"
     return (f"training {e.name} on {e.device} ({how}): target batch "
-            f"{e.target_batch} = {split}, {steps}, {e.train_samples:,} training "
-            f"samples, {e.parameters:,} parameters → {e.run_dir}")
+            f"{e.target_batch} = {split}, {steps}, {samples}, {e.parameters:,} parameters "
+            f"→ {e.run_dir}")
 
 
 def eval_line(e: ev.Eval) -> str:
@@ -227,8 +228,7 @@ def probe_choice_lines(result: Data) -> list[str]:
     if per_target is not None:
         lines.append(f"estimated time per target batch: {per_target:.3f} s")
     if result.get("attention"):
-        lines.append(f"attention: {result['attention']} assumed (the kernel the device would "
-                     "choose)")
+        lines.append(f"attention: {result['attention']} assumed")  # the device's own choice
     return lines
 
 

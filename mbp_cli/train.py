@@ -42,6 +42,7 @@ from mbp_cli.build import (
     smallest_micro_batch,
 )
 from mbp_cli.checkpoint import LoopState, rank_state, save_checkpoint
+from mbp_cli.datasets import is_stream
 from mbp_cli.distributed import (
     RankReport,
     Ranks,
@@ -84,6 +85,7 @@ from mbp_cli.step import explained_step_errors
 from mbp_cli.stopping import StopRequest, graceful_stop, resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 from mbp_cli.strategies.precision import Precision
+from mbp_cli.streaming import StreamedBatches, check_stream_recipe
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,14 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
     with ranks.agreed():
         setup = setup or make_setup()
         model, target = setup.model, recipe.batch.target
-        check_target_batch(recipe, len(setup.train_set))
+        is_streamed = is_stream(setup.train_set)
+        if is_streamed:
+            check_stream_recipe(recipe)
+        else:
+            check_target_batch(recipe, len(setup.train_set))
         optimizer = build_optimizer(recipe, model)
-        per_epoch = steps_per_epoch(len(setup.train_set), target, recipe.batch.drop_last)
+        per_epoch = 0 if is_streamed else steps_per_epoch(len(setup.train_set), target,
+                                                          recipe.batch.drop_last)
         total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
         scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real one
         if world.is_main and is_running(run_dir):  # before anything in it is touched
@@ -277,14 +284,18 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
         compile_seconds = compile_now(setup, optimizer, loop.micro_batch) \
             if recipe.train.compile else None
     first_step = loop.step
-    stream = MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
-                              recipe.batch.drop_last, stop_step, recipe.train.num_workers,
-                              device.type == "cuda", start_step=loop.step,
-                              collate=setup.collate, shares=loop.shares, rank=world.rank)
+    stream = StreamedBatches(setup.train_set, target, loop.micro_batch, recipe.batch.drop_last,
+                             setup.collate, loop.shares, world.rank,
+                             loop.stream_position or (0, 0)) if is_streamed else \
+        MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
+                         recipe.batch.drop_last, stop_step, recipe.train.num_workers,
+                         device.type == "cuda", start_step=loop.step, collate=setup.collate,
+                         shares=loop.shares, rank=world.rank)
     emit(Start(recipe.name, str(device), recipe.train.dtype, target, loop.micro_batch,
                accumulation_steps(target, loop.micro_batch), total_steps, stop_step, loop.step,
-               per_epoch, len(setup.train_set),
-               len(setup.eval_set) if setup.eval_set is not None else 0,
+               per_epoch, 0 if is_streamed else len(setup.train_set),
+               len(setup.eval_set) if setup.eval_set is not None and not
+               is_stream(setup.eval_set) else 0,
                sum(p.numel() for p in model.parameters()), str(run_dir),
                " on ".join(filter(None, (choice.label, setup.describe_blocks()))),
                micro_batches if world.is_distributed else None, loop.shares or None))
@@ -322,7 +333,7 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 step_started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
                 outcome = run_step(setup, stream.pieces(loop.step), loop.step == first_step,
-                                   ranks, loop.micro_batch, stream.plan.share_at(loop.step),
+                                   ranks, loop.micro_batch, stream.share_at(loop.step),
                                    memory)
                 totals = outcome.totals
                 layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
@@ -353,9 +364,12 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 loop.step += 1
                 loop.train_seconds += step_seconds
                 loop.samples_seen += totals.samples
+                epoch = stream.held_epoch + 1 if is_streamed else (loop.step - 1) // per_epoch + 1
+                if is_streamed:  # where a resumed run picks the stream up
+                    loop.stream_position = stream.position
                 per_rank = [r.to_dict(i) for i, r in enumerate(outcome.reports)] \
                     if world.is_distributed else None
-                emit(Step(loop.step, total_steps, (loop.step - 1) // per_epoch + 1, totals.loss,
+                emit(Step(loop.step, total_steps, epoch, totals.loss,
                           lr, totals.samples, totals.items, totals.micro_batches, step_seconds,
                           totals.samples / step_seconds, memory.peak_bytes(), grad_norm,
                           per_rank, loop.micro_batch))
@@ -427,7 +441,7 @@ def split_state(loop: LoopState | None, keeps: bool, recipe: Recipe, world: Worl
     return loop
 
 
-def rebalance(recipe: Recipe, loop: LoopState, stream: MicroBatchStream,
+def rebalance(recipe: Recipe, loop: LoopState, stream: MicroBatchStream | StreamedBatches,
               reports: list[RankReport], per_epoch: int, emit: Sink) -> None:
     """batch.balance: dynamic — when due, move the shares towards the faster ranks (every rank
     computes the same shares from the same gathered timings)."""
@@ -520,9 +534,9 @@ def optimizer_step(precision: Precision, optimizer: torch.optim.Optimizer) -> bo
                           "with less state, such as SGD, or a device with more memory)")
 
 
-def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream, smallest: int,
-                       target_batch: int, reports: list[RankReport], world: World,
-                       emit: Sink) -> None:
+def shrink_micro_batch(loop: LoopState, stream: MicroBatchStream | StreamedBatches,
+                       smallest: int, target_batch: int, reports: list[RankReport],
+                       world: World, emit: Sink) -> None:
     """After an out-of-memory step on any rank: each rank that ran out halves its micro-batch,
     and every rank restarts this step's target batch (all decide alike, from the reports)."""
     for rank, report in enumerate(reports):

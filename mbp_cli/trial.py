@@ -24,12 +24,14 @@ from mbp_cli.build import (
     resolve_device,
     split_transforms,
 )
+from mbp_cli.datasets import is_stream
 from mbp_cli.errors import UsageError, UserCodeError
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
 from mbp_cli.strategies.blocks import Blocks, BlockStrategies, check_blocks
 from mbp_cli.strategies.choice import refuse_offload_here
+from mbp_cli.streaming import check_stream_recipe
 
 LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta device
 
@@ -40,7 +42,9 @@ def trial_step(recipe: Recipe) -> str:
     resolve_device(recipe.train.device)  # one that is not here is refused, as training would
     torch.manual_seed(recipe.seed)
     batch, train_set = sample_batch(recipe, 2)
-    if train_set is not None:
+    if train_set is not None and is_stream(train_set):
+        check_stream_recipe(recipe)
+    elif train_set is not None:
         check_target_batch(recipe, len(train_set))
     cpu, meta = torch.device("cpu"), torch.device("meta")
     with meta:
@@ -134,9 +138,10 @@ def sample_batch(recipe: Recipe, size: int) -> tuple[Any, Dataset | None]:
                              "shape of one input sample as data.input_shape, e.g. [3, 224, 224]"
                              ) from exc
     else:
-        check_not_empty(recipe, len(train_set))
-        batch = batch_maker(train_set, build_collate(recipe))(min(size, len(train_set)))
-        return batch, train_set
+        if not is_stream(train_set):  # a stream's first samples are read; none is refused there
+            check_not_empty(recipe, len(train_set))
+            size = min(size, len(train_set))
+        return batch_maker(train_set, build_collate(recipe))(size), train_set
     is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
     transform, _ = split_transforms(recipe, is_torchvision)
     image = torch.zeros(tuple(shape), dtype=torch.uint8 if transform else torch.float32)

@@ -92,3 +92,13 @@ def texts_table(train: bool = True, n: int = 37):
 def texts_stream(train: bool = True, n: int = 37):
     """The texts as a stream: the table's `to_iterable_dataset()`."""
     return texts_table(train, n).to_iterable_dataset()
+
+
+class TextStream(torch.utils.data.IterableDataset):
+    """The texts as a stream of torch's kind: no length, no indexing, read in order."""
+
+    def __init__(self, train: bool = True, n: int = 37) -> None:
+        self.texts = Texts(train=train, n=n)
+
+    def __iter__(self):
+        return (self.texts[i] for i in range(len(self.texts.ids)))

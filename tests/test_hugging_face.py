@@ -158,14 +158,6 @@ def test_a_datasets_table_trains_like_the_same_texts(cli, tmp_path):
     assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-5)
 
 
-def test_a_stream_is_refused_in_one_line_for_now(cli, tmp_path):
-    recipe = write_beside(tmp_path / "project", hf_recipe(
-        "gpt2", data={"name": "hf_parts:texts_stream"}))
-    for command in (("validate", recipe), ("train", recipe, "--out", tmp_path / "run")):
-        result = cli(*command)
-        assert result.exit_code == 2 and "stream" in result.output, result.output
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt2", "bert_classifier"])
 def test_the_models_own_loss_over_two_ranks_equals_its_full_batch_step(tmp_path, model):
