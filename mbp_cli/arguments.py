@@ -12,7 +12,7 @@ import torch
 from mbp_cli.datasets import make_transform, transform_steps
 from mbp_cli.errors import UsageError, suggest
 from mbp_cli.pretrained import pretrained_problems
-from mbp_cli.recipe import Recipe, recipe_folders
+from mbp_cli.recipe import Recipe, eval_data, recipe_folders
 from mbp_cli.registry import (
     Builder,
     LookupFailed,
@@ -88,6 +88,14 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             problems += pretrained_problems(spec.name, spec.args, recipe.model.head)
         if path == "data":
             problems += _transform_argument_problems(recipe, builder)
+    held_out = eval_data(recipe) if isinstance(recipe.data.eval, dict) else None
+    if held_out is not None and isinstance(held_out[0], str):
+        try:
+            builder = find_dataset(held_out[0], recipe_folders(recipe))
+        except LookupFailed as exc:
+            problems.append(f"data.eval.name: {exc}")
+        else:
+            problems += argument_problems(builder, held_out[1], "data.eval.args")
     for key in ("transforms", "eval_transforms"):
         problems += transform_problems(getattr(recipe.data, key), f"data.{key}")
     if recipe.data.collate is not None:

@@ -21,7 +21,7 @@ from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import ClassificationLoss, LossFn
 from mbp_cli.model_loss import ModelLoss, takes_labels
 from mbp_cli.pretrained import build_pretrained, weights_transforms
-from mbp_cli.recipe import Recipe, ScheduleSpec, recipe_folders
+from mbp_cli.recipe import Recipe, ScheduleSpec, eval_data, recipe_folders
 from mbp_cli.step import MicroStep
 from mbp_cli.strategies.batchnorm import TargetBatchStatistics
 from mbp_cli.strategies.blocks import BlockStrategies, Recompute, check_blocks, find_blocks
@@ -241,8 +241,8 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
-    """The training split and the held-out split (the dataset's own, or a seeded fraction),
-    each with its transforms."""
+    """The training split and the held-out split (data.eval's dataset, else the dataset's own
+    test split, else a seeded fraction), each with its transforms."""
     spec = recipe.data
     data = registry.find_dataset(spec.name, recipe_folders(recipe))
     train_tf, eval_tf = split_transforms(recipe, data.is_torchvision)
@@ -251,7 +251,18 @@ def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
         return build_split(data.fn, spec.args, train=train, transform=transform,
                            is_users=data.is_users)
 
-    train_set, eval_set = split(True, train_tf), split(False, eval_tf)
+    train_set = split(True, train_tf)
+    held_out = eval_data(recipe)
+    if held_out is not None:  # data.eval: a dataset of its own, its test split or all of it
+        source = registry.find_dataset(held_out[0], recipe_folders(recipe))
+
+        def eval_split(train: bool) -> Dataset | None:
+            return build_split(source.fn, held_out[1], train=train, transform=eval_tf,
+                               is_users=source.is_users)
+
+        eval_set = eval_split(False)
+        return train_set, eval_split(True) if eval_set is None else eval_set
+    eval_set = split(False, eval_tf)
     if eval_set is None and not is_stream(train_set):  # a stream's held-out: its own split
         eval_source = split(True, eval_tf) if eval_tf is not train_tf else None
         train_set, eval_set = hold_out(train_set, spec.eval_fraction, recipe.seed, eval_source)

@@ -36,6 +36,8 @@ class DataSpec:
     eval_transforms: list[Any] | None = spec(None)  # held-out split (default: resize, normalize)
     normalize: str | None = spec(None, choices=("imagenet",))
     input_shape: list[int] | None = spec(None)  # one sample's, for --estimate without the data
+    # the held-out split's own dataset: {name, args}, the name and args over data's own
+    eval: dict[str, Any] | None = spec(None)
 
 
 @dataclass(frozen=True)
@@ -270,8 +272,24 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
                             f"{', '.join(LOGGERS)}" + suggest(str(name), list(LOGGERS)))
     if train.partition is not None:
         _check_partition(recipe, problems)
+    held_out = recipe.data.eval
+    if held_out is not None:
+        problems += [f"data.eval.{key}: unknown key; data.eval takes name and args"
+                     for key in held_out if key not in ("name", "args")]
+        if not isinstance(held_out.get("name", ""), str) or \
+                not isinstance(held_out.get("args", {}), dict):
+            problems.append("data.eval: expected {name: a dataset, args: {…}}")
     if (train.steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.steps and train.epochs")
+
+
+def eval_data(recipe: Recipe) -> tuple[str, dict[str, Any]] | None:
+    """data.eval as (dataset name, arguments): data's own name and args where it names none."""
+    held_out = recipe.data.eval
+    if held_out is None:
+        return None
+    return held_out.get("name", recipe.data.name), {**recipe.data.args,
+                                                    **held_out.get("args", {})}
 
 
 def partition_spec(recipe: Recipe) -> tuple[PartitionSpec, LabelSpec] | None:

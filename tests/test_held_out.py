@@ -1,0 +1,71 @@
+"""data.eval: a held-out dataset of its own (a folder of validation images, another stream),
+through the real `mbp train` and `mbp validate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import small_recipe
+from test_after_run import write_images
+from test_hugging_face import hf_recipe, write_beside
+
+from tests import hf_parts
+
+
+def folder_recipe(tmp_path, **data) -> dict:
+    write_images(tmp_path / "train", lambda i: (8, 8))
+    (tmp_path / "val").mkdir()
+    write_images(tmp_path / "val" / "held", lambda i: (12, 12))  # another folder and size
+    return small_recipe(
+        model={"name": "small_cnn", "args": {"num_classes": 2, "in_channels": 3, "width": 4}},
+        data={"name": "ImageFolder", "args": {"root": str(tmp_path / "train")}, "resize": 8,
+              **data},
+        batch={"target": 6, "micro": 4}, train={"steps": 2, "eval_every": 0, "device": "cpu"})
+
+
+def test_a_folder_of_its_own_is_the_held_out_split(cli, write_recipe, tmp_path):
+    """All 16 training images train (no fraction held out); the 16 of val/ are scored."""
+    recipe = write_recipe(folder_recipe(
+        tmp_path, eval={"args": {"root": str(tmp_path / "val" / "held")}}))
+    result = cli("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    start = json.loads(result.stdout.splitlines()[0])
+    assert (start["train_samples"], start["eval_samples"]) == (16, 16)
+
+
+def test_without_it_a_fraction_is_held_out(cli, write_recipe, tmp_path):
+    result = cli("train", write_recipe(folder_recipe(tmp_path)), "--out", tmp_path / "run",
+                 "--json")
+    start = json.loads(result.stdout.splitlines()[0])
+    assert (start["train_samples"], start["eval_samples"]) == (15, 1)
+
+
+@pytest.mark.parametrize(("held_out", "problem"), [
+    ({"args": {"rooot": "x"}}, "data.eval.args.rooot"),
+    ({"nam": "MNIST"}, "data.eval.nam"),
+    ({"name": "NoSuchSet"}, "data.eval.name"),
+])
+def test_a_wrong_held_out_section_is_named(cli, write_recipe, tmp_path, held_out, problem):
+    result = cli("validate", write_recipe(folder_recipe(tmp_path, eval=held_out)))
+    assert result.exit_code == 2 and problem in result.output, result.output
+
+
+def test_a_stream_is_scored_on_the_dataset_data_eval_names(cli, tmp_path):
+    """A stream without a test split of its own, held out by another dataset of the user's."""
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", data={"name": "hf_parts:texts_stream",
+                      "eval": {"name": "hf_parts:TextStream", "args": {"n": 9}}},
+        eval_every=1))
+    result = cli("train", recipe, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    torch.manual_seed(0)
+    model = hf_parts.gpt2().double()
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
+    model.eval()
+    texts = list(hf_parts.TextStream(train=False, n=9))
+    with torch.no_grad():
+        expected = model(**torch.utils.data.default_collate(texts)).loss
+    assert summary["eval_loss"] == pytest.approx(float(expected), rel=1e-6)
