@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, sl
 from mbp_cli.memory.step import BatchMaker, StepRunner, batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import available_bytes
 from mbp_cli.recipe import Recipe
+from mbp_cli.step import explained_step_errors
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 from mbp_cli.trial import sample_batch
 from mbp_cli.units import parse_bytes
@@ -367,18 +370,35 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
         optimizer = build_optimizer(recipe, setup.model)
         device = setup.device
     setup.train_mode()
-    if every_strategy or is_auto(recipe):
-        choices = candidates(recipe, device, setup.block_count(), estimate=options.estimate,
-                             every=every_strategy)
-        micro_batch = recipe.batch.micro if isinstance(recipe.batch.micro, int) \
-            and not every_strategy else None
-        return probe_strategies(recipe, setup, optimizer, options, choices,
-                                micro_batch=micro_batch, fake=fake)
-    setup.use(fixed_choice(recipe, device, lambda: len(setup.blocks("memory.offload")),
-                           estimate=options.estimate), estimate=options.estimate)
-    if fake is not None:
-        return _probe(recipe, options, _runner(setup, optimizer, options, fake))
-    return probe_setup(recipe, setup, optimizer, options)
+    # A step that fails (a model that does not fit its data, a backward or a recompute that
+    # raises) is explained as training explains it: one line, after your code's traceback
+    with explained_step_errors(True), _quiet_fake_kernels(fake is not None):
+        if every_strategy or is_auto(recipe):
+            choices = candidates(recipe, device, setup.block_count(),
+                                 estimate=options.estimate, every=every_strategy)
+            micro_batch = recipe.batch.micro if isinstance(recipe.batch.micro, int) \
+                and not every_strategy else None
+            return probe_strategies(recipe, setup, optimizer, options, choices,
+                                    micro_batch=micro_batch, fake=fake)
+        setup.use(fixed_choice(recipe, device, lambda: len(setup.blocks("memory.offload")),
+                               estimate=options.estimate), estimate=options.estimate)
+        if fake is not None:
+            return _probe(recipe, options, _runner(setup, optimizer, options, fake))
+        return probe_setup(recipe, setup, optimizer, options)
+
+
+@contextlib.contextmanager
+def _quiet_fake_kernels(is_estimate: bool) -> Iterator[None]:
+    """Fake tensors log a traceback for a kernel that refuses its shapes before raising; the
+    error itself is explained, once."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    if is_estimate:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fake_setup(recipe: Recipe, device: torch.device = CUDA,
