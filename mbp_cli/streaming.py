@@ -42,26 +42,34 @@ class StreamedBatches:
     used once per target batch. A step's samples are held until the next step, so a step redone
     with another micro-batch (out of memory, new shares) is cut from the same samples.
 
-    `position` — (epoch, samples of that pass consumed) before the next step — is what a
-    checkpoint keeps; a resumed stream skips that many samples of that pass.
+    `position` — the pass, the samples of it consumed before the next step, and the dataset's
+    own `state_dict()` where it has one — is what a checkpoint keeps; a resumed stream loads
+    that state (Hugging Face's streams resume from it without reading again), else skips that
+    many samples of that pass.
     """
 
     def __init__(self, dataset: Any, target_batch: int, micro_batch: int, drop_last: bool,
                  collate: Collate | None = None, shares: Sequence[int] = (), rank: int = 0,
-                 position: Sequence[int] = (0, 0)) -> None:
+                 position: dict[str, Any] | None = None) -> None:
         self.dataset, self.target_batch, self.drop_last = dataset, target_batch, drop_last
         self.collate, self.shares, self.rank = collate_samples(collate), shares, rank
         self.micro_batch = micro_batch
-        self.epoch, self.offset = position  # where the next target batch starts
+        position = position or {}
+        # where the next target batch starts
+        self.epoch, self.offset = position.get("epoch", 0), position.get("offset", 0)
+        self._saved_state = position.get("state")  # the dataset's own, to load on resuming
         self._samples: Iterator[Any] | None = None
         self._held: list[Any] = []
         self._held_step: int | None = None
         self.held_epoch = self.epoch  # the pass the held step's samples came from
 
     @property
-    def position(self) -> list[int]:
-        """(epoch, samples consumed in it) after the steps taken so far."""
-        return [self.epoch, self.offset]
+    def position(self) -> dict[str, Any]:
+        """Where the steps taken so far leave the stream: the pass, the samples of it taken and
+        (mid-pass) the dataset's own state, where it keeps one."""
+        is_mid_pass = self._samples is not None and hasattr(self.dataset, "state_dict")
+        state = self.dataset.state_dict() if is_mid_pass else None
+        return {"epoch": self.epoch, "offset": self.offset, "state": state}
 
     def restart(self, step: int, micro_batch: int, shares: Sequence[int] | None = None) -> None:
         """Cut `step`'s samples (the held ones, where it is the step held) in micro-batches of
@@ -96,9 +104,14 @@ class StreamedBatches:
         return self._held
 
     def _open(self) -> Iterator[Any]:
-        """A pass from the start, its first `offset` samples skipped (a resumed position)."""
+        """A pass from the start, or from a resumed position: the dataset's state loaded, else
+        the pass's first `offset` samples skipped."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
+        state, self._saved_state = self._saved_state, None
+        if state is not None and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state)
+            return iter(self.dataset)
         return itertools.islice(iter(self.dataset), self.offset, None)
 
     def _next_target_batch(self) -> list[Any]:

@@ -286,7 +286,7 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
     first_step = loop.step
     stream = StreamedBatches(setup.train_set, target, loop.micro_batch, recipe.batch.drop_last,
                              setup.collate, loop.shares, world.rank,
-                             loop.stream_position or (0, 0)) if is_streamed else \
+                             loop.stream_position) if is_streamed else \
         MicroBatchStream(setup.train_set, target, loop.micro_batch, recipe.seed,
                          recipe.batch.drop_last, stop_step, recipe.train.num_workers,
                          device.type == "cuda", start_step=loop.step, collate=setup.collate,
@@ -321,6 +321,8 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
         """Every rank takes part (their RNG states are gathered); rank 0 writes."""
         loop.loss_scale = precision.state_dict()
         loop.wall_seconds = earlier_wall_seconds + time.perf_counter() - started
+        if is_streamed:  # where a resumed run picks the stream up
+            loop.stream_position = stream.position
         states = ranks.gather_objects(rank_state(loop.micro_batch))
         if not world.is_main:
             return None
@@ -365,8 +367,6 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 loop.train_seconds += step_seconds
                 loop.samples_seen += totals.samples
                 epoch = stream.held_epoch + 1 if is_streamed else (loop.step - 1) // per_epoch + 1
-                if is_streamed:  # where a resumed run picks the stream up
-                    loop.stream_position = stream.position
                 per_rank = [r.to_dict(i) for i, r in enumerate(outcome.reports)] \
                     if world.is_distributed else None
                 emit(Step(loop.step, total_steps, epoch, totals.loss,

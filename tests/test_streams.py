@@ -99,3 +99,21 @@ def test_a_stream_over_two_ranks_equals_the_full_batch_steps(tmp_path):
               "--set", "batch.micro=[4, 2]", "-q", cwd=tmp_path / "project")
     assert run.returncode == 0, run.stderr
     assert_equal(tmp_path / "project" / "run", hand_steps(4))
+
+
+def test_a_hugging_face_stream_resumes_from_its_own_state(cli, tmp_path):
+    """datasets' stream keeps a state_dict: the checkpoint holds it, and the resumed run, which
+    loads it instead of reading the stream again, equals the uninterrupted one."""
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "mean_loss_lm", OWN_LOSS, {"name": "hf_parts:texts_stream"}, steps=4))
+    assert cli("train", recipe, "--out", tmp_path / "whole").exit_code == 0
+    assert cli("train", recipe, "--out", tmp_path / "parts", "--max-steps", 2).exit_code == 0
+    (saved,) = (tmp_path / "parts" / "checkpoints").glob("*.pt")
+    position = torch.load(saved, weights_only=False)["loop"]["stream_position"]
+    assert position["offset"] == 26 and position["state"] is not None
+    resumed = cli("train", "--resume", tmp_path / "parts")
+    assert resumed.exit_code == 0, resumed.output
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "model.pt", weights_only=True)
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
+    assert_equal(tmp_path / "whole", hand_steps(4))
