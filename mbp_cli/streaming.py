@@ -23,6 +23,9 @@ def check_stream_recipe(recipe: Recipe) -> None:
     if recipe.train.num_workers:
         raise UsageError("train.num_workers: the training data is a stream, read in order by the "
                          "training process (each worker would read all of it); set 0")
+    if recipe.train.partition is not None:
+        raise UsageError("train.partition: its parts are trained over the dataset again and "
+                         "again by index; a stream has no indexing")
     if recipe.batch.balance == "dynamic" and not recipe.batch.rebalance_every:
         raise UsageError("batch.balance: dynamic rebalances each epoch by default, and a stream's "
                          "epoch has no known length; give batch.rebalance_every")

@@ -117,3 +117,12 @@ def test_a_hugging_face_stream_resumes_from_its_own_state(cli, tmp_path):
     parts = torch.load(tmp_path / "parts" / "model.pt", weights_only=True)
     assert all(torch.equal(whole[name], parts[name]) for name in whole)
     assert_equal(tmp_path / "whole", hand_steps(4))
+
+
+def test_a_partitioned_stream_is_refused(cli, tmp_path):
+    recipe = stream_recipe(tmp_path)
+    partition = ["--set", "train.partition={at: [head]}"]
+    for command in (("validate", recipe, *partition),
+                    ("train", recipe, "--out", tmp_path / "run", *partition)):
+        result = cli(*command)
+        assert result.exit_code == 2 and "train.partition" in result.output, result.output

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mbp_cli.batching import steps_per_epoch
 from mbp_cli.build import Setup, build, check_target_batch
+from mbp_cli.datasets import is_stream
 from mbp_cli.distributed import Ranks, World
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
@@ -42,6 +43,7 @@ from mbp_cli.rundir import RunFolder, save_state_dict, write_json
 from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, is_running
 from mbp_cli.step import MicroStep, describe, explained_step_errors
 from mbp_cli.stopping import resume_command
+from mbp_cli.streaming import check_stream_recipe
 
 if TYPE_CHECKING:  # both import this module's callers
     from mbp_cli.memory.probe import ProbeOptions
@@ -95,6 +97,8 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     graph = trace(whole.model)
     cuts = find_cuts(graph, spec.at)
     parts = split(whole.model, graph, cuts)
+    if is_stream(whole.train_set):
+        check_stream_recipe(recipe)  # refuses the partition
     check_target_batch(recipe, len(whole.train_set))
     key = recipe.data.target
     train_labels = class_labels(whole.train_set, key)
