@@ -261,7 +261,9 @@ def _default_of(fn: Callable[..., Any], name: str) -> Any:
 
 
 class ItemLoss:
-    """A loss of your own (`package.module:callable`), called as `callable(output, target)`.
+    """A loss of your own (`package.module:callable`), called as `callable(output, target)`:
+    `output` is the scores tensor (model.output names it), or with `model.output: all` the
+    model's whole output as it returned it (torchvision segmentation's {"out", "aux"} dict).
 
     It returns per-item losses, as torch's losses do with `reduction="none"`: mbp sums them and
     counts the elements (leave masked items out of the tensor, or return 0 for targets equal to
@@ -284,7 +286,7 @@ class ItemLoss:
         self.ignore_index = getattr(fn, "ignore_index", args.get("ignore_index",
                                                                  _default_of(fn, "ignore_index")))
 
-    def __call__(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor | int]:
+    def __call__(self, output: Any, target: Tensor) -> tuple[Tensor, Tensor | int]:
         result = self.fn(output, target)
         if isinstance(result, tuple) and len(result) == 2:
             total, count = result

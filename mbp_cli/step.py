@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import mbp_cli
 from mbp_cli.errors import MbpError, UsageError, UserCodeError
-from mbp_cli.losses import LossFn
+from mbp_cli.losses import ItemLoss, LossFn
 from mbp_cli.model_loss import is_real, refuse_copy_task
 from mbp_cli.strategies.precision import Precision
 
@@ -27,12 +27,13 @@ from mbp_cli.strategies.precision import Precision
 MISFIT_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, KeyError)
 TARGET_KEYS = ("labels", "label", "target")  # looked up in dict batches, in this order
 OUTPUT_KEYS = ("logits", "out")  # looked up in dict or object outputs, in this order
+WHOLE_OUTPUT = "all"  # model.output: all — a loss of your own reads the whole output
 
 
 class MicroResult(NamedTuple):
-    """What one micro-batch gave: the scores the loss saw, its target and the loss terms."""
+    """What one micro-batch gave: the scores, its target and the loss terms."""
 
-    output: Tensor
+    output: Tensor  # the scores the loss saw (with model.output: all, those found beside)
     target: Tensor
     loss_sum: Tensor  # sum of the loss items (on the device, with its graph in training)
     items: Tensor | int  # how many items that sum is over (or the sum of their class weights)
@@ -70,11 +71,15 @@ def split_batch(batch: Any, target_key: str | None = None
 
 
 def pick_output(output: Any, key: str | int | None = None) -> Tensor:
-    """The tensor the loss reads from a model's output: the output itself if a tensor; else
-    `key` (a key, an attribute, or an index into a tuple or list), or `logits`, then `out`
-    (dicts, Hugging Face outputs), then the first element."""
+    """The scores in a model's output (what a loss reads, accuracy counts and predict shows):
+    the output itself if a tensor; else `key` (a key, an attribute, or an index into a tuple
+    or list), or `logits`, then `out` (dicts, Hugging Face outputs), then the first element.
+    With `key` WHOLE_OUTPUT the loss reads the whole output, and the scores are found as
+    without a key."""
     if isinstance(output, Tensor):
         return output
+    if key == WHOLE_OUTPUT:
+        return _scores_beside_whole_output(output)
     found = None
     if isinstance(key, int):
         is_indexable = isinstance(output, Sequence) and -len(output) <= key < len(output)
@@ -94,6 +99,17 @@ def pick_output(output: Any, key: str | int | None = None) -> Tensor:
         "logits or out, or a tuple or list whose first element is a tensor"
     raise UsageError(f"the model returned {describe(output)}; expected {wanted} "
                      "(name the output with model.output)")
+
+
+def _scores_beside_whole_output(output: Any) -> Tensor:
+    try:
+        return pick_output(output)
+    except UsageError:
+        raise UsageError(f"the model returned {describe(output)}; with model.output: all a "
+                         "loss of your own reads it whole, and mbp reads the scores (for "
+                         "validate, evaluation and predict) beside it: a tensor, a dict or "
+                         "object with logits or out, or a tuple or list whose first element "
+                         "is a tensor") from None
 
 
 def describe(value: Any) -> str:
@@ -159,6 +175,13 @@ class MicroStep:
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.output_key, self.target_key = output_key, target_key
+        self.is_whole_output = output_key == WHOLE_OUTPUT
+        if self.is_whole_output and not isinstance(loss_fn, ItemLoss) \
+                and not getattr(loss_fn, "takes_model_output", False):
+            raise UsageError("model.output: all hands the model's whole output to a loss of "
+                             "your own (loss.name: module:callable); the built-in losses read "
+                             "one tensor: name it with model.output (a key, an attribute or "
+                             "an index)")
         self.precision = precision or Precision("fp32", device)
         self.is_checked = False  # the first micro-batch's targets are checked once
 
@@ -192,8 +215,9 @@ class MicroStep:
             refuse_copy_task(self.loss_fn, kwargs, target)
         if getattr(self.loss_fn, "takes_model_output", False):
             return self._forward_own_loss(args, kwargs, target)
-        output = pick_output(self.model(*args, **kwargs), self.output_key)
-        loss_sum, items = self.loss_fn(output, target)
+        raw = self.model(*args, **kwargs)
+        output = pick_output(raw, self.output_key)
+        loss_sum, items = self.loss_fn(raw if self.is_whole_output else output, target)
         return MicroResult(output, target, loss_sum, items, target.shape[0])
 
     def _forward_own_loss(self, args: list[Tensor], kwargs: dict[str, Tensor],

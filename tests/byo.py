@@ -228,3 +228,42 @@ def mlp() -> nn.Module:
     """A 4-layer MLP on DictFeatures (cut points as the digits MLP's: 2 and 4)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class Scenes(Dataset):
+    """size×size images with a per-pixel mask of 3 classes, its first row 255 (not a loss
+    item), as torchvision's VOC masks mark object borders."""
+
+    def __init__(self, train: bool = True, n: int = 7, size: int = 32) -> None:
+        g = _draw(train)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+        self.masks = self.images[:, :2].argmax(1) + (self.images[:, 2] > 0.5).long()
+        self.masks[:, 0] = 255
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.masks[i]
+
+
+def fcn(num_classes: int = 3) -> nn.Module:
+    """torchvision's FCN-ResNet50 with its auxiliary head, untrained; dropout off (its masks
+    differ with the split, as they would across runs)."""
+    from torchvision.models.segmentation import fcn_resnet50
+
+    model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes,
+                         aux_loss=True)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def out_and_aux(output, target, aux_weight: float = 0.4, ignore_index: int = 255):
+    """torchvision segmentation's loss, per pixel: the main head's plus aux_weight × the
+    auxiliary head's, ignored pixels 0 (not counted: ignore_index)."""
+    def per_pixel(scores):
+        return F.cross_entropy(scores, target, ignore_index=ignore_index, reduction="none")
+
+    return per_pixel(output["out"]) + aux_weight * per_pixel(output["aux"])

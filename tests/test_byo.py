@@ -56,6 +56,10 @@ CASES = {
     "own loss, (sum, count)": (
         {"name": "byo:classifier"}, {"name": "byo:Features"}, {"name": "byo:sum_and_count"},
         lambda out, y: ((out[_kept(y)].gather(1, y[_kept(y), None]) - 1) ** 2).mean()),
+    "own loss reading the whole output: out + 0.4·aux": (
+        {"name": "byo:TinySegmenter", "output": "all"}, {"name": "byo:Shapes"},
+        {"name": "byo:out_and_aux"},
+        lambda out, y: F.cross_entropy(out["out"], y) + 0.4 * F.cross_entropy(out["aux"], y)),
     "torch loss class, ignore_index honoured": (
         {"name": "byo:classifier"}, {"name": "byo:Features"},
         {"name": "torch.nn:CrossEntropyLoss"}, F.cross_entropy),
