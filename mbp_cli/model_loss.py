@@ -63,6 +63,7 @@ def items_of(model: nn.Module, asked: str | None) -> str:
         config = model.config
         if config.problem_type == "regression" or config.num_labels == 1:
             return "elements"
+        # samples, or label elements where the labels are floats (multi-label, as HF decides)
         return "elements" if config.problem_type == "multi_label_classification" else "samples"
     kind = f"loss type {loss_type}" if loss_type else type(model).__name__
     raise UsageError(
@@ -108,7 +109,7 @@ class ModelLoss:
     def count(self, labels: Tensor) -> Tensor | int:
         """How many items the labels hold (a device tensor where ignore_index can be among
         them)."""
-        if self.items == "elements":
+        if self.items == "elements" or labels.is_floating_point():  # multi-label's, say
             return labels.numel()
         counted = labels[..., 1:] if self.items == "next_tokens" else labels
         return (counted != self.ignore_index).sum()
@@ -140,7 +141,7 @@ class ModelLoss:
     def _check(self, total: Tensor, scores: Tensor, labels: Tensor, count: Tensor | int) -> None:
         """Refuse a count that is not what the model's mean is over."""
         scores = scores.float()
-        if self.items == "elements":
+        if self.items == "elements" or labels.is_floating_point():
             values = labels.to(scores.dtype).reshape(scores.shape) \
                 if labels.numel() == scores.numel() else None
             reference = None if values is None else (
@@ -151,7 +152,7 @@ class ModelLoss:
             reference = F.cross_entropy(flat_scores, flat_labels, ignore_index=self.ignore_index,
                                         reduction="sum") \
                 if flat_scores.shape[0] == flat_labels.shape[0] else None
-        if reference is not None and torch.isclose(total.float(), reference, rtol=1e-3, atol=1e-5):
+        if reference is not None and torch.isclose(total.float(), reference, rtol=1e-4, atol=1e-5):
             return
         raise UsageError(
             f"loss: model — the model's loss is not the mean over its {self.items} "
@@ -167,7 +168,10 @@ class ModelLoss:
         return f"{float(reference) / max(float(count), 1):.6g} from its scores"
 
     def _correct(self, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(right, counted) top-1 predictions of the counted labels."""
+        """(right, counted) top-1 predictions of the counted labels (none of float labels)."""
+        if labels.is_floating_point():
+            none = torch.zeros((), device=labels.device, dtype=torch.long)
+            return none, none
         flat_scores, flat_labels = self._scored(scores, labels)
         counted = flat_labels != self.ignore_index
         return ((flat_scores.argmax(-1) == flat_labels) & counted).sum(), counted.sum()

@@ -43,12 +43,14 @@ class Texts(Dataset):
     labels — the input_ids with -100 on the padding (a causal LM's, shifted inside its loss) or,
     with `classes`, one class per text."""
 
-    def __init__(self, train: bool = True, n: int = 37, classes: int | None = None) -> None:
+    def __init__(self, train: bool = True, n: int = 37, classes: int | None = None,
+                 multi_label: bool = False) -> None:
         g = torch.Generator().manual_seed(1 if train else 2)
         lengths = torch.randint(3, LENGTH + 1, (n,), generator=g)
         self.mask = (torch.arange(LENGTH) < lengths[:, None]).long()
         self.ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g) * self.mask
         self.labels = self.ids.masked_fill(self.mask == 0, -100) if classes is None else \
+            torch.randint(2, (n, classes), generator=g).float() if multi_label else \
             torch.randint(classes, (n,), generator=g)
 
     def __len__(self) -> int:

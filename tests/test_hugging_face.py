@@ -76,6 +76,9 @@ CASES = {  # model, loss section, data section, tolerance (HF computes its loss 
     "BERT sequence classification, loss: model": (
         "bert_classifier", {"name": "model"}, {"name": "hf_parts:Texts", "args": {"classes": 3}},
         1e-5),
+    "BERT multi-label classification (float labels), the default loss": (
+        "bert_classifier", None,
+        {"name": "hf_parts:Texts", "args": {"classes": 3, "multi_label": True}}, 1e-5),
     # a model of one's own in float64: the normalization itself, isolated
     "own model's mean loss, items: next_tokens": (
         "mean_loss_lm", {"name": "model", "args": {"items": "next_tokens"}}, None, 1e-10),
