@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import random
 from collections.abc import Callable
@@ -267,6 +268,18 @@ def build_data(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
         eval_source = split(True, eval_tf) if eval_tf is not train_tf else None
         train_set, eval_set = hold_out(train_set, spec.eval_fraction, recipe.seed, eval_source)
     return train_set, eval_set
+
+
+def held_out_words(recipe: Recipe) -> str:
+    """Which samples the held-out split is, in words (what `mbp eval` scored)."""
+    held_out = eval_data(recipe)
+    if held_out is not None:
+        args = ", ".join(f"{key}={value}" for key, value in held_out[1].items())
+        return f"{held_out[0]}({args}), data.eval's"
+    builder = registry.find_dataset(recipe.data.name, recipe_folders(recipe))
+    if {"train", "split"} & set(inspect.signature(builder.fn).parameters):
+        return f"the test split of {recipe.data.name}"
+    return f"{recipe.data.eval_fraction:.0%} of {recipe.data.name}, held out by seed"
 
 
 def split_transforms(recipe: Recipe, is_torchvision: bool) -> tuple[Any, Any]:

@@ -350,8 +350,9 @@ def eval_(
             return
         accuracy = result.get("eval_accuracy")
         shown = "" if accuracy is None else f"  accuracy {100 * accuracy:.2f}%"
-        typer.echo(f"{run}: loss {result['eval_loss']:.4f}{shown}  on {result['samples']:,} "
-                   f"held-out samples ({result['weights']})")
+        count = "the" if result["samples"] is None else f"{result['samples']:,}"
+        typer.echo(f"{run}: loss {result['eval_loss']:.4f}{shown}  on {count} samples of "
+                   f"{result['split']} ({result['weights']})")
 
 
 @app.command()

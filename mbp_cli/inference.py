@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbp_cli.build import Setup, build, resolve_device, split_transforms
+from mbp_cli.build import Setup, build, held_out_words, resolve_device, split_transforms
 from mbp_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from mbp_cli.datasets import is_stream
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.losses import ClassificationLoss, ItemLoss, LossFn
@@ -86,10 +87,13 @@ def _micro_batch(run_dir: Path, recipe: Recipe) -> int:
 
 def evaluate_run(run: LoadedRun) -> dict[str, Any]:
     """Held-out loss and accuracy of the run's weights, as training's evaluation computes them."""
-    if run.setup.eval_set is None or len(run.setup.eval_set) == 0:
+    held_out = run.setup.eval_set
+    is_streamed = held_out is not None and is_stream(held_out)
+    if held_out is None or not is_streamed and len(held_out) == 0:
         raise UsageError("the run's data has no held-out split to evaluate on")
     result = evaluate(run.setup, run.micro_batch, run.recipe.train.num_workers)
-    return {**result, "samples": len(run.setup.eval_set), "weights": str(run.weights)}
+    return {**result, "samples": None if is_streamed else len(held_out),
+            "split": held_out_words(run.recipe), "weights": str(run.weights)}
 
 
 Inputs = Tensor | dict[str, Tensor]  # one batch: positional, or keyword inputs by name

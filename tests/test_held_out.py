@@ -69,3 +69,24 @@ def test_a_stream_is_scored_on_the_dataset_data_eval_names(cli, tmp_path):
     with torch.no_grad():
         expected = model(**torch.utils.data.default_collate(texts)).loss
     assert summary["eval_loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_eval_says_which_samples_it_scored(cli, write_recipe, tmp_path):
+    recipe = write_recipe(folder_recipe(tmp_path))
+    assert cli("train", recipe, "--out", tmp_path / "run").exit_code == 0
+    default = cli("eval", tmp_path / "run")
+    assert default.exit_code == 0 and "on 1 samples of 10% of ImageFolder, held out by seed" \
+        in default.output, default.output
+    held = tmp_path / "val" / "held"
+    other = cli("eval", tmp_path / "run", "--set", f"data.eval={{args: {{root: {held}}}}}")
+    assert other.exit_code == 0, other.output
+    assert f"on 16 samples of ImageFolder(root={held}), data.eval's" in other.output
+
+
+def test_eval_scores_a_held_out_stream(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", data={"name": "hf_parts:TextStream"}))
+    assert cli("train", recipe, "--out", tmp_path / "run").exit_code == 0
+    result = cli("eval", tmp_path / "run")
+    assert result.exit_code == 0 and "on the samples of the test split of" in result.output, \
+        result.output
