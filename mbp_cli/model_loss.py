@@ -66,6 +66,9 @@ def items_of(model: nn.Module, asked: str | None) -> str:
         # samples, or label elements where the labels are floats (multi-label, as HF decides)
         return "elements" if config.problem_type == "multi_label_classification" else "samples"
     kind = f"loss type {loss_type}" if loss_type else type(model).__name__
+    if loss_type == "ForConditionalGeneration":
+        kind += " (encoder-decoders such as T5 and BART average over tokens; models that shift " \
+                "their labels inside, over next_tokens)"
     raise UsageError(
         f"loss: model — mbp divides the target batch's loss sum by its number of items, and "
         f"cannot tell what the mean loss of {kind} is over: set loss.args.items to "
@@ -94,24 +97,24 @@ class ModelLoss:
 
     takes_model_output = True  # the micro-step hands it the model's whole output
 
-    def __init__(self, model: nn.Module, *, items: str | None = None,
-                 ignore_index: int = -100) -> None:
+    def __init__(self, model: nn.Module, *, items: str | None = None, ignore_index: int = -100,
+                 check: bool = True) -> None:
         self.items = items_of(model, items)
-        self.is_declared = items is not None  # the user's word: not checked against scores
         self.ignore_index = ignore_index
+        self.is_checked = not check  # check: false, for a mean that is not of these kinds
         forward = parameters_of(model.forward)
         self.passes_count = getattr(model, "accepts_loss_kwargs", True) is not False and (
             "num_items_in_batch" in forward or is_hugging_face(model) and any(
                 p.kind is inspect.Parameter.VAR_KEYWORD for p in forward.values()))
-        self.is_checked = False
         self.correct = self._correct if self.items != "elements" else None
 
-    def count(self, labels: Tensor) -> Tensor | int:
+    def count(self, labels: Tensor, items: str | None = None) -> Tensor | int:
         """How many items the labels hold (a device tensor where ignore_index can be among
-        them)."""
-        if self.items == "elements" or labels.is_floating_point():  # multi-label's, say
+        them), counted as `items` (default: the model's)."""
+        items = items or self.items
+        if items == "elements" or labels.is_floating_point():  # multi-label's, say
             return labels.numel()
-        counted = labels[..., 1:] if self.items == "next_tokens" else labels
+        counted = labels[..., 1:] if items == "next_tokens" else labels
         return (counted != self.ignore_index).sum()
 
     def extra_inputs(self, count: Tensor | int) -> dict[str, Any]:
@@ -126,46 +129,62 @@ class ModelLoss:
         """The sum of the micro-batch's loss items, from the model's mean."""
         mean = _loss_of(output)
         given = self.extra_inputs(count).get("num_items_in_batch", count)
-        if not self.is_checked and not self.is_declared and is_real(mean):
+        if not self.is_checked and is_real(mean):
             self.is_checked = True
             with torch.no_grad():
                 self._check(mean * given, scores, labels, count)
         return mean * given
 
-    def _scored(self, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _scored(self, scores: Tensor, labels: Tensor,
+                items: str | None = None) -> tuple[Tensor, Tensor]:
         """(scores, labels) position by position, classes last, shifted for next tokens."""
-        if self.items == "next_tokens":
+        if (items or self.items) == "next_tokens":
             scores, labels = scores[..., :-1, :], labels[..., 1:]
         return scores.reshape(-1, scores.shape[-1]), labels.reshape(-1)
 
-    def _check(self, total: Tensor, scores: Tensor, labels: Tensor, count: Tensor | int) -> None:
-        """Refuse a count that is not what the model's mean is over."""
+    def _reference(self, items: str, scores: Tensor, labels: Tensor) -> Tensor | None:
+        """The sum of the loss items the scores give, counted by `items` (None: no fit)."""
         scores = scores.float()
-        if self.items == "elements" or labels.is_floating_point():
+        if items == "elements" or labels.is_floating_point():
             values = labels.to(scores.dtype).reshape(scores.shape) \
                 if labels.numel() == scores.numel() else None
             reference = None if values is None else (
                 F.mse_loss(scores, values, reduction="sum") if scores.shape[-1] == 1
                 else F.binary_cross_entropy_with_logits(scores, values, reduction="sum"))
         else:
-            flat_scores, flat_labels = self._scored(scores, labels)
+            flat_scores, flat_labels = self._scored(scores, labels, items)
             reference = F.cross_entropy(flat_scores, flat_labels, ignore_index=self.ignore_index,
                                         reduction="sum") \
                 if flat_scores.shape[0] == flat_labels.shape[0] else None
-        if reference is not None and torch.isclose(total.float(), reference, rtol=1e-4, atol=1e-5):
-            return
-        raise UsageError(
-            f"loss: model — the model's loss is not the mean over its {self.items} "
-            f"({ITEMS[self.items]}) that mbp would normalize by, so the split would not be exact: "
-            f"{float(total) / max(float(count), 1):.6g} against "
-            f"{self._reference_words(reference, count)}."
-            " Set loss.args.items to what its mean is over, or use a loss of mbp's or your own")
+        return reference
 
-    @staticmethod
-    def _reference_words(reference: Tensor | None, count: Tensor | int) -> str:
-        if reference is None:
-            return "scores that do not fit the labels"
-        return f"{float(reference) / max(float(count), 1):.6g} from its scores"
+    def _check(self, total: Tensor, scores: Tensor, labels: Tensor, count: Tensor | int) -> None:
+        """Refuse a count that is not what the model's mean is over: name the one that is,
+        where one is, else say that the loss is no such mean (an auxiliary term, say)."""
+        mean = float(total) / max(float(count), 1)
+
+        def fits(items: str) -> bool:  # as a sum (num_items_in_batch taken) or as a mean
+            reference = self._reference(items, scores, labels)
+            if reference is None:
+                return False
+            means = reference / max(float(self.count(labels, items)), 1), torch.tensor(mean)
+            return bool(torch.isclose(total.float(), reference, rtol=1e-4, atol=1e-5)
+                        or torch.isclose(*means, rtol=1e-4, atol=1e-6))
+
+        if fits(self.items):
+            return
+        fitting = next((items for items in ITEMS if items != self.items and fits(items)), None)
+        if fitting is not None:
+            raise UsageError(f"loss: model — the model's loss is the mean over its {fitting} "
+                             f"({ITEMS[fitting]}), not over its {self.items}: set "
+                             f"loss.args.items: {fitting}")
+        raise UsageError(
+            f"loss: model — the model's loss ({mean:.6g} on the first micro-batch) is not the "
+            f"mean cross-entropy (or squared error, or binary cross-entropy) of its scores over "
+            f"any of {', '.join(ITEMS)} (an auxiliary term, such as a router's?), so mbp cannot "
+            "normalize it exactly over micro-batches: use a loss of mbp's or your own on its "
+            "scores, or loss.args.check: false where it is a mean of another kind over "
+            "loss.args.items")
 
     def _correct(self, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(right, counted) top-1 predictions of the counted labels (none of float labels)."""

@@ -81,6 +81,21 @@ def mean_loss_lm() -> nn.Module:
     return MeanLossLM()
 
 
+class AuxLossLM(MeanLossLM):
+    """Its loss adds an auxiliary term to the mean cross-entropy (as a router's balancing loss
+    does): no mean over items, so not normalizable exactly."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        output = super().forward(input_ids, attention_mask, labels)
+        if labels is not None:
+            output["loss"] = output["loss"] + 0.1 * output["logits"].pow(2).mean()
+        return output
+
+
+def aux_loss_lm() -> nn.Module:
+    return AuxLossLM()
+
+
 def texts_table(train: bool = True, n: int = 37):
     """The same texts as a Hugging Face `datasets.Dataset` (made offline with from_dict), in
     torch format."""

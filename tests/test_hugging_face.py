@@ -121,17 +121,30 @@ def test_a_mean_loss_over_unknown_items_is_refused(cli, tmp_path):
 
 
 def test_items_that_are_not_what_the_model_averages_are_refused(cli, tmp_path):
-    """GPT-2's mean is over next tokens: counting every token is not exact, and the comparison
-    with its own step sees it (the user's word is taken: it is not checked)."""
-    recipe = write_beside(tmp_path / "project", hf_recipe(
+    """Checked on the first micro-batch, declared or not: GPT-2's mean is over next tokens, and
+    the refusal names them; a mean with an auxiliary term is no such mean at all."""
+    recipe = write_beside(tmp_path / "gpt2", hf_recipe(
         "gpt2", {"name": "model", "args": {"items": "tokens"}}))
     result = cli("train", recipe, "--out", tmp_path / "run")
-    assert result.exit_code == 0
-    with pytest.raises(AssertionError):
-        assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-3)
+    assert result.exit_code == 2 and "loss.args.items: next_tokens" in result.output
     recipe = write_beside(tmp_path / "other", hf_recipe("bert_classifier", {"name": "model"}))
     result = cli("validate", recipe)  # causal-LM labels for a classifier: the scores do not fit
     assert result.exit_code == 2, result.output
+    aux = {"name": "model", "args": {"items": "next_tokens"}}
+    recipe = write_beside(tmp_path / "aux", hf_recipe("aux_loss_lm", aux))
+    result = cli("train", recipe, "--out", tmp_path / "aux-run")
+    assert result.exit_code == 2 and "auxiliary term" in result.output, result.output
+
+
+def test_the_check_can_be_turned_off_and_then_a_wrong_count_shows(cli, tmp_path):
+    """loss.args.check: false takes the user's word; the comparison with the model's own step
+    sees that counting every token of GPT-2 is not exact (the comparison can fail)."""
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", {"name": "model", "args": {"items": "tokens", "check": False}}))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(AssertionError):
+        assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-3)
 
 
 def test_eval_reports_the_models_loss_and_next_token_accuracy(cli, tmp_path):
