@@ -20,7 +20,7 @@ from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform
 from mbp_cli.distributed import Ranks
 from mbp_cli.errors import UsageError, users_code
 from mbp_cli.losses import ClassificationLoss, LossFn
-from mbp_cli.model_loss import ModelLoss, takes_labels
+from mbp_cli.model_loss import ModelLoss, is_hugging_face, takes_labels
 from mbp_cli.pretrained import build_pretrained, weights_transforms
 from mbp_cli.recipe import Recipe, ScheduleSpec, eval_data, recipe_folders
 from mbp_cli.step import MicroStep
@@ -176,8 +176,11 @@ def build_loss(recipe: Recipe, model: nn.Module) -> LossFn:
     if name == "model":
         return ModelLoss(model, **recipe.loss.args)
     builder = registry.find_loss(name, recipe_folders(recipe))
+    args = recipe.loss.args
+    if name in ("cross_entropy", "nll") and is_hugging_face(model):
+        args = {"class_dim": -1, **args}  # its logits are (N, C) or (N, L, C): classes last
     with users_code(f"loss {name}") if builder.is_users else nullcontext():
-        return builder.fn(**recipe.loss.args)
+        return builder.fn(**args)
 
 
 def spare_counting(loss_fn: LossFn, *datasets: Dataset | None) -> LossFn:

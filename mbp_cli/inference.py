@@ -17,6 +17,7 @@ from mbp_cli.datasets import is_stream
 from mbp_cli.errors import UsageError
 from mbp_cli.evaluate import evaluate
 from mbp_cli.losses import ClassificationLoss, ItemLoss, LossFn
+from mbp_cli.model_loss import ModelLoss
 from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
 from mbp_cli.registry import find_dataset
 from mbp_cli.runs import refuse_part
@@ -212,10 +213,11 @@ def _classes(dataset: Any) -> list[str] | None:
 
 def is_scores(output: Tensor, loss_fn: LossFn) -> bool:
     """Whether an output is (N, classes) scores: two classes or more, from a run trained with a
-    classification loss (or one of your own); a regression's (N, 1) or a multi-label
-    bce_with_logits output is not."""
-    return output.dim() == 2 and output.shape[1] > 1 and \
-        isinstance(loss_fn, ClassificationLoss | ItemLoss)
+    classification loss (or one of your own, or a classifier's own); a regression's (N, 1) or
+    a multi-label output is not."""
+    is_classes = isinstance(loss_fn, ClassificationLoss | ItemLoss) or \
+        isinstance(loss_fn, ModelLoss) and loss_fn.items == "samples"  # a sequence classifier
+    return output.dim() == 2 and output.shape[1] > 1 and is_classes
 
 
 def predict(run: LoadedRun, inputs: list[Inputs], top: int) -> list[dict[str, Any]]:

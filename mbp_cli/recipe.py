@@ -36,7 +36,7 @@ class DataSpec:
     eval_transforms: list[Any] | None = spec(None)  # held-out split (default: resize, normalize)
     normalize: str | None = spec(None, choices=("imagenet",))
     input_shape: list[int] | None = spec(None)  # one sample's, for --estimate without the data
-    # the held-out split's own dataset: {name, args}, the name and args over data's own
+    # the held-out split's own dataset: {name, args} (data's args too where it is data's own)
     eval: dict[str, Any] | None = spec(None)
 
 
@@ -272,6 +272,9 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
                             f"{', '.join(LOGGERS)}" + suggest(str(name), list(LOGGERS)))
     if train.partition is not None:
         _check_partition(recipe, problems)
+    if recipe.loss.name == "auto" and isinstance(recipe.loss.args, dict) and (
+            {"items", "check"} & set(recipe.loss.args)):
+        problems.append("loss.args.items: goes with the model's own loss: set loss.name: model")
     held_out = recipe.data.eval
     if held_out is not None:
         problems += [f"data.eval.{key}: unknown key; data.eval takes name and args"
@@ -284,12 +287,14 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
 
 
 def eval_data(recipe: Recipe) -> tuple[str, dict[str, Any]] | None:
-    """data.eval as (dataset name, arguments): data's own name and args where it names none."""
+    """data.eval as (dataset name, arguments): data's own name where it names none, and then
+    data's args under its own."""
     held_out = recipe.data.eval
     if held_out is None:
         return None
-    return held_out.get("name", recipe.data.name), {**recipe.data.args,
-                                                    **held_out.get("args", {})}
+    name = held_out.get("name", recipe.data.name)
+    inherited = recipe.data.args if name == recipe.data.name else {}  # data's own: its args
+    return name, {**inherited, **held_out.get("args", {})}
 
 
 def partition_spec(recipe: Recipe) -> tuple[PartitionSpec, LabelSpec] | None:

@@ -65,6 +65,7 @@ class StreamedBatches:
         self._held: list[Any] = []
         self._held_step: int | None = None
         self.held_epoch = self.epoch  # the pass the held step's samples came from
+        self.short_pass: int | None = None  # a pass's length, where one was under the target
 
     @property
     def position(self) -> dict[str, Any]:
@@ -125,6 +126,8 @@ class StreamedBatches:
             is_whole = len(taken) == self.target_batch
             if taken and (is_whole or not self.drop_last):
                 self.held_epoch = self.epoch
+                if not is_whole and self.offset == 0:  # a whole pass short of a target batch
+                    self.short_pass = len(taken)
                 self.offset += len(taken)
                 if not is_whole:  # the pass ended inside this target batch
                     self._next_pass()

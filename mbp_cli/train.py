@@ -367,6 +367,10 @@ def _train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ra
                 loop.train_seconds += step_seconds
                 loop.samples_seen += totals.samples
                 epoch = stream.held_epoch + 1 if is_streamed else (loop.step - 1) // per_epoch + 1
+                if is_streamed and stream.short_pass and loop.step == first_step + 1:
+                    emit(RunWarning(f"the stream's pass ended after {stream.short_pass} samples, "
+                                    f"short of a target batch of {target}: each step is one "
+                                    "whole pass, smaller than batch.target"))
                 per_rank = [r.to_dict(i) for i, r in enumerate(outcome.reports)] \
                     if world.is_distributed else None
                 emit(Step(loop.step, total_steps, epoch, totals.loss,

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -31,6 +32,14 @@ def llama() -> nn.Module:
                                         num_key_value_heads=1, max_position_embeddings=LENGTH))
 
 
+def bert_tagger() -> nn.Module:
+    """A token classifier with as many tags as positions: its logits (N, L, C) have C == L."""
+    return BertForTokenClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=LENGTH,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
 def bert_classifier(num_labels: int = 3) -> nn.Module:
     return BertForSequenceClassification(BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -44,7 +53,7 @@ class Texts(Dataset):
     with `classes`, one class per text."""
 
     def __init__(self, train: bool = True, n: int = 37, classes: int | None = None,
-                 multi_label: bool = False) -> None:
+                 multi_label: bool = False, tags: bool = False) -> None:
         g = torch.Generator().manual_seed(1 if train else 2)
         lengths = torch.randint(3, LENGTH + 1, (n,), generator=g)
         self.mask = (torch.arange(LENGTH) < lengths[:, None]).long()
@@ -52,6 +61,9 @@ class Texts(Dataset):
         self.labels = self.ids.masked_fill(self.mask == 0, -100) if classes is None else \
             torch.randint(2, (n, classes), generator=g).float() if multi_label else \
             torch.randint(classes, (n,), generator=g)
+        if tags:  # a tag per token, padding ignored
+            self.labels = torch.randint(LENGTH, (n, LENGTH), generator=g).masked_fill(
+                self.mask == 0, -100)
 
     def __len__(self) -> int:
         return len(self.ids)

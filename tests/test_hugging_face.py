@@ -79,6 +79,9 @@ CASES = {  # model, loss section, data section, tolerance (HF computes its loss 
     "BERT multi-label classification (float labels), the default loss": (
         "bert_classifier", None,
         {"name": "hf_parts:Texts", "args": {"classes": 3, "multi_label": True}}, 1e-5),
+    "BERT token classification, as many tags as positions, cross_entropy": (
+        "bert_tagger", {"name": "cross_entropy"}, {"name": "hf_parts:Texts", "args": {
+            "tags": True}}, 1e-5),
     # a model of one's own in float64: the normalization itself, isolated
     "own model's mean loss, items: next_tokens": (
         "mean_loss_lm", {"name": "model", "args": {"items": "next_tokens"}}, None, 1e-10),
@@ -206,3 +209,21 @@ def test_the_readme_example_trains_as_it_is(cli, tmp_path):
     assert result.exit_code == 0, result.output
     summary = yaml.safe_load(result.stdout.splitlines()[-1])
     assert summary["strategies"].endswith("checkpointing") and summary["eval_accuracy"] > 0
+
+
+def test_a_sequence_classifier_predicts_its_top_classes(cli, tmp_path):
+    data = {"name": "hf_parts:Texts", "args": {"classes": 3}}
+    recipe = write_beside(tmp_path / "project", hf_recipe("bert_classifier", None, data))
+    assert cli("train", recipe, "--out", tmp_path / "run").exit_code == 0
+    sample = hf_parts.Texts(train=False, classes=3)[0]
+    torch.save({k: v for k, v in sample.items() if k != "labels"}, tmp_path / "text.pt")
+    result = cli("predict", tmp_path / "run", tmp_path / "text.pt", "--top", 2, "--json")
+    assert result.exit_code == 0, result.output
+    assert len(yaml.safe_load(result.stdout)[0]["top"][0]) == 2  # one sample, its top 2
+
+
+def test_items_without_the_models_loss_named_say_so(cli, tmp_path):
+    recipe = write_beside(tmp_path / "project", hf_recipe(
+        "gpt2", {"args": {"items": "next_tokens"}}))
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "loss.name: model" in result.output, result.output

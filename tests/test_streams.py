@@ -126,3 +126,13 @@ def test_a_partitioned_stream_is_refused(cli, tmp_path):
                     ("train", recipe, "--out", tmp_path / "run", *partition)):
         result = cli(*command)
         assert result.exit_code == 2 and "train.partition" in result.output, result.output
+
+
+def test_a_pass_shorter_than_the_target_batch_is_said(cli, tmp_path):
+    recipe = stream_recipe(tmp_path)
+    result = cli("train", recipe, "--out", tmp_path / "run", "--set", "batch.target=64",
+                 "--set", "train.steps=2")
+    assert result.exit_code == 0, result.output
+    assert "pass ended after 37 samples, short of a target batch of 64" in result.output
+    ordinary = cli("train", recipe, "--out", tmp_path / "other")
+    assert "short of a target batch" not in ordinary.output
