@@ -127,8 +127,8 @@ def describe(value: Any) -> str:
 def _check_tensor(value: Any, what: str) -> None:
     if not isinstance(value, Tensor):
         raise UsageError(f"the {what} of a batch is {describe(value)}; expected a tensor "
-                         "(return tensors from the dataset, add data.transforms, or give "
-                         "data.collate)")
+                         "(return tensors from the dataset — a Hugging Face datasets.Dataset: "
+                         "with_format('torch') — add data.transforms, or give data.collate)")
 
 
 @contextlib.contextmanager
