@@ -163,13 +163,21 @@ def collate_samples(collate: Collate | None) -> Collate:
     return collate or _default_collate
 
 
-def _default_collate(samples: list[Any]) -> Any:
+def _default_collate(samples: list[Any], *, which: str = "the samples",
+                     fix: str = "Return tensors of one shape from the dataset (data.transforms "
+                                "for images)") -> Any:
+    """torch's default collate; samples it cannot stack are one message, naming `fix`."""
     try:
         return default_collate(samples)
     except (TypeError, RuntimeError) as exc:
-        raise UsageError(f"cannot make a batch of the samples ({exc}); a sample is "
-                         f"{describe(samples[0])}. Return tensors of one shape from the dataset "
-                         "(data.transforms for images), or pad them with data.collate") from exc
+        raise UsageError(f"cannot make a batch of {which} ({exc}); a sample is "
+                         f"{describe(samples[0])}. {fix}, or pad them with data.collate") from exc
+
+
+def stack_held_out(samples: list[Any], keys: str) -> Any:
+    """The default collate for held-out samples: its message names the held-out split's `keys`."""
+    return _default_collate(samples, which="held-out samples", fix=f"Give them one shape with "
+                                                                   f"{keys}")
 
 
 def accumulation_steps(target_batch: int, micro_batch: int) -> int:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 
-from mbp_cli.batching import eval_loader
+from mbp_cli.batching import eval_loader, stack_held_out
 from mbp_cli.build import Setup
 from mbp_cli.datasets import is_stream
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.rng import restore_rng_states, rng_states
-from mbp_cli.step import MISFIT_ERRORS, describe
+from mbp_cli.step import MISFIT_ERRORS
 
 # What shapes the held-out samples: data.transforms are the training split's alone
 HELD_OUT_KEYS = ("data.eval_transforms (the held-out split's own transforms; data.transforms "
@@ -28,7 +27,7 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     if setup.eval_set is None or not is_stream(setup.eval_set) and len(setup.eval_set) == 0:
         return {}
     loader = eval_loader(setup.eval_set, micro_batch, num_workers, setup.device.type == "cuda",
-                         setup.collate or _stack_held_out)
+                         setup.collate or functools.partial(stack_held_out, keys=HELD_OUT_KEYS))
     correct = getattr(setup.loss_fn, "correct", None)  # classification losses count hits
     totals = torch.zeros(4, device=setup.device, dtype=torch.float64)  # loss, items, right, all
     states = rng_states()
@@ -58,16 +57,6 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     loss_sum, items, right, counted = totals.tolist()
     accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
-
-
-def _stack_held_out(samples: list[Any]) -> Any:
-    """torch's default collate, with a message naming the held-out split's own keys."""
-    try:
-        return default_collate(samples)
-    except (TypeError, RuntimeError) as exc:
-        raise UsageError(f"cannot make a batch of held-out samples ({exc}); a sample is "
-                         f"{describe(samples[0])}. Give them one shape with {HELD_OUT_KEYS}, "
-                         "or pad them with data.collate") from exc
 
 
 def _is_torchs(exc: BaseException) -> bool:
