@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from mbp_cli.batching import stack_held_out
 from mbp_cli.build import (
     DTYPES,
     build_collate,
@@ -26,6 +28,7 @@ from mbp_cli.build import (
 )
 from mbp_cli.datasets import is_stream
 from mbp_cli.errors import UsageError, UserCodeError
+from mbp_cli.evaluate import HELD_OUT_KEYS
 from mbp_cli.memory.step import batch_maker
 from mbp_cli.recipe import Recipe
 from mbp_cli.step import explained_step_errors
@@ -119,6 +122,17 @@ KNOWN_INPUT_SHAPES = {
 }
 
 
+def check_held_out_batch(eval_set: Dataset | None, collate: Any) -> None:
+    """A batch of the held-out split's first samples, as evaluation makes them: samples that
+    cannot be stacked (images of mixed sizes, no eval resize) show before training."""
+    if eval_set is None:
+        return
+    count = 8 if is_stream(eval_set) else min(8, len(eval_set))
+    if count:
+        batch_maker(eval_set, collate or functools.partial(stack_held_out, keys=HELD_OUT_KEYS))(
+            count)
+
+
 def sample_batch(recipe: Recipe, size: int) -> tuple[Any, Dataset | None]:
     """A batch of `size` samples and the training split: from the dataset where it is on this
     machine, else (split None) of the shape `data.input_shape` (or the torchvision
@@ -128,7 +142,7 @@ def sample_batch(recipe: Recipe, size: int) -> tuple[Any, Dataset | None]:
         args = {**recipe.data.args, "download": False}
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, args=args))
     try:
-        train_set, _ = build_data(recipe)
+        train_set, eval_set = build_data(recipe)
     except UserCodeError:
         raise  # the user's dataset raised: not a dataset missing from this machine
     except UsageError as exc:
@@ -141,6 +155,7 @@ def sample_batch(recipe: Recipe, size: int) -> tuple[Any, Dataset | None]:
         if not is_stream(train_set):  # a stream's first samples are read; none is refused there
             check_not_empty(recipe, len(train_set))
             size = min(size, len(train_set))
+        check_held_out_batch(eval_set, build_collate(recipe))
         return batch_maker(train_set, build_collate(recipe))(size), train_set
     is_torchvision = recipe.data.name in KNOWN_INPUT_SHAPES
     transform, _ = split_transforms(recipe, is_torchvision)

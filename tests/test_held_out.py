@@ -90,3 +90,15 @@ def test_eval_scores_a_held_out_stream(cli, tmp_path):
     result = cli("eval", tmp_path / "run")
     assert result.exit_code == 0 and "on the samples of the test split of" in result.output, \
         result.output
+
+
+def test_validate_makes_a_held_out_batch_too(cli, write_recipe, tmp_path):
+    """Held-out images of mixed sizes, cropped for training but not resized for evaluation:
+    validate says so before any training (the final evaluation would fail)."""
+    write_images(tmp_path / "mixed", lambda i: (8 + i, 10 + i))
+    recipe = folder_recipe(tmp_path / "x", eval={"args": {"root": str(tmp_path / "mixed")}})
+    recipe["data"].pop("resize")
+    recipe["data"]["transforms"] = [{"RandomResizedCrop": {"size": 8}}]
+    result = cli("validate", write_recipe(recipe))
+    assert result.exit_code == 2, result.output
+    assert "held-out samples" in result.output and "data.eval_transforms" in result.output

@@ -227,3 +227,16 @@ def test_items_without_the_models_loss_named_say_so(cli, tmp_path):
         "gpt2", {"args": {"items": "next_tokens"}}))
     result = cli("validate", recipe)
     assert result.exit_code == 2 and "loss.name: model" in result.output, result.output
+
+
+def test_mbp_imports_neither_transformers_nor_datasets_unless_a_recipe_does(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from mbp_cli.cli import app; "
+            "result = CliRunner().invoke(app, ['train', 'digits', '--set', 'train.steps=1', "
+            f"'--out', r'{tmp_path / 'run'}', '-q']); assert result.exit_code == 0, "
+            "result.output; print(sorted({'transformers', 'datasets'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

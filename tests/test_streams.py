@@ -136,3 +136,17 @@ def test_a_pass_shorter_than_the_target_batch_is_said(cli, tmp_path):
     assert "pass ended after 37 samples, short of a target batch of 64" in result.output
     ordinary = cli("train", recipe, "--out", tmp_path / "other")
     assert "short of a target batch" not in ordinary.output
+
+
+@pytest.mark.slow
+def test_a_stream_stopped_and_resumed_on_two_ranks_equals_the_full_batch_steps(tmp_path):
+    from test_distributed import mbp
+
+    recipe = stream_recipe(tmp_path)
+    ranks = ("--nproc", 2, "--set", "batch.shares=[3, 1]", "--set", "batch.micro=[4, 2]")
+    first = mbp("train", recipe, "--out", "run", *ranks, "--max-steps", 2, "-q",
+                cwd=tmp_path / "project")
+    assert first.returncode == 0, first.stderr
+    resumed = mbp("train", "--resume", "run", "--nproc", 2, "-q", cwd=tmp_path / "project")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_equal(tmp_path / "project" / "run", hand_steps(4))
