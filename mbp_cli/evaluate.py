@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import traceback
-from pathlib import Path
 
 import torch
 
@@ -13,7 +11,7 @@ from mbp_cli.build import Setup
 from mbp_cli.datasets import is_stream
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.rng import restore_rng_states, rng_states
-from mbp_cli.step import MISFIT_ERRORS
+from mbp_cli.step import is_misfit
 
 # What shapes the held-out samples: data.transforms are the training split's alone
 HELD_OUT_KEYS = ("data.eval_transforms (the held-out split's own transforms; data.transforms "
@@ -44,8 +42,8 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
                     totals[3] += counted
     except MbpError:
         raise
-    except MISFIT_ERRORS as exc:  # sorted just below: torch's complaint about a misfit alone
-        if not _is_torchs(exc):
+    except Exception as exc:  # sorted just below: torch's complaint about a misfit alone
+        if not is_misfit(exc):
             raise
         raise UsageError(f"the evaluation on the held-out split failed: "
                          f"{str(exc).rstrip('.')}. Its samples reach the model through "
@@ -58,8 +56,3 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
 
-
-def _is_torchs(exc: BaseException) -> bool:
-    """Whether an error was raised inside torch (a shape it refuses), not in code of your own."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and frames[-1].filename.startswith(str(Path(torch.__file__).parent))

@@ -145,7 +145,7 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
             raise
         frames = [(frame.filename, _is_users(frame.filename))
                   for frame in traceback.extract_tb(exc.__traceback__)]
-        if isinstance(exc, MISFIT_ERRORS) and not (frames and frames[-1][1]):  # torch's complaint
+        if is_misfit(exc):
             raise UsageError(f"the first training step failed: {str(exc).rstrip('.')}. Check "
                              "that model.args fit the data (input shape, number of classes) "
                              "and the loss") from exc
@@ -154,6 +154,13 @@ def explained_step_errors(is_first: bool) -> Iterator[None]:
             raise
         raise UserCodeError(f"the first training step failed in {where}: "
                             f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+
+
+def is_misfit(exc: BaseException) -> bool:
+    """Whether an error is torch's (or a library's) complaint that a model does not fit its
+    data or loss: a misfit raised outside code of your own."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, MISFIT_ERRORS) and not (frames and _is_users(frames[-1].filename))
 
 
 def _is_users(filename: str) -> bool:

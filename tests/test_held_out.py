@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import small_recipe
 from test_after_run import write_images
-from test_hugging_face import hf_recipe, write_beside
+from test_hugging_face import hf_recipe, trained_gpt2_on, write_beside
 
 from tests import hf_parts
 
@@ -61,13 +61,8 @@ def test_a_stream_is_scored_on_the_dataset_data_eval_names(cli, tmp_path):
     result = cli("train", recipe, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
-    torch.manual_seed(0)
-    model = hf_parts.gpt2().double()
-    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
-    model.eval()
-    texts = list(hf_parts.TextStream(train=False, n=9))
-    with torch.no_grad():
-        expected = model(**torch.utils.data.default_collate(texts)).loss
+    texts = torch.utils.data.default_collate(list(hf_parts.TextStream(train=False, n=9)))
+    expected = trained_gpt2_on(tmp_path / "run", texts).loss
     assert summary["eval_loss"] == pytest.approx(float(expected), rel=1e-6)
 
 

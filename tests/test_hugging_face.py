@@ -150,18 +150,22 @@ def test_the_check_can_be_turned_off_and_then_a_wrong_count_shows(cli, tmp_path)
         assert_equal_to_own_step(tmp_path / "run", "gpt2", 1e-3)
 
 
+def trained_gpt2_on(run: Path, batch: dict[str, torch.Tensor]):
+    """The run's GPT-2 (model.pt), in eval mode, on one batch: its output, loss included."""
+    model = hf_parts.gpt2().double()
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        return model(**batch)
+
+
 def test_eval_reports_the_models_loss_and_next_token_accuracy(cli, tmp_path):
     recipe = write_beside(tmp_path / "project", hf_recipe("gpt2", eval_every=1))
     result = cli("train", recipe, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
     summary = yaml.safe_load(result.stdout.splitlines()[-1])
-    torch.manual_seed(0)
-    model = hf_parts.gpt2().double()
-    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
-    model.eval()
     held_out = default_collate([hf_parts.Texts(train=False)[i] for i in range(37)])
-    with torch.no_grad():
-        output = model(**held_out)
+    output = trained_gpt2_on(tmp_path / "run", held_out)
     assert summary["eval_loss"] == pytest.approx(float(output.loss), rel=1e-6)
     predicted, labels = output.logits[:, :-1].argmax(-1), held_out["labels"][:, 1:]
     counted = labels != -100
