@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from common import markdown_table, quiet_peers, write_result
 
-from mbp_cli.accumulate import accumulate_gradients
-from mbp_cli.datasets import digits, synthetic_tokens
-from mbp_cli.losses import cross_entropy
-from mbp_cli.models import small_cnn, tiny_lm
-from mbp_cli.step import MicroStep
+from mbp_cli.catalog.datasets import digits, synthetic_tokens
+from mbp_cli.catalog.losses import cross_entropy
+from mbp_cli.catalog.models import small_cnn, tiny_lm
+from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.run.target_batch import accumulate_gradients
 
 CPU = torch.device("cpu")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -15,13 +15,13 @@ import contextlib
 import torch
 from common import RESULTS, markdown_table, write_result
 
-from mbp_cli.accumulate import accumulate_gradients
-from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
-from mbp_cli.datasets import synthetic
-from mbp_cli.losses import cross_entropy
+from mbp_cli.catalog.datasets import synthetic
+from mbp_cli.catalog.losses import cross_entropy
+from mbp_cli.catalog.models import small_cnn
+from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
+from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.memory.tracker import StorageTracker, training_state_tensors
-from mbp_cli.models import small_cnn
-from mbp_cli.step import MicroStep
+from mbp_cli.run.target_batch import accumulate_gradients
 
 TARGETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 MICRO = 32

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from common import interleaved_times, markdown_table, paired_ratio, quiet_peers, write_result
 
-from mbp_cli.accumulate import accumulate_gradients
-from mbp_cli.batching import MicroBatchPlan, micro_batch_loader
-from mbp_cli.build import spare_counting
-from mbp_cli.datasets import TensorPairs, digits
-from mbp_cli.losses import cross_entropy
-from mbp_cli.models import mlp, small_cnn
-from mbp_cli.step import MicroStep
+from mbp_cli.catalog.datasets import TensorPairs, digits
+from mbp_cli.catalog.losses import cross_entropy
+from mbp_cli.catalog.models import mlp, small_cnn
+from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
+from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.engine.setup import spare_counting
+from mbp_cli.run.target_batch import accumulate_gradients
 
 CASES = [("small_cnn", 512, 32), ("small_cnn", 512, 8), ("mlp", 1024, 64)]
 

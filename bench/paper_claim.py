@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, markdown_table, write_result
 
-from mbp_cli.datasets import digits
+from mbp_cli.catalog.datasets import digits
+from mbp_cli.catalog.models import small_cnn
 from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, training_state_tensors
-from mbp_cli.models import small_cnn
-from mbp_cli.recipe import load_recipe
-from mbp_cli.train import RunOptions, train
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.loop import RunOptions, train
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "digits.yaml"
 DEVICE_BYTES = 8 * 2**20

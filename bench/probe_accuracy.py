@@ -13,10 +13,11 @@ import time
 import torch
 from common import markdown_table, write_result
 
-from mbp_cli.build import build, build_optimizer, smallest_micro_batch
+from mbp_cli.data.samples import batch_maker
+from mbp_cli.engine.setup import build, build_optimizer, smallest_micro_batch
+from mbp_cli.memory.measure import StepRunner, preserved_training_state
 from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
-from mbp_cli.memory.step import StepRunner, batch_maker, preserved_training_state
-from mbp_cli.recipe import build_recipe
+from mbp_cli.recipe.spec import build_recipe
 
 CPU = torch.device("cpu")
 MiB = 2**20

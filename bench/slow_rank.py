@@ -8,7 +8,7 @@ import time
 
 from torch.utils.data import Dataset
 
-from mbp_cli.datasets import digits
+from mbp_cli.catalog.datasets import digits
 
 
 class SlowDigits(Dataset):

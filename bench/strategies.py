@@ -18,7 +18,7 @@ import torch
 from common import markdown_table, write_result
 
 from mbp_cli.memory.probe import ProbeOptions, probe_recipe
-from mbp_cli.recipe import build_recipe
+from mbp_cli.recipe.spec import build_recipe
 from mbp_cli.units import format_bytes
 
 GiB, MiB = 2**30, 2**20

@@ -17,7 +17,7 @@ from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 if TYPE_CHECKING:
     from mbp_cli.memory.probe import ProbeOptions
-    from mbp_cli.recipe import Recipe
+    from mbp_cli.recipe.spec import Recipe
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +40,7 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
         if rank:
-            from mbp_cli.distributed import LostRankError  # a rank: torch is loaded already
+            from mbp_cli.distributed.ranks import LostRankError  # a rank: torch is loaded already
 
             if exc.agreed or isinstance(exc, LostRankError):
                 _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
@@ -135,19 +135,19 @@ def train(
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors(as_json=json_):
         _allocator_settings()
-        from mbp_cli.build import resolve_device
+        from mbp_cli.commands.output import terminal_sinks
+        from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.tracker import StorageTracker
-        from mbp_cli.recipe import load_recipe
-        from mbp_cli.report import terminal_sinks
-        from mbp_cli.resume import recipe_to_resume
-        from mbp_cli.rundir import check_run_dir, default_run_dir
-        from mbp_cli.train import RunOptions
-        from mbp_cli.train import train as run_training
+        from mbp_cli.recipe.load import load_recipe
+        from mbp_cli.run.folder import check_run_dir, default_run_dir
+        from mbp_cli.run.loop import RunOptions
+        from mbp_cli.run.loop import train as run_training
+        from mbp_cli.run.resume import recipe_to_resume
 
         overrides = _overrides(set_, device)
         if resume is not None:
-            from mbp_cli.runs import refuse_part
+            from mbp_cli.run.records import refuse_part
 
             refuse_part(resume, "resume")
             if out is not None and out.resolve() != resume.resolve():
@@ -161,9 +161,9 @@ def train(
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         chosen = resolve_device(loaded.train.device)  # one that is not here, before any work
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
-            from mbp_cli.balance import check_rank_lists
-            from mbp_cli.launch import check_gpus, launch
+            from mbp_cli.distributed.launch import check_gpus, launch
             from mbp_cli.partition.run import check_part_ranks
+            from mbp_cli.run.shares import check_rank_lists
 
             check_rank_lists(loaded.batch, nproc)
             if loaded.train.partition is not None:
@@ -271,11 +271,11 @@ def probe(
     """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
     with user_errors(as_json=json_):
         _allocator_settings()
-        from mbp_cli.build import resolve_device
+        from mbp_cli.commands.output import print_probe
+        from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.probe import ProbeOptions, probe_recipe
-        from mbp_cli.recipe import load_recipe
-        from mbp_cli.report import print_probe
+        from mbp_cli.recipe.load import load_recipe
 
         loaded = load_recipe(recipe, _overrides(set_, device))
         if device_memory and not estimate:
@@ -285,7 +285,7 @@ def probe(
             budget_bytes=_memory_size(budget, "--budget"), estimate=estimate,
             device_memory_bytes=_memory_size(device_memory, "--device-memory"))
         if plot is not None:
-            from mbp_cli.plot import plot_probe, require_pyplot
+            from mbp_cli.commands.plot import plot_probe, require_pyplot
 
             require_pyplot()  # before the probe's work, not after
         if loaded.train.partition is not None:
@@ -300,9 +300,9 @@ def probe(
 def _probe_parts(recipe: Recipe, options: ProbeOptions, has_other_options: bool,
                  as_json: bool) -> None:
     """Probe each part of a partitioned recipe; print each answer under its part's name."""
+    from mbp_cli.commands.output import print_probe
     from mbp_cli.errors import UsageError
     from mbp_cli.partition.run import probe_parts
-    from mbp_cli.report import print_probe
 
     if has_other_options:
         raise UsageError("with train.partition, mbp probe measures each part on this device; "
@@ -321,8 +321,8 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe without training: its keys, builder arguments, then the model built and
     one forward + loss + backward on two samples. Exit 0 if valid, 2 if not."""
     with user_errors():
-        from mbp_cli.recipe import load_recipe
-        from mbp_cli.trial import trial_step
+        from mbp_cli.commands.validate import trial_step
+        from mbp_cli.recipe.load import load_recipe
 
         loaded = load_recipe(recipe, list(set_ or []))
         trial = trial_step(loaded)
@@ -342,7 +342,7 @@ def eval_(
 ) -> None:
     """Evaluate a run's weights on its held-out split (or another dataset: --set data.name=…)."""
     with user_errors(as_json=json_):
-        from mbp_cli.inference import evaluate_run, load_run
+        from mbp_cli.commands.inference import evaluate_run, load_run
 
         result = evaluate_run(load_run(run, _overrides(set_, None), checkpoint))
         if json_:
@@ -374,9 +374,9 @@ def predict(
     with user_errors(as_json=json_):
         import torch
 
+        from mbp_cli.commands.inference import load_run, read_inputs
+        from mbp_cli.commands.inference import predict as run_predict
         from mbp_cli.errors import UsageError
-        from mbp_cli.inference import load_run, read_inputs
-        from mbp_cli.inference import predict as run_predict
 
         loaded = load_run(run, [])
         answers = run_predict(loaded, read_inputs(loaded, inputs), top)
@@ -413,8 +413,8 @@ def list_runs(
     with user_errors(as_json=json_):
         from rich.console import Console
 
-        from mbp_cli.run_report import runs_table
-        from mbp_cli.runs import find_runs
+        from mbp_cli.commands.tables import runs_table
+        from mbp_cli.run.records import find_runs
 
         records = find_runs(folder)
         if json_:
@@ -440,8 +440,8 @@ def report(
     with user_errors(as_json=json_):
         from rich.console import Console
 
-        from mbp_cli.run_report import comparison_table
-        from mbp_cli.runs import read_run
+        from mbp_cli.commands.tables import comparison_table
+        from mbp_cli.run.records import read_run
 
         records = []
         for path in runs:  # a partitioned run: its own summary, then each part's curves
@@ -450,7 +450,7 @@ def report(
         if json_:
             typer.echo(json.dumps([{**r.to_dict(), "events": r.events} for r in records]))
             return
-        from mbp_cli.plot import plot_runs
+        from mbp_cli.commands.plot import plot_runs
 
         picture = out or records[0].path / "report.png"
         plot_runs(records, picture)
@@ -461,7 +461,7 @@ def report(
 @app.command("recipes")
 def list_recipes() -> None:
     """List the bundled recipes, one line each."""
-    from mbp_cli.recipe import bundled_recipes
+    from mbp_cli.recipe.spec import bundled_recipes
 
     found = bundled_recipes()
     if not found:

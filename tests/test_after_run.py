@@ -17,10 +17,10 @@ import yaml
 from conftest import REPO, small_recipe
 from PIL import Image
 
-from mbp_cli.datasets import digits
-from mbp_cli.models import small_cnn
-from mbp_cli.plot import plot_runs
-from mbp_cli.runs import read_run
+from mbp_cli.catalog.datasets import digits
+from mbp_cli.catalog.models import small_cnn
+from mbp_cli.commands.plot import plot_runs
+from mbp_cli.run.records import read_run
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import default_collate
 
-from mbp_cli.batching import epoch_target_batches
+from mbp_cli.data.batching import epoch_target_batches
 from tests import byo
 
 BYO = Path(byo.__file__)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from mbp_cli import __version__
-from mbp_cli.models import small_cnn
+from mbp_cli.catalog.models import small_cnn
 from tests.conftest import small_recipe
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbp_cli.batching import epoch_target_batches
-from mbp_cli.datasets import digits
-from mbp_cli.models import mlp
+from mbp_cli.catalog.datasets import digits
+from mbp_cli.catalog.models import mlp
+from mbp_cli.data.batching import epoch_target_batches
 from tests.conftest import small_recipe
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mbp_cli.batching import MicroBatchPlan, epoch_target_batches, split_micro
-from mbp_cli.datasets import digits, synthetic, synthetic_tokens
+from mbp_cli.catalog.datasets import digits, synthetic, synthetic_tokens
+from mbp_cli.data.batching import MicroBatchPlan, epoch_target_batches, split_micro
 
 
 def test_embedded_digits_are_real_and_split():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.probe import ProbeOptions, probe_recipe
-from mbp_cli.recipe import load_recipe
+from mbp_cli.recipe.load import load_recipe
 from tests import attention_blocks
 from tests.conftest import small_recipe
 

@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import pytest
 
+from mbp_cli.commands.output import PlainReporter, Reporter
 from mbp_cli.events import Event, Step
-from mbp_cli.recipe import load_recipe
-from mbp_cli.report import PlainReporter, Reporter
-from mbp_cli.train import RunOptions, train
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.loop import RunOptions, train
 from tests.conftest import small_recipe
 
 

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbp_cli.accumulate import accumulate_gradients
-from mbp_cli.datasets import digits, synthetic_tokens
-from mbp_cli.losses import cross_entropy, mse
-from mbp_cli.models import mlp, small_cnn, tiny_lm
-from mbp_cli.step import MicroStep
+from mbp_cli.catalog.datasets import digits, synthetic_tokens
+from mbp_cli.catalog.losses import cross_entropy, mse
+from mbp_cli.catalog.models import mlp, small_cnn, tiny_lm
+from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.run.target_batch import accumulate_gradients
 
 CPU = torch.device("cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mbp_cli.build import build, build_optimizer
+from mbp_cli.data.samples import batch_maker
+from mbp_cli.engine.setup import build, build_optimizer
 from mbp_cli.memory.attention import DeviceAttention
+from mbp_cli.memory.measure import StepRunner
 from mbp_cli.memory.probe import ProbeOptions, fake_setup, probe_recipe
-from mbp_cli.memory.step import StepRunner, batch_maker
-from mbp_cli.recipe import load_recipe
+from mbp_cli.recipe.load import load_recipe
 from tests.conftest import small_recipe
 
 pytestmark = [pytest.mark.gpu,

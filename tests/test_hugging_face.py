@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.utils.data import default_collate
 
-from mbp_cli.batching import epoch_target_batches
+from mbp_cli.data.batching import epoch_target_batches
 from tests import hf_parts
 
 HF_PARTS = Path(hf_parts.__file__)

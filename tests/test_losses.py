@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mbp_cli.catalog.losses import class_dim_of, cross_entropy
 from mbp_cli.errors import UsageError
-from mbp_cli.losses import class_dim_of, cross_entropy
 
 
 def mean(loss, output, target) -> float:
@@ -85,7 +85,7 @@ def test_the_layout_is_kept_when_a_padded_length_equals_the_number_of_classes():
 
 
 def test_an_own_loss_counts_with_its_default_ignore_index():
-    from mbp_cli.losses import ItemLoss
+    from mbp_cli.catalog.losses import ItemLoss
 
     def per_token(output, target, ignore_index: int = -100):
         return F.cross_entropy(output, target, ignore_index=ignore_index, reduction="none")
@@ -105,7 +105,7 @@ def test_an_own_loss_counts_with_its_default_ignore_index():
     (lambda out, y: F.cross_entropy(out, y), "returned one number \\(a mean\\?\\)"),
 ])
 def test_own_losses_that_break_the_contract_are_one_line(fn, message):
-    from mbp_cli.losses import ItemLoss
+    from mbp_cli.catalog.losses import ItemLoss
 
     with pytest.raises(UsageError, match=message):
         ItemLoss(fn, "mine:loss")(torch.randn(4, 3), torch.randint(3, (4,)))
@@ -125,7 +125,7 @@ class FocalLoss(torch.nn.Module):
 
 
 def test_an_own_loss_taking_reduction_is_given_none_as_torchs_are():
-    from mbp_cli.losses import ItemLoss
+    from mbp_cli.catalog.losses import ItemLoss
 
     output = torch.randn(6, 4, dtype=torch.float64)
     target = torch.tensor([0, 3, -100, 1, 2, -100])

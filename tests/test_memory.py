@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mbp_cli.losses import cross_entropy
-from mbp_cli.memory.step import StepRunner
+from mbp_cli.catalog.losses import cross_entropy
+from mbp_cli.catalog.models import small_cnn, tiny_lm
+from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.memory.measure import StepRunner
 from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, is_out_of_memory
-from mbp_cli.models import small_cnn, tiny_lm
-from mbp_cli.recipe import load_recipe
-from mbp_cli.step import MicroStep
-from mbp_cli.train import RunOptions, train
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.loop import RunOptions, train
 from tests.conftest import small_recipe
 
 CPU = torch.device("cpu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mbp_cli.memory.tracker import StorageTracker
-from mbp_cli.recipe import load_recipe
-from mbp_cli.train import RunOptions, train
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.loop import RunOptions, train
 from tests.conftest import small_recipe
 
 
@@ -62,7 +62,7 @@ def test_memory_shrinking_mid_run_is_survived_exactly(write_recipe, tmp_path):
 
 def test_a_non_memory_error_is_raised_not_retried(write_recipe, tmp_path, monkeypatch):
     (tmp_path / "flaky.py").write_text(
-        "import torch\nfrom mbp_cli.models import small_cnn\n"
+        "import torch\nfrom mbp_cli.catalog.models import small_cnn\n"
         "class Flaky(torch.nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n"
         "        self.net, self.calls = small_cnn(width=8), 0\n"

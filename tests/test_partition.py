@@ -18,10 +18,10 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import default_collate
 
-from mbp_cli.accumulate import accumulate_gradients
 from mbp_cli.partition.codes import make_codes
 from mbp_cli.partition.run import build_partition
-from mbp_cli.recipe import load_recipe
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.target_batch import accumulate_gradients
 from tests.conftest import REPO, small_recipe
 
 # A 4-layer MLP on the digits: 0 Flatten, 1 Linear, 2 ReLU, 3 Linear, 4 ReLU, 5 Linear, 6 ReLU,

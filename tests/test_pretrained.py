@@ -7,9 +7,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from mbp_cli.build import split_transforms
-from mbp_cli.pretrained import find_head
-from mbp_cli.recipe import load_recipe
+from mbp_cli.catalog.pretrained import find_head
+from mbp_cli.engine.setup import split_transforms
+from mbp_cli.recipe.load import load_recipe
 from tests.conftest import small_recipe
 
 WEIGHTS_FILE = "mobilenet_v3_small-047dcff4.pth"  # MobileNet_V3_Small_Weights.IMAGENET1K_V1

@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 
-from mbp_cli.build import build, build_optimizer
+from mbp_cli.commands.plot import plot_probe
+from mbp_cli.data.samples import batch_maker
+from mbp_cli.engine.setup import build, build_optimizer
 from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
+from mbp_cli.memory.measure import StepRunner
 from mbp_cli.memory.probe import ProbeOptions, narrow_down, probe_recipe, probe_setup
-from mbp_cli.memory.step import StepRunner, batch_maker
-from mbp_cli.plot import plot_probe
-from mbp_cli.recipe import load_recipe
+from mbp_cli.recipe.load import load_recipe
 from tests.conftest import REPO, small_recipe
 
 CPU = torch.device("cpu")

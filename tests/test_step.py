@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mbp_cli.engine.micro_step import pick_output, split_batch
 from mbp_cli.errors import UsageError
-from mbp_cli.step import pick_output, split_batch
 
 SCORES, FEATURES = torch.randn(2, 3), torch.randn(2, 8)
 

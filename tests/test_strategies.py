@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mbp_cli.accumulate import accumulate_gradients
-from mbp_cli.batching import epoch_target_batches
-from mbp_cli.step import MicroStep
+from mbp_cli.data.batching import epoch_target_batches
+from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.run.target_batch import accumulate_gradients
 from mbp_cli.strategies.blocks import BlockStrategies, find_blocks
 from mbp_cli.strategies.precision import Precision
 from tests import user_blocks

@@ -86,7 +86,7 @@ def test_probe_strategies_shows_each_combination_and_the_fastest_that_fits(cli, 
 
 
 def test_probe_strategies_weighs_the_recipes_own_fp16_too(write_recipe):
-    from mbp_cli.recipe import load_recipe
+    from mbp_cli.recipe.load import load_recipe
     from mbp_cli.strategies.choice import candidates
     from tests.conftest import small_recipe
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mbp_cli.batching import epoch_target_batches
-from mbp_cli.datasets import synthetic_tokens
-from mbp_cli.models import mlp, tiny_lm
-from mbp_cli.recipe import load_recipe
-from mbp_cli.train import RunOptions, build, resolve_device, train
+from mbp_cli.catalog.datasets import synthetic_tokens
+from mbp_cli.catalog.models import mlp, tiny_lm
+from mbp_cli.data.batching import epoch_target_batches
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.run.loop import RunOptions, build, resolve_device, train
 from tests.conftest import REPO, collect, small_recipe
 
 TOKENS = {"name": "synthetic_tokens",
@@ -73,7 +73,7 @@ def test_only_micro_batches_reach_the_model(write_recipe, tmp_path, monkeypatch)
     setup = build(loaded, resolve_device("cpu"))
     sizes: list[int] = []
     setup.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
-    monkeypatch.setattr("mbp_cli.train.build", lambda recipe, device: setup)
+    monkeypatch.setattr("mbp_cli.run.loop.build", lambda recipe, device: setup)
     train(loaded, RunOptions(tmp_path / "run"), sinks=[])
     assert max(sizes) == 16 and sum(sizes[:19]) == 300  # 18 × 16 + 12, then the next batch
 
@@ -94,7 +94,7 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
         for i in range(6):
             Image.new("RGB", (12 + i, 10), colour).save(folder / f"{i}.png")
     (tmp_path / "my_models.py").write_text(
-        "from mbp_cli.models import small_cnn\n"
+        "from mbp_cli.catalog.models import small_cnn\n"
         "def colour_net(classes):\n    return small_cnn(num_classes=classes, in_channels=3)\n")
     monkeypatch.chdir(tmp_path)
     recipe = small_recipe(model={"name": "my_models:colour_net", "args": {"classes": 2}},
@@ -108,7 +108,7 @@ def test_image_folder_and_import_paths(write_recipe, tmp_path, monkeypatch):
 
 DATA_WITH_IGNORED_HELD_OUT = """
 import torch
-from mbp_cli.datasets import TensorPairs
+from mbp_cli.catalog.datasets import TensorPairs
 
 def pairs(train: bool = True):
     draw = torch.Generator().manual_seed(1 if train else 2)

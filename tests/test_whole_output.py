@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from mbp_cli.batching import epoch_target_batches
+from mbp_cli.data.batching import epoch_target_batches
 from tests import byo
 from tests.test_byo import write_beside_byo
 

@@ -15,8 +15,11 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from mbp_cli.batching import accumulation_steps
-from mbp_cli.build import (
+from mbp_cli.data.batching import accumulation_steps
+from mbp_cli.data.samples import BatchMaker, batch_maker
+from mbp_cli.engine.micro_step import explained_step_errors
+from mbp_cli.engine.samples import sample_batch
+from mbp_cli.engine.setup import (
     DTYPES,
     Setup,
     build,
@@ -30,12 +33,10 @@ from mbp_cli.build import (
 from mbp_cli.errors import DoesNotFitError, UsageError, does_not_fit
 from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable
-from mbp_cli.memory.step import BatchMaker, StepRunner, batch_maker, preserved_training_state
+from mbp_cli.memory.measure import StepRunner, preserved_training_state
 from mbp_cli.memory.tracker import available_bytes
-from mbp_cli.recipe import Recipe
-from mbp_cli.step import explained_step_errors
+from mbp_cli.recipe.spec import Recipe
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
-from mbp_cli.trial import sample_batch
 from mbp_cli.units import parse_bytes
 
 

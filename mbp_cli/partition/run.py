@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.batching import steps_per_epoch
-from mbp_cli.build import Setup, build, check_target_batch
-from mbp_cli.datasets import is_stream
-from mbp_cli.distributed import Ranks, World
+from mbp_cli.catalog.datasets import is_stream
+from mbp_cli.catalog.losses import LOSSES
+from mbp_cli.data.batching import steps_per_epoch
+from mbp_cli.data.samples import batch_of
+from mbp_cli.data.streaming import check_stream_recipe
+from mbp_cli.distributed.ranks import Ranks, World
+from mbp_cli.engine.micro_step import MicroStep, describe, explained_step_errors
+from mbp_cli.engine.setup import Setup, build, check_target_batch
 from mbp_cli.errors import UsageError
-from mbp_cli.evaluate import evaluate
 from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
-from mbp_cli.losses import LOSSES
-from mbp_cli.memory.step import batch_of
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
     class_labels,
@@ -38,16 +39,15 @@ from mbp_cli.partition.codes import (
     make_codes,
 )
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
-from mbp_cli.recipe import LabelSpec, Recipe, partition_spec
-from mbp_cli.rundir import RunFolder, save_state_dict, write_json
-from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, is_running
-from mbp_cli.step import MicroStep, describe, explained_step_errors
-from mbp_cli.stopping import resume_command
-from mbp_cli.streaming import check_stream_recipe
+from mbp_cli.recipe.spec import LabelSpec, Recipe, partition_spec
+from mbp_cli.run.evaluate import evaluate
+from mbp_cli.run.folder import RunFolder, save_state_dict, write_json
+from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, is_running
+from mbp_cli.run.stopping import resume_command
 
 if TYPE_CHECKING:  # both import this module's callers
     from mbp_cli.memory.probe import ProbeOptions
-    from mbp_cli.train import RunOptions
+    from mbp_cli.run.loop import RunOptions
 
 WAIT_SECONDS = 7 * 24 * 3600  # side by side, a rank that is done waits this long for the rest
 
@@ -138,7 +138,7 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
 def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     """`mbp probe` of a partitioned recipe: each part probed alone, as training probes it
     for `micro: auto` (only its weights on the device)."""
-    from mbp_cli.build import build_optimizer
+    from mbp_cli.engine.setup import build_optimizer
     from mbp_cli.memory.probe import probe_setup
 
     partition = build_partition(recipe, options.device)

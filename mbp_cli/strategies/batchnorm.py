@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mbp_cli.distributed import Ranks
+from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.strategies.blocks import Recompute
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm

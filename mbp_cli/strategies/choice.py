@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mbp_cli.errors import UsageError
-from mbp_cli.recipe import Recipe
+from mbp_cli.recipe.spec import Recipe
 
 
 @dataclass(frozen=True)

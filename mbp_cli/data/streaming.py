@@ -7,10 +7,10 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from mbp_cli.batching import Collate, accumulation_steps, collate_samples, split_micro
-from mbp_cli.distributed import share_bounds
+from mbp_cli.data.batching import Collate, accumulation_steps, collate_samples, split_micro
+from mbp_cli.distributed.ranks import share_bounds
 from mbp_cli.errors import UsageError
-from mbp_cli.recipe import Recipe
+from mbp_cli.recipe.spec import Recipe
 
 
 def check_stream_recipe(recipe: Recipe) -> None:

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.data import Dataset
 
-from mbp_cli.batching import Collate, collate_samples
-from mbp_cli.datasets import TensorPairs, is_stream
-from mbp_cli.errors import UsageError
+from mbp_cli.data.samples import BatchMaker
+from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.fit import Measurement
 from mbp_cli.memory.tracker import (
@@ -26,10 +24,6 @@ from mbp_cli.memory.tracker import (
     unless_out_of_memory,
 )
 from mbp_cli.rng import restore_rng_states, rng_states
-from mbp_cli.step import MicroStep
-from mbp_cli.streaming import first_samples
-
-BatchMaker = Callable[[int], Any]
 
 
 @dataclass
@@ -99,34 +93,6 @@ class StepRunner:
             tracker.reset_peak()
         else:
             torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def batch_maker(dataset: Dataset, collate: Collate | None = None) -> BatchMaker:
-    """Real micro-batches of any size from the start of a dataset (wrapping round if short);
-    a stream's first samples, read once."""
-    if is_stream(dataset):
-        read: list[Any] = []
-
-        def make_streamed(size: int) -> Any:
-            if len(read) < size:
-                read[:] = first_samples(dataset, size)
-            if not read:
-                raise UsageError("the training stream yields no samples")
-            return collate_samples(collate)([read[i % len(read)] for i in range(size)])
-
-        return make_streamed
-
-    def make(size: int) -> Any:
-        return batch_of(dataset, [i % len(dataset) for i in range(size)], collate)
-
-    return make
-
-
-def batch_of(dataset: Dataset, indices: list[int], collate: Collate | None = None) -> Any:
-    """These samples of a dataset as one batch (tensors in memory: one gather)."""
-    if isinstance(dataset, TensorPairs):
-        return dataset.__getitems__(indices)
-    return collate_samples(collate)([dataset[i] for i in indices])
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch
 
 from mbp_cli.errors import MbpError
 from mbp_cli.rng import restore_rng_states, rng_states
-from mbp_cli.rundir import save_state_dict
+from mbp_cli.run.folder import save_state_dict
 from mbp_cli.tensor_files import load_tensors
 
 FORMAT = "mbp-checkpoint-1"

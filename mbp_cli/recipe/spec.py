@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 
 from mbp_cli.errors import RecipeError, UsageError, suggest
-from mbp_cli.recipe_fields import build_section, field_names, kind, spec, typed, unknown_keys
-from mbp_cli.recipe_yaml import apply_overrides, parse_yaml
+from mbp_cli.recipe.fields import build_section, field_names, kind, spec, typed, unknown_keys
+from mbp_cli.recipe.yaml_text import apply_overrides, parse_yaml
 from mbp_cli.units import parse_bytes
 
 
@@ -155,18 +155,6 @@ REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
 TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file, builder arguments checked against their
-    signatures (nothing downloaded); raise RecipeError listing every problem at once."""
-    from mbp_cli.arguments import recipe_problems  # imports torch: only once the YAML is read
-
-    recipe, problems = read_recipe(path, overrides)
-    problems += recipe_problems(recipe)
-    if problems:
-        raise RecipeError(f"{path}{' with the --set overrides' if overrides else ''}", problems)
-    return recipe
-
-
 def read_recipe(path: str | Path,
                 overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, list[str]]:
     """Read and override a recipe; return it (defaults where values are bad) and its problems.
@@ -264,7 +252,7 @@ def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
     if memory.offload_blocks is not None and memory.offload == "off":
         problems.append("memory.offload_blocks: counts blocks to offload, but memory.offload is "
                         "off; set memory.offload: on (or auto)")
-    from mbp_cli.loggers import LOGGERS
+    from mbp_cli.catalog.loggers import LOGGERS
 
     for name in train.log or []:
         if name not in LOGGERS:
@@ -345,8 +333,9 @@ def recipe_folders(recipe: Recipe) -> tuple[str, ...]:
 def recipes_folder() -> Path:
     """Where the bundled recipes are: inside the installed package (a wheel), else the
     repository's recipes/ beside it (an editable install)."""
-    packaged = Path(__file__).resolve().parent / "recipes"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "recipes"
+    return packaged if packaged.is_dir() else package.parent / "recipes"
 
 
 def find_recipe(path: Path) -> Path:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mbp_cli.datasets import TensorPairs, is_stream
-from mbp_cli.distributed import share_bounds
+from mbp_cli.catalog.datasets import TensorPairs, is_stream
+from mbp_cli.distributed.ranks import share_bounds
+from mbp_cli.engine.micro_step import describe
 from mbp_cli.errors import UsageError
-from mbp_cli.step import describe
 
 Collate = Callable[[list[Any]], Any]
 
@@ -174,10 +174,15 @@ def _default_collate(samples: list[Any], *, which: str = "the samples",
                          f"{describe(samples[0])}. {fix}, or pad them with data.collate") from exc
 
 
-def stack_held_out(samples: list[Any], keys: str) -> Any:
-    """The default collate for held-out samples: its message names the held-out split's `keys`."""
-    return _default_collate(samples, which="held-out samples", fix=f"Give them one shape with "
-                                                                   f"{keys}")
+# What shapes the held-out samples: data.transforms are the training split's alone
+HELD_OUT_KEYS = ("data.eval_transforms (the held-out split's own transforms; data.transforms "
+                 "apply to training alone) or data.resize (both splits)")
+
+
+def stack_held_out(samples: list[Any]) -> Any:
+    """The default collate for held-out samples: its message names the keys that shape them."""
+    return _default_collate(samples, which="held-out samples",
+                            fix=f"Give them one shape with {HELD_OUT_KEYS}")
 
 
 def accumulation_steps(target_batch: int, micro_batch: int) -> int:

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
-from mbp_cli.checkpoint import LoopState, newest_good_checkpoint, restore
-from mbp_cli.distributed import World
+from mbp_cli.distributed.ranks import World
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Resume, RunWarning, Sink
-from mbp_cli.recipe import Recipe, load_recipe
-from mbp_cli.rundir import write_atomic
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.recipe.spec import Recipe
+from mbp_cli.run.checkpoint import LoopState, newest_good_checkpoint, restore
+from mbp_cli.run.folder import write_atomic
 
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",

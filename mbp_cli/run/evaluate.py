@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from mbp_cli.batching import eval_loader, stack_held_out
-from mbp_cli.build import Setup
-from mbp_cli.datasets import is_stream
+from mbp_cli.catalog.datasets import is_stream
+from mbp_cli.data.batching import HELD_OUT_KEYS, eval_loader, stack_held_out
+from mbp_cli.engine.micro_step import is_misfit
+from mbp_cli.engine.setup import Setup
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.rng import restore_rng_states, rng_states
-from mbp_cli.step import is_misfit
-
-# What shapes the held-out samples: data.transforms are the training split's alone
-HELD_OUT_KEYS = ("data.eval_transforms (the held-out split's own transforms; data.transforms "
-                 "apply to training alone) or data.resize (both splits)")
 
 
 def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, float | None]:
@@ -25,7 +19,7 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     if setup.eval_set is None or not is_stream(setup.eval_set) and len(setup.eval_set) == 0:
         return {}
     loader = eval_loader(setup.eval_set, micro_batch, num_workers, setup.device.type == "cuda",
-                         setup.collate or functools.partial(stack_held_out, keys=HELD_OUT_KEYS))
+                         setup.collate or stack_held_out)
     correct = getattr(setup.loss_fn, "correct", None)  # classification losses count hits
     totals = torch.zeros(4, device=setup.device, dtype=torch.float64)  # loss, items, right, all
     states = rng_states()

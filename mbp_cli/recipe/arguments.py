@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
-from mbp_cli.datasets import make_transform, transform_steps
+from mbp_cli.catalog.datasets import make_transform, transform_steps
+from mbp_cli.catalog.pretrained import pretrained_problems
 from mbp_cli.errors import UsageError, suggest
-from mbp_cli.pretrained import pretrained_problems
-from mbp_cli.recipe import Recipe, eval_data, recipe_folders
-from mbp_cli.registry import (
+from mbp_cli.recipe.registry import (
     Builder,
     LookupFailed,
     find_dataset,
@@ -22,6 +21,7 @@ from mbp_cli.registry import (
     find_optimizer,
     import_path,
 )
+from mbp_cli.recipe.spec import Recipe, eval_data, recipe_folders
 
 
 def argument_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:

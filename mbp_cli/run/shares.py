@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mbp_cli.checkpoint import LoopState
-from mbp_cli.distributed import RankReport, World, split_shares
+from mbp_cli.distributed.ranks import RankReport, World, split_shares
 from mbp_cli.errors import UsageError
-from mbp_cli.recipe import BatchSpec
+from mbp_cli.recipe.spec import BatchSpec
+from mbp_cli.run.checkpoint import LoopState
 
 
 def starting_shares(batch: BatchSpec, world_size: int) -> list[int]:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 import mbp_cli
+from mbp_cli.catalog.losses import ItemLoss, LossFn
+from mbp_cli.catalog.model_loss import is_real, refuse_copy_task
 from mbp_cli.errors import MbpError, UsageError, UserCodeError
-from mbp_cli.losses import ItemLoss, LossFn
-from mbp_cli.model_loss import is_real, refuse_copy_task
 from mbp_cli.strategies.precision import Precision
 
 # What torch raises when a model does not fit its data or loss (shapes, classes, dtypes)

@@ -16,22 +16,21 @@ from typing import Any
 import torch
 
 import mbp_cli
-from mbp_cli.accumulate import (
-    StepSums,
-    StepTotals,
-    backward_sums,
-    clip_gradients,
-    normalize_gradients,
+from mbp_cli.catalog.datasets import is_stream
+from mbp_cli.catalog.loggers import LOGGERS
+from mbp_cli.data.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
+from mbp_cli.data.samples import batch_maker
+from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
+from mbp_cli.distributed.ranks import (
+    RankReport,
+    Ranks,
+    World,
+    process_group,
+    rank_device,
+    world_from_env,
 )
-from mbp_cli.balance import (
-    balanced_shares,
-    is_rebalance_due,
-    rank_micro_batch,
-    record_speeds,
-    starting_shares,
-)
-from mbp_cli.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
-from mbp_cli.build import (
+from mbp_cli.engine.micro_step import explained_step_errors
+from mbp_cli.engine.setup import (
     Setup,
     build,
     build_optimizer,
@@ -41,18 +40,7 @@ from mbp_cli.build import (
     resolve_device,
     smallest_micro_batch,
 )
-from mbp_cli.checkpoint import LoopState, rank_state, save_checkpoint
-from mbp_cli.datasets import is_stream
-from mbp_cli.distributed import (
-    RankReport,
-    Ranks,
-    World,
-    process_group,
-    rank_device,
-    world_from_env,
-)
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
-from mbp_cli.evaluate import evaluate
 from mbp_cli.events import (
     Done,
     Eval,
@@ -67,9 +55,8 @@ from mbp_cli.events import (
     Step,
     Stopped,
 )
-from mbp_cli.loggers import LOGGERS
+from mbp_cli.memory.measure import preserved_training_state
 from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
-from mbp_cli.memory.step import batch_maker, preserved_training_state
 from mbp_cli.memory.tracker import (
     PeakMemory,
     StorageTracker,
@@ -77,15 +64,29 @@ from mbp_cli.memory.tracker import (
     training_state_tensors,
     unless_out_of_memory,
 )
-from mbp_cli.recipe import Recipe
-from mbp_cli.resume import resume_state
-from mbp_cli.rundir import RunFolder, save_state_dict, write_json
-from mbp_cli.runs import is_running
-from mbp_cli.step import explained_step_errors
-from mbp_cli.stopping import StopRequest, graceful_stop, resume_command
+from mbp_cli.recipe.spec import Recipe
+from mbp_cli.run.checkpoint import LoopState, rank_state, save_checkpoint
+from mbp_cli.run.evaluate import evaluate
+from mbp_cli.run.folder import RunFolder, save_state_dict, write_json
+from mbp_cli.run.records import is_running
+from mbp_cli.run.resume import resume_state
+from mbp_cli.run.shares import (
+    balanced_shares,
+    is_rebalance_due,
+    rank_micro_batch,
+    record_speeds,
+    starting_shares,
+)
+from mbp_cli.run.stopping import StopRequest, graceful_stop, resume_command
+from mbp_cli.run.target_batch import (
+    StepSums,
+    StepTotals,
+    backward_sums,
+    clip_gradients,
+    normalize_gradients,
+)
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 from mbp_cli.strategies.precision import Precision
-from mbp_cli.streaming import StreamedBatches, check_stream_recipe
 
 
 @dataclass(frozen=True)

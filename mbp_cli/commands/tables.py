@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from mbp_cli.runs import RunRecord
+from mbp_cli.run.records import RunRecord
 from mbp_cli.units import format_bytes, format_percent
 
 

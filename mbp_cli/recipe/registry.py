@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from mbp_cli.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
+from mbp_cli.catalog.datasets import BUILTIN_DATASETS, INJECTED_DATASET_ARGS
+from mbp_cli.catalog.losses import LOSSES, ItemLoss, parameters_of
+from mbp_cli.catalog.model_loss import ModelLoss
+from mbp_cli.catalog.models import MODELS
 from mbp_cli.errors import UserCodeError, suggest, users_code
-from mbp_cli.losses import LOSSES, ItemLoss, parameters_of
-from mbp_cli.model_loss import ModelLoss
-from mbp_cli.models import MODELS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mbp_cli import events as ev
-from mbp_cli.stopping import resume_command
+from mbp_cli.run.stopping import resume_command
 from mbp_cli.units import format_bytes, format_percent
 
 Data = dict[str, Any]

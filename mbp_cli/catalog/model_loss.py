@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from mbp_cli.catalog.losses import parameters_of
 from mbp_cli.errors import UsageError
-from mbp_cli.losses import parameters_of
 
 # What a model's mean loss is over (loss.args.items), counted from the labels
 ITEMS = {

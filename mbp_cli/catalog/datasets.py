@@ -181,7 +181,7 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
         except (RuntimeError, OSError, ValueError) as exc:
             raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
     if isinstance(dataset, TensorPairs) or is_stream(dataset):
-        return dataset  # streams are read in order (mbp_cli.streaming)
+        return dataset  # streams are read in order (mbp_cli.data.streaming)
     return ReadableDataset(dataset, name, is_users)
 
 

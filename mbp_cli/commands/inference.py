@@ -11,17 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbp_cli.build import Setup, build, held_out_words, resolve_device, split_transforms
-from mbp_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from mbp_cli.datasets import is_stream
+from mbp_cli.catalog.datasets import is_stream
+from mbp_cli.catalog.losses import ClassificationLoss, ItemLoss, LossFn
+from mbp_cli.catalog.model_loss import ModelLoss
+from mbp_cli.engine.micro_step import TARGET_KEYS, describe, pick_output, to_device
+from mbp_cli.engine.setup import Setup, build, held_out_words, resolve_device, split_transforms
 from mbp_cli.errors import UsageError
-from mbp_cli.evaluate import evaluate
-from mbp_cli.losses import ClassificationLoss, ItemLoss, LossFn
-from mbp_cli.model_loss import ModelLoss
-from mbp_cli.recipe import Recipe, load_recipe, recipe_folders
-from mbp_cli.registry import find_dataset
-from mbp_cli.runs import refuse_part
-from mbp_cli.step import TARGET_KEYS, describe, pick_output, to_device
+from mbp_cli.recipe.load import load_recipe
+from mbp_cli.recipe.registry import find_dataset
+from mbp_cli.recipe.spec import Recipe, recipe_folders
+from mbp_cli.run.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from mbp_cli.run.evaluate import evaluate
+from mbp_cli.run.records import refuse_part
 from mbp_cli.tensor_files import load_tensors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -15,8 +15,8 @@ import torch
 
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.events import MetricsFile, to_json
-from mbp_cli.recipe import READ_FROM, Recipe, dump_recipe
-from mbp_cli.runs import CODES_FILE, PARTS_FOLDER, held_lock
+from mbp_cli.recipe.spec import READ_FROM, Recipe, dump_recipe
+from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, held_lock
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints", "tensorboard", PARTS_FOLDER, CODES_FILE)

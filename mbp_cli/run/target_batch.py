@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbp_cli.step import MicroStep
+from mbp_cli.engine.micro_step import MicroStep
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mbp_cli import registry
-from mbp_cli.datasets import TensorPairs, build_split, hold_out, image_transform, is_stream
-from mbp_cli.distributed import Ranks
+from mbp_cli.catalog.datasets import TensorPairs, build_split, hold_out, image_transform, is_stream
+from mbp_cli.catalog.losses import ClassificationLoss, LossFn
+from mbp_cli.catalog.model_loss import ModelLoss, is_hugging_face, takes_labels
+from mbp_cli.catalog.pretrained import build_pretrained, weights_transforms
+from mbp_cli.distributed.ranks import Ranks
+from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.errors import UsageError, users_code
-from mbp_cli.losses import ClassificationLoss, LossFn
-from mbp_cli.model_loss import ModelLoss, is_hugging_face, takes_labels
-from mbp_cli.pretrained import build_pretrained, weights_transforms
-from mbp_cli.recipe import Recipe, ScheduleSpec, eval_data, recipe_folders
-from mbp_cli.step import MicroStep
+from mbp_cli.recipe import registry
+from mbp_cli.recipe.spec import Recipe, ScheduleSpec, eval_data, recipe_folders
 from mbp_cli.strategies.batchnorm import TargetBatchStatistics
 from mbp_cli.strategies.blocks import BlockStrategies, Recompute, check_blocks, find_blocks
 from mbp_cli.strategies.choice import StrategyChoice, check_choice

@@ -1,0 +1,1 @@
+"""What the commands do besides training, and what they print."""

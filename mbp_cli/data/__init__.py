@@ -1,0 +1,1 @@
+"""Target batches: a seeded sampler or a stream, cut into micro-batches and rank shares."""

@@ -1,0 +1,1 @@
+"""Several processes on one target batch: the world, the ranks' exchange, the launcher."""

@@ -1,0 +1,1 @@
+"""A recipe built for a device: model, loss, data, strategies, and the micro-step."""
