@@ -23,7 +23,7 @@ from mbp_cli.catalog.datasets import digits, synthetic_tokens
 from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import small_cnn, tiny_lm
 from mbp_cli.engine.micro_step import MicroStep
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 
 CPU = torch.device("cpu")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,7 +43,7 @@ def full_batch(model, x, y, loss: Loss, micro: int) -> torch.Tensor:
 
 
 def with_mbp(model, x, y, loss: Loss, micro: int) -> torch.Tensor:
-    accumulate_gradients(MicroStep(model, cross_entropy(), CPU, torch.float64), pieces(x, y, micro))
+    target_batch_step(MicroStep(model, cross_entropy(), CPU, torch.float64), pieces(x, y, micro))
     return flat_grad(model)
 
 

@@ -21,7 +21,7 @@ from mbp_cli.catalog.models import small_cnn
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.memory.tracker import StorageTracker, training_state_tensors
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 
 TARGETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 MICRO = 32
@@ -43,7 +43,7 @@ def step_peak(target: int, micro: int, device: torch.device) -> int:
     else:
         torch.cuda.reset_peak_memory_stats(device)
     with tracker if tracker is not None else contextlib.nullcontext():
-        accumulate_gradients(MicroStep(model, cross_entropy(), device, torch.float32), pieces)
+        target_batch_step(MicroStep(model, cross_entropy(), device, torch.float32), pieces)
         optimizer.step()
     if tracker is not None:
         return tracker.peak_bytes

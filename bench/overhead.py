@@ -26,7 +26,7 @@ from mbp_cli.catalog.models import mlp, small_cnn
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.engine.setup import spare_counting
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 
 CASES = [("small_cnn", 512, 32), ("small_cnn", 512, 8), ("mlp", 1024, 64)]
 
@@ -60,7 +60,7 @@ def hand_loop(name, data, target, micro, device) -> Callable[[], None]:
 
 
 def mbp_loop(name, data, target, micro, device) -> Callable[[], None]:
-    """mbp's path: seeded plan, micro-batch stream, accumulate_gradients, one step."""
+    """mbp's path: seeded plan, micro-batch stream, target_batch_step, one step."""
     model, optimizer = build(name, device)
     plan = MicroBatchPlan(len(data), target, micro, 0, True, 0, 10**6)
     stream = iter(micro_batch_loader(data, plan, num_workers=0, pin_memory=False))
@@ -69,7 +69,7 @@ def mbp_loop(name, data, target, micro, device) -> Callable[[], None]:
 
     def step() -> None:
         pieces = itertools.islice(stream, plan.micro_batches_per_step(next(steps)))
-        accumulate_gradients(micro_step, pieces)
+        target_batch_step(micro_step, pieces)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

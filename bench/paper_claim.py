@@ -22,9 +22,10 @@ from common import RESULTS, markdown_table, write_result
 
 from mbp_cli.catalog.datasets import digits
 from mbp_cli.catalog.models import small_cnn
+from mbp_cli.commands.train import train
 from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, training_state_tensors
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, train
+from mbp_cli.run.start import RunOptions
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "digits.yaml"
 DEVICE_BYTES = 8 * 2**20

@@ -25,10 +25,11 @@ from typing import Any
 import yaml
 from common import markdown_table, write_result
 
+from mbp_cli.commands.train import train
 from mbp_cli.errors import MbpError
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, train
+from mbp_cli.run.start import RunOptions
 
 TRACKED = 2**40  # a simulated device too large to run out: it only counts tensor bytes
 MLP6 = {"name": "mlp", "args": {"in_features": 64, "hidden": 256, "depth": 5}}  # 6 Linear

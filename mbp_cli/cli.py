@@ -136,14 +136,14 @@ def train(
     with user_errors(as_json=json_):
         _allocator_settings()
         from mbp_cli.commands.output import terminal_sinks
+        from mbp_cli.commands.train import train as run_training
         from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.tracker import StorageTracker
         from mbp_cli.recipe.load import load_recipe
         from mbp_cli.run.folder import check_run_dir, default_run_dir
-        from mbp_cli.run.loop import RunOptions
-        from mbp_cli.run.loop import train as run_training
         from mbp_cli.run.resume import recipe_to_resume
+        from mbp_cli.run.start import RunOptions
 
         overrides = _overrides(set_, device)
         if resume is not None:

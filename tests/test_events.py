@@ -9,9 +9,10 @@ from typing import ClassVar
 import pytest
 
 from mbp_cli.commands.output import PlainReporter, Reporter
+from mbp_cli.commands.train import train
 from mbp_cli.events import Event, Step
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, train
+from mbp_cli.run.start import RunOptions
 from tests.conftest import small_recipe
 
 

@@ -12,7 +12,7 @@ from mbp_cli.catalog.datasets import digits, synthetic_tokens
 from mbp_cli.catalog.losses import cross_entropy, mse
 from mbp_cli.catalog.models import mlp, small_cnn, tiny_lm
 from mbp_cli.engine.micro_step import MicroStep
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 
 CPU = torch.device("cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -40,7 +40,7 @@ def pieces(inputs, targets, sizes):
 
 def accumulated_grad(model, inputs, targets, sizes, loss_fn, dtype) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(MicroStep(model, loss_fn, CPU, dtype), pieces(inputs, targets, sizes))
+    target_batch_step(MicroStep(model, loss_fn, CPU, dtype), pieces(inputs, targets, sizes))
     grad = flat_grad(model).clone()
     model.zero_grad(set_to_none=True)
     return grad
@@ -119,8 +119,8 @@ def test_dividing_by_the_number_of_micro_batches_is_not_exact():
 
 def test_step_totals_count_items_samples_and_micro_batches():
     model, inputs, targets, loss_fn, reference = token_case(torch.float64)
-    totals = accumulate_gradients(MicroStep(model, loss_fn, CPU, torch.float64),
-                                  pieces(inputs, targets, [30, 30, 40]))
+    totals = target_batch_step(MicroStep(model, loss_fn, CPU, torch.float64),
+                               pieces(inputs, targets, [30, 30, 40])).totals
     assert totals.samples == 100
     assert totals.micro_batches == 3
     assert totals.items == int((targets != -100).sum())

@@ -8,11 +8,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import small_cnn, tiny_lm
+from mbp_cli.commands.train import train
 from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.memory.measure import StepRunner
 from mbp_cli.memory.tracker import SimulatedOutOfMemoryError, StorageTracker, is_out_of_memory
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, train
+from mbp_cli.run.start import RunOptions
 from tests.conftest import small_recipe
 
 CPU = torch.device("cpu")

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from mbp_cli.commands.train import train
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, train
+from mbp_cli.run.start import RunOptions
 from tests.conftest import small_recipe
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import default_collate
 from mbp_cli.partition.codes import make_codes
 from mbp_cli.partition.run import build_partition
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 from tests.conftest import REPO, small_recipe
 
 # A 4-layer MLP on the digits: 0 Flatten, 1 Linear, 2 ReLU, 3 Linear, 4 ReLU, 5 Linear, 6 ReLU,
@@ -88,7 +88,7 @@ def test_each_part_trains_exactly_as_its_full_batch(tmp_path, part, own_data):
     setup, model = partition.setups[part], partition.parts[part]
     samples = [setup.train_set[i] for i in range(40)]
     pieces = [default_collate(samples[i:i + 7]) for i in range(0, 40, 7)]
-    accumulate_gradients(setup.micro_step, pieces)
+    target_batch_step(setup.micro_step, pieces)
     streamed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from mbp_cli.data.batching import epoch_target_batches
 from mbp_cli.engine.micro_step import MicroStep
-from mbp_cli.run.target_batch import accumulate_gradients
+from mbp_cli.run.target_batch import target_batch_step
 from mbp_cli.strategies.blocks import BlockStrategies, find_blocks
 from mbp_cli.strategies.precision import Precision
 from tests import user_blocks
@@ -129,7 +129,7 @@ def test_bf16_autocast_accumulates_the_full_batch_gradient_within_its_rounding()
                      torch.device("cpu"), torch.float32,
                      precision=Precision("bf16", torch.device("cpu")))
     pieces = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 29, 8)]  # 8 + 8 + 8 + 5
-    totals = accumulate_gradients(step, pieces)
+    totals = target_batch_step(step, pieces).totals
     assert totals.items == 29
     for p, want in zip(model.parameters(), expected, strict=True):
         assert _relative(p.grad, want) <= 1e-2  # bf16 keeps 8 bits of mantissa

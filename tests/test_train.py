@@ -11,9 +11,11 @@ from PIL import Image
 
 from mbp_cli.catalog.datasets import synthetic_tokens
 from mbp_cli.catalog.models import mlp, tiny_lm
+from mbp_cli.commands.train import train
 from mbp_cli.data.batching import epoch_target_batches
+from mbp_cli.engine.setup import build, resolve_device
 from mbp_cli.recipe.load import load_recipe
-from mbp_cli.run.loop import RunOptions, build, resolve_device, train
+from mbp_cli.run.start import RunOptions
 from tests.conftest import REPO, collect, small_recipe
 
 TOKENS = {"name": "synthetic_tokens",
@@ -73,7 +75,7 @@ def test_only_micro_batches_reach_the_model(write_recipe, tmp_path, monkeypatch)
     setup = build(loaded, resolve_device("cpu"))
     sizes: list[int] = []
     setup.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
-    monkeypatch.setattr("mbp_cli.run.loop.build", lambda recipe, device: setup)
+    monkeypatch.setattr("mbp_cli.run.start.build", lambda recipe, device: setup)
     train(loaded, RunOptions(tmp_path / "run"), sinks=[])
     assert max(sizes) == 16 and sum(sizes[:19]) == 300  # 18 × 16 + 12, then the next batch
 

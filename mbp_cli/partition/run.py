@@ -13,10 +13,10 @@ import dataclasses
 import json
 import pickle
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +28,10 @@ from mbp_cli.data.samples import batch_of
 from mbp_cli.data.streaming import check_stream_recipe
 from mbp_cli.distributed.ranks import Ranks, World
 from mbp_cli.engine.micro_step import MicroStep, describe, explained_step_errors
-from mbp_cli.engine.setup import Setup, build, check_target_batch
+from mbp_cli.engine.setup import Setup, build, build_optimizer, check_target_batch
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
+from mbp_cli.memory.probe import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
     class_labels,
@@ -41,13 +42,11 @@ from mbp_cli.partition.codes import (
 from mbp_cli.partition.cuts import Cut, find_cuts, split, trace
 from mbp_cli.recipe.spec import LabelSpec, Recipe, partition_spec
 from mbp_cli.run.evaluate import evaluate
-from mbp_cli.run.folder import RunFolder, save_state_dict, write_json
-from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, is_running
+from mbp_cli.run.folder import RunFolder, refuse_in_use, save_state_dict, write_json
+from mbp_cli.run.loop import train_loop
+from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER
+from mbp_cli.run.start import RunOptions, start_run
 from mbp_cli.run.stopping import resume_command
-
-if TYPE_CHECKING:  # both import this module's callers
-    from mbp_cli.memory.probe import ProbeOptions
-    from mbp_cli.run.loop import RunOptions
 
 WAIT_SECONDS = 7 * 24 * 3600  # side by side, a rank that is done waits this long for the rest
 
@@ -138,9 +137,6 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
 def probe_parts(recipe: Recipe, options: ProbeOptions) -> list[dict[str, Any]]:
     """`mbp probe` of a partitioned recipe: each part probed alone, as training probes it
     for `micro: auto` (only its weights on the device)."""
-    from mbp_cli.engine.setup import build_optimizer
-    from mbp_cli.memory.probe import probe_setup
-
     partition = build_partition(recipe, options.device)
     answers = []
     for index, setup in enumerate(partition.setups):
@@ -203,11 +199,10 @@ def relu_warnings(labels: LabelSpec, cuts: list[Cut], activations: list[Tensor])
             if labels.kind == "gaussian" and value.min() >= 0]
 
 
-def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink], ranks: Ranks,
-                      device: torch.device,
-                      train_part: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Train every part (this rank's, side by side), compose them and evaluate the whole;
-    `train_part` is the training loop (train._train)."""
+def train_partitioned(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ranks,
+                      device: torch.device) -> dict[str, Any]:
+    """Train every part (this rank's, side by side), each started and trained as any run,
+    compose them and evaluate the whole."""
     started = time.perf_counter()
     world = ranks.world
     run_dir = ranks.broadcast(options.run_dir)
@@ -216,8 +211,8 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
         partition = build_partition(recipe, device) if world.is_main else None
     with ranks.agreed():
         partition = partition or build_partition(recipe, device)
-        if world.is_main and is_running(run_dir):
-            raise UsageError(f"{run_dir} is in use by another mbp train")
+        if world.is_main:
+            refuse_in_use(run_dir)
         mine = [world.rank] if world.is_distributed else range(len(partition.parts))
         total = part_steps(recipe, partition)
         if options.resume and all(_finished_summary(part_folder(run_dir, i), total)
@@ -237,7 +232,7 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
         with ranks.agreed():  # side by side: a part that fails stops every rank
             try:
                 summaries = train_parts(recipe, options, partition, mine, run_dir, sinks, emit,
-                                        train_part, sequential=not world.is_distributed)
+                                        sequential=not world.is_distributed)
             except BaseException:  # Ctrl-C before any part began included
                 if world.is_main and not options.resume:
                     folder.close()
@@ -259,8 +254,7 @@ def train_partitioned(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink]
 
 
 def train_parts(recipe: Recipe, options: RunOptions, partition: Partition,
-                indices: Iterable[int], run_dir: Path, sinks: Iterable[Sink], emit: Sink,
-                train_part: Callable[..., dict[str, Any]], *,
+                indices: Iterable[int], run_dir: Path, sinks: list[Sink], emit: Sink, *,
                 sequential: bool) -> list[dict[str, Any]]:
     """Train these parts in turn; stop where --max-steps (counted over every part) runs out."""
     budget, summaries = options.max_steps, []
@@ -268,7 +262,7 @@ def train_parts(recipe: Recipe, options: RunOptions, partition: Partition,
         if budget == 0:
             break  # the next part waits for a resume
         summary, steps_now = run_part(recipe, options, partition, index, run_dir, sinks, emit,
-                                      train_part, budget, sequential=sequential)
+                                      budget, sequential=sequential)
         summaries.append(summary)
         budget = None if budget is None else budget - steps_now
         if summary["steps"] < summary["total_steps"]:
@@ -309,8 +303,8 @@ def part_state(part: nn.Module) -> dict[str, Tensor]:
 
 
 def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: int, run_dir: Path,
-             sinks: Iterable[Sink], emit: Sink, train_part: Callable[..., dict[str, Any]],
-             max_steps: int | None, *, sequential: bool) -> tuple[dict[str, Any], int]:
+             sinks: list[Sink], emit: Sink, max_steps: int | None, *,
+             sequential: bool) -> tuple[dict[str, Any], int]:
     """Train one part into run_dir/parts/part-N (continuing it on a resume; a part already
     done is loaded, not trained again); return its summary and the steps it trained now."""
     part, setup = partition.parts[index], partition.setups[index]
@@ -335,8 +329,9 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
         resume_command=resume_command(run_dir, 1 if sequential else len(partition.parts)),
         resume=options.resume and part_dir.exists(),
         simulated_memory=StorageTracker(tracker.capacity_bytes) if tracker else None)
-    summary = train_part(recipe, part_options, [_in_part(s, index + 1) for s in sinks],
-                         Ranks(World(), setup.device), setup.device, make_setup=lambda: setup)
+    run = start_run(recipe, part_options, [_in_part(s, index + 1) for s in sinks],
+                    Ranks(World(), setup.device), setup.device, setup=setup)
+    summary = train_loop(run)
     return summary, summary["steps"] - summary.get("resumed_at_step", 0)
 
 

@@ -16,7 +16,7 @@ import torch
 from mbp_cli.errors import MbpError, UsageError
 from mbp_cli.events import MetricsFile, to_json
 from mbp_cli.recipe.spec import READ_FROM, Recipe, dump_recipe
-from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, held_lock
+from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, held_lock, is_running
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
                 "checkpoints", "tensorboard", PARTS_FOLDER, CODES_FILE)
@@ -96,6 +96,17 @@ def save_state_dict(path: Path, state: dict[str, Any], what: str = "model") -> N
     write_atomic(path, buffer.getvalue(), what)
 
 
+def refuse_in_use(run_dir: Path) -> None:
+    """Refuse a run folder another mbp train holds."""
+    if is_running(run_dir):
+        raise in_use(run_dir)
+
+
+def in_use(run_dir: Path) -> UsageError:
+    """The error for a run folder another mbp train holds."""
+    return UsageError(f"{run_dir} is in use by another mbp train")
+
+
 class RunFolder:
     """The run folder, made only once the first target batch has succeeded (so a run that
     fails at once leaves nothing behind); metrics.jsonl, a sink, waits for it."""
@@ -118,7 +129,7 @@ class RunFolder:
         try:
             self._lock.enter_context(held_lock(self.path))
         except BlockingIOError:
-            raise UsageError(f"{self.path} is in use by another mbp train") from None
+            raise in_use(self.path) from None
         text = f"{READ_FROM}{self.recipe.folder}\n" + dump_recipe(self.recipe)
         write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
         if self.probe is not None:

@@ -63,9 +63,3 @@ def balanced_shares(target: int, loop: LoopState, micro_batches: Sequence[int]
     if not any(speeds):
         return loop.shares, speeds
     return split_shares(target, speeds, floors=micro_batches), speeds
-
-
-def is_rebalance_due(batch: BatchSpec, step: int, steps_per_epoch: int) -> bool:
-    """batch.balance: dynamic rebalances every batch.rebalance_every steps (0: each epoch)."""
-    every = batch.rebalance_every or steps_per_epoch
-    return batch.balance == "dynamic" and step % every == 0

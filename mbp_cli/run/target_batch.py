@@ -1,15 +1,27 @@
-"""The accumulate-and-normalize step: one target batch, streamed as micro-batches, one gradient."""
+"""The target-batch step: one target batch, streamed as micro-batches, one gradient.
+
+Invariant: the accumulated gradient equals the full-batch gradient whatever the split, the
+ranks or the micro-batch sizes. Each micro-batch backpropagates the raw *sum* of its loss
+items; once every micro-batch of every rank is in, the gradients are summed over the ranks and
+divided once by the real number of items in the whole target batch. Dividing by the number of
+micro-batches instead would be exact only when every piece held as many items.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mbp_cli.engine.micro_step import MicroStep
+from mbp_cli.distributed.ranks import RankReport, Ranks, World
+from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
+from mbp_cli.errors import DoesNotFitError
+from mbp_cli.memory.tracker import is_out_of_memory, unless_out_of_memory
 
 
 @dataclass(frozen=True)
@@ -32,16 +44,92 @@ class StepTotals:
     micro_batches: int
 
 
-def accumulate_gradients(micro_step: MicroStep, micro_batches: Iterable[Any]) -> StepTotals:
-    """Leave in each `.grad` the gradient of the whole target batch's mean loss.
+@dataclass(frozen=True)
+class StepOutcome:
+    """One target batch over every rank: its totals (None when some rank ran out of memory:
+    gradients cleared, redo it) and what each rank did."""
 
-    Invariant: the accumulated gradient equals the full-batch gradient whatever the split.
-    Each micro-batch backpropagates the raw *sum* of its loss items; once every micro-batch is
-    in, the gradients are divided by the real number of items in the target batch. Dividing by
-    the number of micro-batches instead would be exact only when every piece held as many items.
-    Expects the gradients to be None (`zero_grad(set_to_none=True)`) on entry.
+    totals: StepTotals | None
+    reports: list[RankReport]
+
+
+def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
+                      ranks: Ranks | None = None, *,
+                      statistics: AbstractContextManager | None = None, is_first: bool = False,
+                      peak_bytes: Callable[[], int] = lambda: 0, micro_batch: int = 0,
+                      share: int = 0) -> StepOutcome:
+    """Leave in each `.grad` the gradient of the whole target batch's mean loss (see the
+    module's invariant) and return its totals.
+
+    This rank's micro-batches are backpropagated; the ranks agree on the outcome in one
+    gather (an error or an out-of-memory on any rank stops or redoes the target batch on all);
+    their gradients are summed, then normalized. `statistics` wraps the target batch
+    (BatchNorm's running statistics, updated once at its end); `micro_batch`, `share` and
+    `peak_bytes` are this rank's figures for its report. Expects the gradients to be None
+    (`zero_grad(set_to_none=True)`) on entry.
     """
-    return normalize_gradients(micro_step.model, backward_sums(micro_step, micro_batches))
+    started = time.perf_counter()
+    ranks = ranks or Ranks(World(), micro_step.device)
+    model = micro_step.model
+    params = list(model.parameters())
+    try:
+        with statistics or nullcontext():  # left as they were where the batch is redone
+            sums, failure = _backward_share(micro_step, micro_batches, ranks, is_first)
+            counted = sums or StepSums(loss_sum=0.0, items=0.0, samples=0, micro_batches=0)
+            mine = RankReport(
+                loss_sum=counted.loss_sum, items=counted.items, samples=counted.samples,
+                micro_batches=counted.micro_batches,
+                out_of_memory=sums is None and failure is None, failed=failure is not None,
+                seconds=time.perf_counter() - started, peak_bytes=peak_bytes(),
+                micro_batch=micro_batch, share=share)
+            reports, has_grad = ranks.gather_reports(mine, [p.grad is not None for p in params])
+            if any(r.failed for r in reports):
+                ranks.raise_any(failure)
+            if any(r.out_of_memory for r in reports):
+                model.zero_grad(set_to_none=True)
+                raise _RedoTargetBatch(reports)
+            _sum_over_ranks(ranks, params, has_grad)
+    except _RedoTargetBatch as redo:
+        return StepOutcome(None, redo.reports)
+    total = StepSums(loss_sum=sum(r.loss_sum for r in reports),
+                     items=sum(r.items for r in reports),
+                     samples=sum(r.samples for r in reports),
+                     micro_batches=sum(r.micro_batches for r in reports))
+    return StepOutcome(normalize_gradients(model, total), reports)
+
+
+class _RedoTargetBatch(Exception):
+    """Some rank ran out of memory: every rank drops this target batch."""
+
+    def __init__(self, reports: list[RankReport]) -> None:
+        super().__init__()
+        self.reports = reports
+
+
+def _backward_share(micro_step: MicroStep, micro_batches: Iterable[Any], ranks: Ranks,
+                    is_first: bool) -> tuple[StepSums | None, Exception | None]:
+    """This rank's share backpropagated: its sums (None: out of memory), or, with other ranks
+    to tell, the error it raised."""
+    try:
+        with explained_step_errors(is_first):
+            return unless_out_of_memory(lambda: backward_sums(micro_step, micro_batches),
+                                        micro_step.device, micro_step.model), None
+    except Exception as exc:
+        if not ranks.is_distributed:
+            raise
+        return None, exc  # the other ranks learn it in the gather, and all stop
+
+
+def _sum_over_ranks(ranks: Ranks, params: list[nn.Parameter], has_grad: list[bool]) -> None:
+    try:
+        ranks.sum_gradients(params, has_grad)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise DoesNotFitError(  # mid-exchange: this rank alone, the others wait on it
+            f"out of memory on rank {ranks.world.rank} while summing the gradients over the "
+            "ranks (small gradients are summed in 1 MiB pieces, beyond the step's peak): lower "
+            "the micro-batch or raise the memory") from None
 
 
 def backward_sums(micro_step: MicroStep, micro_batches: Iterable[Any]) -> StepSums:
@@ -69,7 +157,7 @@ def backward_sums(micro_step: MicroStep, micro_batches: Iterable[Any]) -> StepSu
         micro_count += 1
     if not on_host:
         loss_sum, items = torch.stack([loss_sum, items]).tolist()  # the one sync
-    return StepSums(loss_sum, items, samples, micro_count)
+    return StepSums(loss_sum=loss_sum, items=items, samples=samples, micro_batches=micro_count)
 
 
 def normalize_gradients(model: nn.Module, sums: StepSums) -> StepTotals:
@@ -78,7 +166,8 @@ def normalize_gradients(model: nn.Module, sums: StepSums) -> StepTotals:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_div_(grads, sums.items)
     mean_loss = sums.loss_sum / sums.items if sums.items else float("nan")
-    return StepTotals(mean_loss, sums.items, sums.samples, sums.micro_batches)
+    return StepTotals(loss=mean_loss, items=sums.items, samples=sums.samples,
+                      micro_batches=sums.micro_batches)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None,

@@ -1,0 +1,309 @@
+"""The start of a run: a recipe and the command line's options turned into a ready run — model,
+optimizer, schedule, folder, loop state, micro-batch stream, sinks, resume point — that the
+loop trains. Every kind of run enters here: one device, several ranks, each part of a
+partitioned run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbp_cli.catalog.datasets import is_stream
+from mbp_cli.catalog.loggers import LOGGERS
+from mbp_cli.data.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
+from mbp_cli.data.samples import batch_maker
+from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
+from mbp_cli.distributed.ranks import Ranks, World
+from mbp_cli.engine.micro_step import explained_step_errors
+from mbp_cli.engine.setup import (
+    Setup,
+    build,
+    build_optimizer,
+    build_schedule,
+    check_target_batch,
+    has_batch_norm,
+)
+from mbp_cli.errors import UsageError
+from mbp_cli.events import Probe, RunWarning, Sink, Sinks, Start
+from mbp_cli.memory.measure import preserved_training_state
+from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
+from mbp_cli.memory.tracker import PeakMemory, StorageTracker, training_state_tensors
+from mbp_cli.recipe.spec import Recipe
+from mbp_cli.run.checkpoint import LoopState
+from mbp_cli.run.folder import RunFolder, refuse_in_use
+from mbp_cli.run.resume import resume_state
+from mbp_cli.run.shares import rank_micro_batch, starting_shares
+from mbp_cli.run.stopping import resume_command
+from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the command line adds to a recipe."""
+
+    run_dir: Path
+    max_steps: int | None = None
+    budget_bytes: int | None = None  # for `batch.micro: auto`
+    simulated_memory: StorageTracker | None = None  # a simulated device of tracker's capacity
+    resume: bool = False  # continue from the run folder's newest good checkpoint
+    overwrite: bool = False  # replace the results of an earlier run in run_dir
+    resume_command: str | None = None  # what a stop says to run (a partitioned run's)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The plain values the loop reads (the recipe's, resolved at the start)."""
+
+    name: str
+    run_dir: Path
+    dtype: str
+    target_batch: int
+    total_steps: int  # of the schedule
+    stop_step: int  # where this run stops (--max-steps)
+    first_step: int  # where it starts (a resume's step)
+    steps_per_epoch: int  # 0 for a stream
+    is_streamed: bool
+    clip_grad_norm: float | None
+    clip_grad_value: float | None
+    skip_nonfinite: bool  # train.on_nonfinite: skip (else stop)
+    checkpoint_every: int
+    keep_checkpoints: int
+    eval_every: int
+    num_workers: int
+    rebalance_every: int | None  # batch.balance: dynamic (steps); None: shares stay
+    resume_command: str  # what a stop says to run
+
+
+@dataclass
+class Run:
+    """A ready run: everything the loop reads and moves."""
+
+    settings: LoopSettings
+    setup: Setup
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: LoopState  # what a checkpoint keeps
+    stream: MicroBatchStream | StreamedBatches  # owns the micro-batch streamed now
+    ranks: Ranks
+    folder: RunFolder
+    emit: Sinks
+    choice: StrategyChoice
+    memory: PeakMemory
+    simulated: StorageTracker | None
+    compile_seconds: float | None
+    started: float  # time.perf_counter() at the start
+    earlier_wall_seconds: float  # of the parts before a resume
+
+
+def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ranks,
+              device: torch.device, setup: Setup | None = None) -> Run:
+    """Build (or take `setup`, a part's), check, resume and probe: the run, ready to train.
+    Each part runs on every rank; an error on one rank stops every rank with its message."""
+    started = time.perf_counter()
+    world = ranks.world
+    run_dir = ranks.broadcast(options.run_dir)  # torchrun's ranks may have named it apart
+    with ranks.agreed():  # rank 0 builds first: a download happens once
+        built = setup or (build(recipe, device) if world.is_main else None)
+    with ranks.agreed():
+        setup = built or build(recipe, device)
+        model, target = setup.model, recipe.batch.target
+        is_streamed = is_stream(setup.train_set)
+        if is_streamed:
+            check_stream_recipe(recipe)
+        else:
+            check_target_batch(recipe, len(setup.train_set))
+        optimizer = build_optimizer(recipe, model)
+        per_epoch = 0 if is_streamed else steps_per_epoch(len(setup.train_set), target,
+                                                          recipe.batch.drop_last)
+        total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
+        scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real one
+        if world.is_main:
+            refuse_in_use(run_dir)  # before anything in it is touched
+        folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
+        emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
+        state = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
+            if options.resume else None
+        first_step = state.step if state else 0
+        if state is not None and first_step >= total_steps:  # nothing to do: leave it be
+            raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing "
+                             "to resume (to train longer: --resume with --set train.steps=N)")
+        if options.resume and world.is_main:
+            folder.open()  # it exists: log into it from the start
+        if world.is_main:
+            folder.loggers = [LOGGERS[name](run_dir, first_step) for name in recipe.train.log or []]
+            emit.sinks += folder.loggers
+        stop_step = total_steps if options.max_steps is None else \
+            min(total_steps, first_step + options.max_steps)
+        simulated = options.simulated_memory
+        if simulated is not None:
+            simulated.register(training_state_tensors(model, optimizer))
+        memory = PeakMemory(device, simulated)
+        setup.train_mode()  # the probe measures the step as training runs it
+        keeps = keeps_split(state, recipe, world)
+        choice, micro_batch, folder.probe = starting_point(
+            recipe, setup, optimizer, options, emit, state.micro_batch if keeps else None, world)
+        state = split_state(state, keeps, recipe, world, micro_batch, emit)
+        setup.use(choice, micro_batch=state.micro_batch)
+    micro_batches = ranks.gather_objects(state.micro_batch)
+    if folder.probe is not None and world.is_distributed:
+        folder.probe["micro_batches"] = micro_batches
+    setup.micro_step.precision.load_state_dict(state.loss_scale)
+    with ranks.agreed():
+        compile_seconds = compile_now(setup, optimizer, state.micro_batch) \
+            if recipe.train.compile else None
+    stream = StreamedBatches(setup.train_set, target, state.micro_batch, recipe.batch.drop_last,
+                             setup.collate, state.shares, world.rank,
+                             state.stream_position) if is_streamed else \
+        MicroBatchStream(setup.train_set, target, state.micro_batch, recipe.seed,
+                         recipe.batch.drop_last, stop_step, recipe.train.num_workers,
+                         device.type == "cuda", start_step=first_step, collate=setup.collate,
+                         shares=state.shares, rank=world.rank)
+    eval_set = setup.eval_set
+    emit(Start(name=recipe.name, device=str(device), dtype=recipe.train.dtype,
+               target_batch=target, micro_batch=state.micro_batch,
+               accumulation_steps=accumulation_steps(target, state.micro_batch),
+               total_steps=total_steps, stop_step=stop_step, start_step=first_step,
+               steps_per_epoch=per_epoch,
+               train_samples=0 if is_streamed else len(setup.train_set),
+               eval_samples=len(eval_set) if eval_set is not None and not is_stream(eval_set)
+               else 0,
+               parameters=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir),
+               strategies=" on ".join(filter(None, (choice.label, setup.describe_blocks()))),
+               micro_batches=micro_batches if world.is_distributed else None,
+               shares=state.shares or None))
+    for warning in start_warnings(setup, choice, state.micro_batch, target, world):
+        emit(RunWarning(warning))
+    balance = recipe.batch
+    settings = LoopSettings(
+        name=recipe.name, run_dir=run_dir, dtype=recipe.train.dtype, target_batch=target,
+        total_steps=total_steps, stop_step=stop_step, first_step=first_step,
+        steps_per_epoch=per_epoch, is_streamed=is_streamed,
+        clip_grad_norm=recipe.optim.clip_grad_norm, clip_grad_value=recipe.optim.clip_grad_value,
+        skip_nonfinite=recipe.train.on_nonfinite == "skip",
+        checkpoint_every=recipe.train.checkpoint_every,
+        keep_checkpoints=recipe.train.keep_checkpoints, eval_every=recipe.train.eval_every,
+        num_workers=recipe.train.num_workers,
+        rebalance_every=(balance.rebalance_every or per_epoch) if world.is_distributed
+        and balance.balance == "dynamic" else None,
+        resume_command=options.resume_command or resume_command(run_dir, world.size))
+    return Run(settings=settings, setup=setup, optimizer=optimizer, scheduler=scheduler,
+               state=state, stream=stream, ranks=ranks, folder=folder, emit=emit, choice=choice,
+               memory=memory, simulated=simulated, compile_seconds=compile_seconds,
+               started=started, earlier_wall_seconds=state.wall_seconds)
+
+
+def start_warnings(setup: Setup, choice: StrategyChoice, micro_batch: int, target_batch: int,
+                   world: World) -> list[str]:
+    """What the run should know before it trains: where it is not exact, or slow."""
+    model, warnings = setup.model, []
+    if world.is_distributed and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p
+                                    for m in model.modules()):
+        warnings.append("the model has dropout: each rank draws its own masks, so the run "
+                        "equals a single process's in distribution, not number for number")
+    if choice.precision == "fp16" and setup.device.type == "cpu":
+        warnings.append("train.precision: fp16 on the CPU runs slowly (autocast has few fp16 "
+                        "kernels there, and nothing needs its loss scaling); bf16 is the CPU's "
+                        "format")
+    if has_batch_norm(model) and micro_batch < target_batch and not setup.freeze_batchnorm:
+        warnings.append(
+            "the model has BatchNorm layers: they normalize by the statistics of each "
+            f"micro-batch of {micro_batch}, so training is not exactly equal to full "
+            f"batches of {target_batch} (their running statistics are updated once per target "
+            "batch, as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
+            "fine-tuning)")
+    return warnings
+
+
+def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
+                   options: RunOptions, emit: Sink, resumed_micro_batch: int | None,
+                   world: World) -> tuple[StrategyChoice, int, dict | None]:
+    """The strategies and the micro-batch to start with: the recipe's, or where it says `auto`
+    the probe's choice (and its answer, to be saved as probe.json; a resumed run takes it from
+    there). Each rank probes its own device."""
+    fixed = fixed_choice(recipe, setup.device, lambda: len(setup.blocks("memory.offload")))
+    micro_batch = resumed_micro_batch or rank_micro_batch(recipe.batch.micro, world)
+    if micro_batch != "auto" and not is_auto(recipe):
+        return fixed, micro_batch, None
+    saved = options.run_dir / "probe.json"
+    if options.resume and saved.exists():
+        answer = json.loads(saved.read_text())
+        choice = StrategyChoice(**answer["choice"]) if "choice" in answer else fixed
+        per_rank = answer.get("micro_batches") or []
+        micro_batch = resumed_micro_batch or int(
+            per_rank[world.rank] if len(per_rank) == world.size else answer["micro_batch"])
+        emit(Probe(micro_batch=micro_batch, reused=str(saved),
+                   strategies=choice.label if is_auto(recipe) else None))
+        return choice, micro_batch, None
+    capacity = options.simulated_memory.capacity_bytes if options.simulated_memory else None
+    probe_options = ProbeOptions(setup.device, budget_bytes=options.budget_bytes,
+                                 capacity_bytes=capacity)
+    with explained_step_errors(True):
+        if is_auto(recipe):
+            choices = candidates(recipe, setup.device, setup.block_count(), estimate=False)
+            weighed = probe_strategies(recipe, setup, optimizer, probe_options, choices,
+                                       micro_batch=None if micro_batch == "auto" else micro_batch)
+            choice, result = weighed.choice, weighed.chosen_result
+            answer = weighed.to_dict()
+        else:
+            choice = fixed
+            setup.use(choice)
+            result = probe_setup(recipe, setup, optimizer, probe_options)
+            answer = result.to_dict()
+    micro_batch = result.micro_batch if micro_batch == "auto" else micro_batch
+    emit(Probe(micro_batch=micro_batch,
+               accumulation_steps=accumulation_steps(recipe.batch.target, micro_batch),
+               budget_bytes=result.budget_bytes,
+               predicted_peak_bytes=result.predicted_peak_bytes,
+               verified_peak_bytes=result.verified_peak_bytes, backend=result.backend,
+               strategies=choice.label if is_auto(recipe) else None))
+    return choice, micro_batch, answer
+
+
+def batch_setting(recipe: Recipe) -> dict[str, Any]:
+    """How the recipe cuts target batches between ranks; a resume that changes it (or the
+    number of ranks) cuts afresh."""
+    return {"micro": recipe.batch.micro, "shares": recipe.batch.shares}
+
+
+def keeps_split(loop: LoopState | None, recipe: Recipe, world: World) -> bool:
+    """Whether a resumed run keeps its checkpoint's cut: the same ranks, the same settings."""
+    return loop is not None and loop.world_size == world.size \
+        and loop.batch_setting in ({}, batch_setting(recipe))
+
+
+def split_state(loop: LoopState | None, keeps: bool, recipe: Recipe, world: World,
+                micro_batch: int, emit: Sink) -> LoopState:
+    """The loop state to train from, with this rank's micro-batch and every rank's share: the
+    checkpoint's where the cut is kept, else taken afresh (said in a warning)."""
+    setting = batch_setting(recipe)
+    if loop is not None and not keeps:
+        emit(RunWarning(
+            f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
+            f"{loop.batch_setting.get('micro', '?')} and batch.shares "
+            f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
+            f"{setting['micro']} and {setting['shares']}: each rank's share and micro-batch "
+            "are taken afresh; every update is still the full batch's, but the run is no "
+            "longer bitwise equal to an uninterrupted one"))
+        loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
+        loop.shares = []
+    loop = loop or LoopState(micro_batch, world_size=world.size)
+    loop.batch_setting = setting
+    if not loop.shares:
+        loop.shares = starting_shares(recipe.batch, world.size)
+    return loop
+
+
+def compile_now(setup: Setup, optimizer: torch.optim.Optimizer, micro_batch: int) -> float:
+    """Compile the model before the clock starts (one forward and backward at the
+    micro-batch, everything put back) and return how long it took."""
+    make_batch = batch_maker(setup.train_set, setup.collate)
+    started = time.perf_counter()
+    with preserved_training_state(setup.model, optimizer, setup.device), \
+            explained_step_errors(True):
+        setup.micro_step.precision.backward(setup.micro_step(make_batch(micro_batch)).loss_sum)
+    return time.perf_counter() - started
