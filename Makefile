@@ -27,6 +27,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check mbp_cli tests bench
+	$(BIN)/lint-imports
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench]"

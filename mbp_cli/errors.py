@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import sys
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from mbp_cli.units import format_bytes
 
@@ -110,3 +112,16 @@ def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
         return f"; did you mean {prefix}{by_lower[word.lower()]}?"
     match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
     return f"; did you mean {prefix}{by_lower[match[0]]}?" if match else ""
+
+
+def describe(value: Any) -> str:
+    """A short, readable account of a value's type and shape, for messages."""
+    torch = sys.modules.get("torch")  # not imported for it: a tensor means torch is loaded
+    if torch is not None and isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, list | tuple):
+        inner = ", ".join(describe(v) for v in value[:3]) + (", …" if len(value) > 3 else "")
+        return f"a {type(value).__name__} of ({inner})"
+    return f"a {type(value).__name__}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import mbp_cli
 from mbp_cli.catalog.losses import ItemLoss, LossFn
 from mbp_cli.catalog.model_loss import is_real, refuse_copy_task
-from mbp_cli.errors import MbpError, UsageError, UserCodeError
+from mbp_cli.errors import MbpError, UsageError, UserCodeError, describe
 from mbp_cli.strategies.precision import Precision
 
 # What torch raises when a model does not fit its data or loss (shapes, classes, dtypes)
@@ -110,18 +110,6 @@ def _scores_beside_whole_output(output: Any) -> Tensor:
                          "validate, evaluation and predict) beside it: a tensor, a dict or "
                          "object with logits or out, or a tuple or list whose first element "
                          "is a tensor") from None
-
-
-def describe(value: Any) -> str:
-    """A short, readable account of a value's type and shape, for messages."""
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, Mapping):
-        return f"a dict with keys {sorted(map(str, value))}"
-    if isinstance(value, list | tuple):
-        inner = ", ".join(describe(v) for v in value[:3]) + (", …" if len(value) > 3 else "")
-        return f"a {type(value).__name__} of ({inner})"
-    return f"a {type(value).__name__}"
 
 
 def _check_tensor(value: Any, what: str) -> None:

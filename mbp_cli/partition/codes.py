@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from mbp_cli.catalog.datasets import ReadableDataset, TensorPairs
-from mbp_cli.engine.micro_step import TARGET_KEYS, describe, split_batch
-from mbp_cli.errors import UsageError
+from mbp_cli.engine.micro_step import TARGET_KEYS, split_batch
+from mbp_cli.errors import UsageError, describe
 
 
 def make_codes(kind: str, shapes: Sequence[torch.Size], num_classes: int,

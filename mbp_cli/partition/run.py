@@ -27,9 +27,9 @@ from mbp_cli.data.batching import steps_per_epoch
 from mbp_cli.data.samples import batch_of
 from mbp_cli.data.streaming import check_stream_recipe
 from mbp_cli.distributed.ranks import Ranks, World
-from mbp_cli.engine.micro_step import MicroStep, describe, explained_step_errors
+from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
 from mbp_cli.engine.setup import Setup, build, build_optimizer, check_target_batch
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import UsageError, describe
 from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
 from mbp_cli.memory.probe import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import StorageTracker
