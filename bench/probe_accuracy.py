@@ -16,7 +16,8 @@ from common import markdown_table, write_result
 from mbp_cli.data.samples import batch_maker
 from mbp_cli.engine.setup import build, build_optimizer, smallest_micro_batch
 from mbp_cli.memory.measure import StepRunner, preserved_training_state
-from mbp_cli.memory.probe import ProbeOptions, probe_recipe, probe_setup
+from mbp_cli.memory.search import ProbeOptions, probe_setup
+from mbp_cli.memory.weigh import probe_recipe
 from mbp_cli.recipe.spec import build_recipe
 
 CPU = torch.device("cpu")

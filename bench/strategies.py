@@ -17,7 +17,8 @@ import argparse
 import torch
 from common import markdown_table, write_result
 
-from mbp_cli.memory.probe import ProbeOptions, probe_recipe
+from mbp_cli.memory.search import ProbeOptions
+from mbp_cli.memory.weigh import probe_recipe
 from mbp_cli.recipe.spec import build_recipe
 from mbp_cli.units import format_bytes
 

@@ -16,7 +16,7 @@ from mbp_cli import __version__
 from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 if TYPE_CHECKING:
-    from mbp_cli.memory.probe import ProbeOptions
+    from mbp_cli.memory.search import ProbeOptions
     from mbp_cli.recipe.spec import Recipe
 
 app = typer.Typer(
@@ -274,7 +274,8 @@ def probe(
         from mbp_cli.commands.output import print_probe
         from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
-        from mbp_cli.memory.probe import ProbeOptions, probe_recipe
+        from mbp_cli.memory.search import ProbeOptions
+        from mbp_cli.memory.weigh import probe_recipe
         from mbp_cli.recipe.load import load_recipe
 
         loaded = load_recipe(recipe, _overrides(set_, device))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mbp_cli.memory.attention import DeviceAttention
-from mbp_cli.memory.probe import ProbeOptions, probe_recipe
+from mbp_cli.memory.search import ProbeOptions
+from mbp_cli.memory.weigh import probe_recipe
 from mbp_cli.recipe.load import load_recipe
 from tests import attention_blocks
 from tests.conftest import small_recipe

@@ -13,8 +13,10 @@ import torch
 from mbp_cli.data.samples import batch_maker
 from mbp_cli.engine.setup import build, build_optimizer
 from mbp_cli.memory.attention import DeviceAttention
+from mbp_cli.memory.estimate import fake_setup
 from mbp_cli.memory.measure import StepRunner
-from mbp_cli.memory.probe import ProbeOptions, fake_setup, probe_recipe
+from mbp_cli.memory.search import ProbeOptions
+from mbp_cli.memory.weigh import probe_recipe
 from mbp_cli.recipe.load import load_recipe
 from tests.conftest import small_recipe
 

@@ -16,7 +16,8 @@ from mbp_cli.data.samples import batch_maker
 from mbp_cli.engine.setup import build, build_optimizer
 from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.memory.measure import StepRunner
-from mbp_cli.memory.probe import ProbeOptions, narrow_down, probe_recipe, probe_setup
+from mbp_cli.memory.search import ProbeOptions, narrow_down, probe_setup
+from mbp_cli.memory.weigh import probe_recipe
 from mbp_cli.recipe.load import load_recipe
 from tests.conftest import REPO, small_recipe
 

@@ -1,1 +1,1 @@
-"""Device memory: the tensor tracker, one measured step, the fit, and the probe built on them."""
+"""Device memory: tracker, one measured step, fit, search, estimate, weighing of strategies."""
