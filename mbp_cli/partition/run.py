@@ -31,7 +31,7 @@ from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
 from mbp_cli.engine.setup import Setup, build, build_optimizer, check_target_batch
 from mbp_cli.errors import UsageError, describe
 from mbp_cli.events import Done, Eval, Part, RunWarning, Sink, Sinks
-from mbp_cli.memory.probe import ProbeOptions, probe_setup
+from mbp_cli.memory.search import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import StorageTracker
 from mbp_cli.partition.codes import (
     class_labels,

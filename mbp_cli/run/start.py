@@ -31,8 +31,9 @@ from mbp_cli.engine.setup import (
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Probe, RunWarning, Sink, Sinks, Start
 from mbp_cli.memory.measure import preserved_training_state
-from mbp_cli.memory.probe import ProbeOptions, probe_setup, probe_strategies
+from mbp_cli.memory.search import ProbeOptions, probe_setup
 from mbp_cli.memory.tracker import PeakMemory, StorageTracker, training_state_tensors
+from mbp_cli.memory.weigh import probe_strategies
 from mbp_cli.recipe.spec import Recipe
 from mbp_cli.run.checkpoint import LoopState
 from mbp_cli.run.folder import RunFolder, refuse_in_use
