@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -134,10 +135,15 @@ class ClassificationLoss:
         self.loss, self.ignore_index, self.layout = loss, ignore_index, ClassLayout(class_dim)
         self.options = options
         self.weight = _class_weight(weight)
-        # Whether a target may be ignore_index; `build` clears it when no target of the data
-        # is, and the count is then the number of targets, with no op per micro-batch.
-        self.may_ignore = True
+        self.may_ignore = True  # whether a target may be ignore_index (counting_every_target)
         self._weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def counting_every_target(self) -> ClassificationLoss:
+        """This loss for data none of whose targets is ignore_index: the count is then the
+        number of targets, with no op per micro-batch."""
+        spared = copy.copy(self)
+        spared.may_ignore = False
+        return spared
 
     def _weight_like(self, output: Tensor) -> Tensor | None:
         if self.weight is None:

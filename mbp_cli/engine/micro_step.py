@@ -7,6 +7,7 @@ runs, and a strategy added here (autocast, checkpointing, no_sync) is added once
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import sysconfig
 import traceback
@@ -179,6 +180,12 @@ class MicroStep:
                              "an index)")
         self.precision = precision or Precision("fp32", device)
         self.is_checked = False  # the first micro-batch's targets are checked once
+
+    def on(self, device: torch.device) -> MicroStep:
+        """This micro-step, run on another device."""
+        moved = copy.copy(self)
+        moved.device = device
+        return moved
 
     def __call__(self, batch: Any) -> MicroResult:
         """Run the model on one micro-batch and return its loss sum and item count."""

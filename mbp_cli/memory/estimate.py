@@ -73,7 +73,7 @@ def fake_setup(recipe: Recipe, device: torch.device = CUDA,
         fake_parameters(model)
         optimizer = build_optimizer(recipe, model)
         loss_fn = build_loss(recipe, model)
-    spare_counting(loss_fn, train_set)  # read from the real data
+    loss_fn = spare_counting(loss_fn, train_set)  # read from the real data
 
     def make_fake_batch(size: int) -> Any:
         return tree_map(lambda t: torch.zeros((size, *t.shape[1:]), dtype=t.dtype)

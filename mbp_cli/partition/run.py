@@ -105,7 +105,7 @@ def build_partition(recipe: Recipe, device: torch.device) -> Partition:
     activations = cut_activations(whole, parts, [0, int(train_labels.argmax())])
     check_codes_fit(labels, cuts, activations)
     shapes = [value.shape[1:] for value in activations]
-    whole.micro_step.device = device  # where the composed model is evaluated
+    whole = dataclasses.replace(whole, micro_step=whole.micro_step.on(device))  # evaluated there
     every_label = train_labels if eval_labels is None else torch.cat([train_labels, eval_labels])
     classes = int(every_label.max()) + 1
     seed = recipe.seed if labels.seed is None else labels.seed
