@@ -78,13 +78,16 @@ def _weights(path: Path) -> dict[str, Any]:
     return state
 
 
+EVAL_MICRO_BATCH = 32  # where neither the run's files nor the recipe fix one
+
+
 def _micro_batch(run_dir: Path, recipe: Recipe) -> int:
     """The micro-batch the run trained with (its summary or probe), else the recipe's, else 32."""
     for name in ("summary.json", "probe.json"):
         path = run_dir / name
         if path.is_file():
             return int(json.loads(path.read_text())["micro_batch"])
-    return recipe.batch.micro if isinstance(recipe.batch.micro, int) else 32
+    return recipe.batch.fixed_micro or EVAL_MICRO_BATCH
 
 
 def evaluate_run(run: LoadedRun) -> dict[str, Any]:

@@ -192,8 +192,7 @@ def probe_recipe(recipe: Recipe, options: ProbeOptions, *,
         if every_strategy or is_auto(recipe):
             choices = candidates(recipe, device, setup.block_count(),
                                  estimate=options.estimate, every=every_strategy)
-            micro_batch = recipe.batch.micro if isinstance(recipe.batch.micro, int) \
-                and not every_strategy else None
+            micro_batch = None if every_strategy else recipe.batch.fixed_micro
             return probe_strategies(recipe, setup, optimizer, options, choices,
                                     micro_batch=micro_batch, fake=fake)
         setup.use(fixed_choice(recipe, device, lambda: len(setup.blocks("memory.offload")),

@@ -53,6 +53,22 @@ class BatchSpec:
     balance: str = spec("even", choices=("even", "dynamic"))  # dynamic: shares follow speed
     rebalance_every: int = spec(0, minimum=0)  # steps between rebalances; 0: each epoch
 
+    def micro_for(self, rank: int, world_size: int) -> int | str:
+        """This rank's micro-batch: batch.micro, or its own entry of a list of one per rank;
+        'auto' where the probe picks it."""
+        if not isinstance(self.micro, list):
+            return self.micro
+        if len(self.micro) != world_size:
+            raise UsageError(f"batch.micro gives {len(self.micro)} micro-batches for "
+                             f"{world_size} rank{'s' if world_size > 1 else ''}; give one per "
+                             "rank (or one for all)")
+        return self.micro[rank]
+
+    @property
+    def fixed_micro(self) -> int | None:
+        """The micro-batch the recipe fixes for every rank (None: auto, or one per rank)."""
+        return self.micro if isinstance(self.micro, int) else None
+
 
 @dataclass(frozen=True)
 class OptimSpec:

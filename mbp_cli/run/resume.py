@@ -97,7 +97,7 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     step = loop.step if loop is not None else 0
     if world.is_main:
         trim_metrics(run_dir / "metrics.jsonl", step)
-    emit(Resume(step, str(path) if path else None))
+    emit(Resume(step=step, checkpoint=str(path) if path else None))
     return loop
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mbp_cli.distributed.ranks import RankReport, World, split_shares
+from mbp_cli.distributed.ranks import RankReport, split_shares
 from mbp_cli.errors import UsageError
 from mbp_cli.recipe.spec import BatchSpec
 from mbp_cli.run.checkpoint import LoopState
@@ -27,22 +27,11 @@ def starting_shares(batch: BatchSpec, world_size: int) -> list[int]:
     return split_shares(batch.target, weights) if world_size > 1 else []
 
 
-def rank_micro_batch(micro: int | str | list, world: World) -> int | str:
-    """This rank's batch.micro: the recipe's, or its own entry of a list of one per rank."""
-    if not isinstance(micro, list):
-        return micro
-    if len(micro) != world.size:
-        raise UsageError(f"batch.micro gives {len(micro)} micro-batches for {world.size} "
-                         f"rank{'s' if world.size > 1 else ''}; give one per rank (or one "
-                         "for all)")
-    return micro[world.rank]
-
-
 def check_rank_lists(batch: BatchSpec, world_size: int) -> None:
     """Refuse, before any rank starts, a list in the recipe with an entry per rank that does
     not match the number of ranks."""
     starting_shares(batch, world_size)
-    rank_micro_batch(batch.micro, World(0, world_size))
+    batch.micro_for(0, world_size)
 
 
 def record_speeds(loop: LoopState, reports: Sequence[RankReport]) -> None:

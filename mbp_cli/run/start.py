@@ -38,7 +38,7 @@ from mbp_cli.recipe.spec import Recipe
 from mbp_cli.run.checkpoint import LoopState
 from mbp_cli.run.folder import RunFolder, refuse_in_use
 from mbp_cli.run.resume import resume_state
-from mbp_cli.run.shares import rank_micro_batch, starting_shares
+from mbp_cli.run.shares import starting_shares
 from mbp_cli.run.stopping import resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 
@@ -227,7 +227,7 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
     the probe's choice (and its answer, to be saved as probe.json; a resumed run takes it from
     there). Each rank probes its own device."""
     fixed = fixed_choice(recipe, setup.device, lambda: len(setup.blocks("memory.offload")))
-    micro_batch = resumed_micro_batch or rank_micro_batch(recipe.batch.micro, world)
+    micro_batch = resumed_micro_batch or recipe.batch.micro_for(world.rank, world.size)
     if micro_batch != "auto" and not is_auto(recipe):
         return fixed, micro_batch, None
     saved = options.run_dir / "probe.json"
