@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from mbp_cli import __version__
+from mbp_cli.distributed.world import World, world_from_env  # torch-free
 from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 if TYPE_CHECKING:
+    import click
+
     from mbp_cli.memory.search import ProbeOptions
     from mbp_cli.recipe.spec import Recipe
 
@@ -33,7 +37,7 @@ SetOption = Annotated[list[str] | None, typer.Option(
 def user_errors(as_json: bool = False) -> Iterator[None]:
     """Turn known errors into one message on stderr and their exit code (with --json, also a
     last JSON line on stdout); re-raise the rest."""
-    rank = int(os.environ.get("RANK", 0))
+    rank = world_from_env().rank
     try:
         yield
     except MbpError as exc:
@@ -63,13 +67,9 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 def _leave(exc: MbpError) -> None:
     """Exit with the error's code; a rank leaves at once (see `_exit_rank`)."""
-    if getattr(exc, "exit_at_once", False) or _is_rank():
+    if getattr(exc, "exit_at_once", False) or world_from_env().is_distributed:
         _exit_rank(exc.exit_code)
     raise typer.Exit(exc.exit_code) from None
-
-
-def _is_rank() -> bool:
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
 def _exit_rank(code: int) -> None:
@@ -95,8 +95,21 @@ def root(
     """mbp: micro-batched training at a target batch, with exact loss normalization."""
 
 
-@app.command()
+TYPED = "mbp.typed_arguments"  # the key of a command's arguments, as typed, in ctx.meta
+
+
+class _TypedArguments(TyperCommand):
+    """A command that keeps its arguments as the user typed them, in `ctx.meta[TYPED]`: what
+    `train --nproc` runs on each rank."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[TYPED] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_TypedArguments)
 def train(
+    ctx: typer.Context,
     recipe: Annotated[Path | None, typer.Argument(
         help="A recipe YAML file (with --resume: optional, checked against the saved one).",
         show_default=False)] = None,
@@ -160,8 +173,9 @@ def train(
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         chosen = resolve_device(loaded.train.device)  # one that is not here, before any work
-        if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the ranks
-            from mbp_cli.distributed.launch import check_gpus, launch
+        world = world_from_env()
+        if nproc > 1 and not world.is_launched:  # the launcher: start the ranks
+            from mbp_cli.distributed.launch import check_gpus, launch, rank_arguments
             from mbp_cli.partition.run import check_part_ranks
             from mbp_cli.run.shares import check_rank_lists
 
@@ -169,54 +183,37 @@ def train(
             if loaded.train.partition is not None:
                 check_part_ranks(loaded, nproc)
             check_gpus(chosen, nproc)
-            args = _rank_arguments(recipe, set_, resume, run_dir, overwrite, max_steps, device,
-                                   json_, quiet, budget, simulate_memory)
-            raise typer.Exit(launch(nproc, args, f"mbp train --resume {run_dir} --nproc {nproc}"))
-        is_main = int(os.environ.get("RANK", 0)) == 0
-        sinks = terminal_sinks(as_json=json_, quiet=quiet or not is_main,
+            # Every rank runs what the user typed; a default run folder (named by the time) is
+            # chosen once, here, so that all write the same one.
+            shared = ["--out", str(run_dir)] if resume is None and out is None else []
+            raise typer.Exit(launch(nproc, rank_arguments(ctx.meta[TYPED], shared),
+                                    f"mbp train --resume {run_dir} --nproc {nproc}"))
+        sinks = terminal_sinks(as_json=json_, quiet=quiet or not world.is_main,
                                log_every=loaded.train.log_every)
-        capacity = _memory_size(_rank_entry(simulate_memory), "--simulate-memory")
-        options = RunOptions(run_dir, max_steps, _memory_size(budget, "--budget"),
-                             StorageTracker(capacity) if capacity else None,
+        capacity = _memory_size(_rank_entry(simulate_memory, world), "--simulate-memory")
+        options = RunOptions(run_dir=run_dir, max_steps=max_steps,
+                             budget_bytes=_memory_size(budget, "--budget"),
+                             simulated_memory=StorageTracker(capacity) if capacity else None,
                              resume=resume is not None, overwrite=overwrite)
         try:
             run_training(loaded, options, sinks)
         finally:
             for sink in sinks:
                 getattr(sink, "close", lambda: None)()  # a live display stops
-        if _is_rank():
+        if world.is_distributed:
             _exit_rank(0)
 
 
-def _rank_arguments(recipe: Path | None, set_: list[str] | None, resume: Path | None,
-                    run_dir: Path, overwrite: bool, max_steps: int | None, device: str | None,
-                    json_: bool, quiet: bool, budget: str | None,
-                    simulate_memory: str | None) -> list[str]:
-    """`mbp train` arguments for each rank: the launcher's, with the run folder it chose."""
-    args = ["train", *([str(recipe)] if recipe else [])]
-    for value in set_ or []:
-        args += ["--set", value]
-    args += ["--resume", str(resume)] if resume else ["--out", str(run_dir)]
-    options = {"--max-steps": max_steps, "--device": device, "--budget": budget,
-               "--simulate-memory": simulate_memory}
-    for option, value in options.items():
-        if value is not None:
-            args += [option, str(value)]
-    flags = {"--overwrite": overwrite, "--json": json_, "--quiet": quiet}
-    return args + [flag for flag, is_on in flags.items() if is_on]
-
-
-def _rank_entry(value: str | None) -> str | None:
+def _rank_entry(value: str | None, world: World) -> str | None:
     """This rank's entry of a comma-separated list, one per rank (or one for all)."""
     if value is None or "," not in value:
         return value
     entries = value.split(",")
-    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if len(entries) != size:
+    if len(entries) != world.size:
         from mbp_cli.errors import UsageError
 
-        raise UsageError(f"{value!r} gives {len(entries)} values for {size} ranks")
-    return entries[rank].strip()
+        raise UsageError(f"{value!r} gives {len(entries)} values for {world.size} ranks")
+    return entries[world.rank].strip()
 
 
 def _overrides(set_: list[str] | None, device: str | None) -> list[str]:

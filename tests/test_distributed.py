@@ -312,3 +312,25 @@ def test_a_list_per_rank_must_match_the_ranks(cli, tmp_path):
     assert result.exit_code == 2
     assert "batch.shares gives 3 weights for 2 ranks" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_each_rank_runs_what_was_typed_less_nproc(cli, tmp_path, monkeypatch):
+    """The ranks' command line is the launcher's as typed, whatever its flags, less --nproc in
+    either form; a default run folder is chosen once, by the launcher, for every rank."""
+    import mbp_cli.distributed.launch as launcher
+
+    launched = []
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, hint: launched.append(
+        (nproc, args, hint)) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(digits_recipe(tmp_path))
+    typed = [recipe, "--max-steps", "1", "--set", "train.steps=2", "-q", "--device", "cpu"]
+    assert cli("train", "--nproc=2", *typed).exit_code == 0
+    assert cli("train", *typed, "--out", "run", "--nproc", "3", "--json").exit_code == 0
+    (two, default, hint), (three, given, _) = launched
+    assert (two, default[:-2], default[-2]) == (2, ["train", *typed], "--out")
+    run_dir = Path(default[-1])
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("ranks-")
+    assert hint == f"mbp train --resume {run_dir} --nproc 2"
+    assert (three, given) == (3, ["train", *typed, "--out", "run", "--json"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from mbp_cli.distributed.ranks import process_group, rank_device, world_from_env
+from mbp_cli.distributed.ranks import process_group, rank_device
+from mbp_cli.distributed.world import world_from_env
 from mbp_cli.engine.setup import resolve_device
 from mbp_cli.events import Sink
 from mbp_cli.partition.run import WAIT_SECONDS, train_partitioned

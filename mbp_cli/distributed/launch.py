@@ -1,5 +1,6 @@
 """`mbp train --nproc N`: N local ranks started by torch's elastic launcher (what torchrun
-runs), each running `python -m mbp_cli train …` with RANK, WORLD_SIZE and LOCAL_RANK set."""
+runs), each running `python -m mbp_cli train …` (the arguments the user typed, less --nproc)
+with RANK, WORLD_SIZE and LOCAL_RANK set."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Sequence
 
 import torch
 
@@ -41,6 +43,19 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
+
+
+def rank_arguments(typed: Sequence[str], shared: Sequence[str]) -> list[str]:
+    """The `mbp train` arguments each rank runs: the launcher's own, as the user typed them,
+    less --nproc (`--nproc 2` or `--nproc=2`: a rank is one process), then `shared`, what the
+    launcher resolved once for every rank (a default run folder's name, say)."""
+    kept, tokens = [], iter(typed)
+    for token in tokens:
+        if token == "--nproc":
+            next(tokens, None)  # its value
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    return ["train", *kept, *shared]
 
 
 def check_gpus(device: torch.device, nproc: int) -> None:

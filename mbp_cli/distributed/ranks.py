@@ -16,48 +16,22 @@ import contextlib
 import ctypes
 import datetime
 import math
-import os
 import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mbp_cli.distributed.world import World
 from mbp_cli.errors import MbpError
 
 BUCKET_BYTES = 2**20  # small gradients are summed together in flat pieces of at most this
 # size (one collective for many); larger ones in place, so the sum needs no memory of its own
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one that prints and writes the run folder."""
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        """Whether there are other ranks."""
-        return self.size > 1
-
-
-def world_from_env() -> World:
-    """The world torchrun (or `mbp train --nproc`) describes in the environment."""
-    env = os.environ
-    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                 int(env.get("LOCAL_RANK", 0)))
 
 
 def rank_device(device: torch.device, world: World) -> torch.device:
@@ -102,9 +76,10 @@ class RankReport:
                 "peak_memory_bytes": self.peak_bytes}
 
 
-# A report crosses the ranks as float64 numbers; its fields' types bring them back.
-_FIELD_TYPES = [{"float": float, "int": int, "bool": bool}[f.type]
-                for f in RankReport.__dataclass_fields__.values()]
+# A report crosses the ranks as float64 numbers, field by field; each field's type brings its
+# number back.
+_REPORT_FIELDS = [(f.name, {"float": float, "int": int, "bool": bool}[f.type])
+                  for f in fields(RankReport)]
 
 
 class RankFailure(MbpError):
@@ -185,15 +160,15 @@ class Ranks:
         (one gather)."""
         if not self.is_distributed:
             return [report], list(has_grad)
-        row = torch.tensor([float(v) for v in report.__dict__.values()] + list(has_grad),
-                           dtype=torch.float64, device=self.device)
+        numbers = [float(getattr(report, name)) for name, _ in _REPORT_FIELDS]
+        row = torch.tensor(numbers + list(has_grad), dtype=torch.float64, device=self.device)
         with _collective("agreeing on a target batch"):
             rows = self._all_gather(row).tolist()
-        fields = len(_FIELD_TYPES)
-        reports = [RankReport(*(kind(value) for kind, value in zip(_FIELD_TYPES, r[:fields],
-                                                                   strict=True)))
+        count = len(_REPORT_FIELDS)
+        reports = [RankReport(**{name: kind(value) for (name, kind), value
+                                 in zip(_REPORT_FIELDS, r[:count], strict=True)})
                    for r in rows]
-        anywhere = [any(r[fields + i] for r in rows) for i in range(len(has_grad))]
+        anywhere = [any(r[count + i] for r in rows) for i in range(len(has_grad))]
         return reports, anywhere
 
     def sum_gradients(self, params: Sequence[nn.Parameter], has_grad: Sequence[bool]) -> None:

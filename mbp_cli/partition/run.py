@@ -26,7 +26,8 @@ from mbp_cli.catalog.losses import LOSSES
 from mbp_cli.data.batching import steps_per_epoch
 from mbp_cli.data.samples import batch_of
 from mbp_cli.data.streaming import check_stream_recipe
-from mbp_cli.distributed.ranks import Ranks, World
+from mbp_cli.distributed.ranks import Ranks
+from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
 from mbp_cli.engine.setup import Setup, build, build_optimizer, check_target_batch
 from mbp_cli.errors import UsageError, describe

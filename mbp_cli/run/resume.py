@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mbp_cli.distributed.ranks import World
+from mbp_cli.distributed.world import World
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Resume, RunWarning, Sink
 from mbp_cli.recipe.load import load_recipe

@@ -18,7 +18,8 @@ from mbp_cli.catalog.loggers import LOGGERS
 from mbp_cli.data.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.data.samples import batch_maker
 from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
-from mbp_cli.distributed.ranks import Ranks, World
+from mbp_cli.distributed.ranks import Ranks
+from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import explained_step_errors
 from mbp_cli.engine.setup import (
     Setup,

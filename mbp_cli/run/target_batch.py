@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbp_cli.distributed.ranks import RankReport, Ranks, World
+from mbp_cli.distributed.ranks import RankReport, Ranks
+from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
 from mbp_cli.errors import DoesNotFitError
 from mbp_cli.memory.tracker import is_out_of_memory, unless_out_of_memory
