@@ -196,7 +196,7 @@ def train(
                              simulated_memory=StorageTracker(capacity) if capacity else None,
                              resume=resume is not None, overwrite=overwrite)
         try:
-            run_training(loaded, options, sinks)
+            run_training(loaded, options, sinks, chosen)
         finally:
             for sink in sinks:
                 getattr(sink, "close", lambda: None)()  # a live display stops

@@ -32,7 +32,7 @@ LARGE_MODEL_PARAMETERS = 50_000_000  # above this the trial runs on the meta dev
 def trial_step(recipe: Recipe) -> str:
     """Build the model and run one forward + loss + backward on two samples, as training would;
     raise the training's own one-line errors. Returns what it saw, in words."""
-    resolve_device(recipe.train.device)  # one that is not here is refused, as training would
+    device = resolve_device(recipe.train.device)  # one not here is refused, as training would
     torch.manual_seed(recipe.seed)
     batch, train_set = sample_batch(recipe, 2)
     if train_set is not None and is_stream(train_set):
@@ -46,7 +46,7 @@ def trial_step(recipe: Recipe) -> str:
     device = meta if is_meta else cpu
     with device if is_meta else contextlib.nullcontext():
         model = build_model(recipe, device, is_fake=is_meta, with_weights=False)  # no download
-    blocks = check_strategies(recipe, model)
+    blocks = check_strategies(recipe, model, device)
     build_optimizer(recipe, model)  # arguments torch refuses, as training would find them
     step = build_micro_step(recipe, model, build_loss(recipe, model), device,
                             DTYPES[recipe.train.dtype])
@@ -91,13 +91,13 @@ def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) ->
     return f"; cut into {len(cuts) + 1} parts at {', '.join(c.name for c in cuts)}"
 
 
-def check_strategies(recipe: Recipe, model: torch.nn.Module) -> Blocks:
+def check_strategies(recipe: Recipe, model: torch.nn.Module, device: torch.device) -> Blocks:
     """Refuse, as training would, memory strategies that cannot apply: offload on a device
-    without a GPU, named block classes the model does not have. Returns the blocks they would
-    wrap (none where no strategy is asked)."""
+    without a GPU (`device`, the run's), named block classes the model does not have. Returns
+    the blocks they would wrap (none where no strategy is asked)."""
     memory = recipe.memory
     if memory.offload == "on":
-        refuse_offload_here(resolve_device(recipe.train.device))
+        refuse_offload_here(device)
     if memory.checkpoint_modules or "on" in (memory.checkpointing, memory.offload):
         return check_blocks(model, memory.checkpoint_modules, "memory.checkpointing")
     return []
