@@ -3,16 +3,20 @@ in proportion to each rank's measured speed, so a slow device stops holding up t
 
 Unlike the DBS paper, which resizes each worker's mini-batch and partitions the dataset, the
 global target batch stays the one a single process would draw: only how it is cut between the
-ranks changes, so the update and the optimizer's hyper-parameters are unchanged by balancing.
+ranks changes, so the update and the optimizer's hyper-parameters are unchanged by balancing. A
+resumed run keeps its checkpoint's cut where the ranks and the settings are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from mbp_cli.distributed.ranks import RankReport, split_shares
+from mbp_cli.distributed.world import World
 from mbp_cli.errors import UsageError
-from mbp_cli.recipe.spec import BatchSpec
+from mbp_cli.events import RunWarning, Sink
+from mbp_cli.recipe.spec import BatchSpec, Recipe
 from mbp_cli.run.checkpoint import LoopState
 
 
@@ -52,3 +56,37 @@ def balanced_shares(target: int, loop: LoopState, micro_batches: Sequence[int]
     if not any(speeds):
         return loop.shares, speeds
     return split_shares(target, speeds, floors=micro_batches), speeds
+
+
+def batch_setting(recipe: Recipe) -> dict[str, Any]:
+    """How the recipe cuts target batches between ranks; a resume that changes it (or the
+    number of ranks) cuts afresh."""
+    return {"micro": recipe.batch.micro, "shares": recipe.batch.shares}
+
+
+def keeps_split(loop: LoopState | None, recipe: Recipe, world: World) -> bool:
+    """Whether a resumed run keeps its checkpoint's cut: the same ranks, the same settings."""
+    return loop is not None and loop.world_size == world.size \
+        and loop.batch_setting in ({}, batch_setting(recipe))
+
+
+def split_state(loop: LoopState | None, keeps: bool, recipe: Recipe, world: World,
+                micro_batch: int, emit: Sink) -> LoopState:
+    """The loop state to train from, with this rank's micro-batch and every rank's share: the
+    checkpoint's where the cut is kept, else taken afresh (said in a warning)."""
+    setting = batch_setting(recipe)
+    if loop is not None and not keeps:
+        emit(RunWarning(
+            f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
+            f"{loop.batch_setting.get('micro', '?')} and batch.shares "
+            f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
+            f"{setting['micro']} and {setting['shares']}: each rank's share and micro-batch "
+            "are taken afresh; every update is still the full batch's, but the run is no "
+            "longer bitwise equal to an uninterrupted one"))
+        loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
+        loop.shares = []
+    loop = loop or LoopState(micro_batch, world_size=world.size)
+    loop.batch_setting = setting
+    if not loop.shares:
+        loop.shares = starting_shares(recipe.batch, world.size)
+    return loop

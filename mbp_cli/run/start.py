@@ -9,7 +9,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -39,7 +38,7 @@ from mbp_cli.recipe.spec import Recipe
 from mbp_cli.run.checkpoint import LoopState
 from mbp_cli.run.folder import RunFolder, refuse_in_use
 from mbp_cli.run.resume import resume_state
-from mbp_cli.run.shares import starting_shares
+from mbp_cli.run.shares import keeps_split, split_state
 from mbp_cli.run.stopping import resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
 
@@ -113,16 +112,10 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         built = setup or (build(recipe, device) if world.is_main else None)
     with ranks.agreed():
         setup = built or build(recipe, device)
-        model, target = setup.model, recipe.batch.target
-        is_streamed = is_stream(setup.train_set)
-        if is_streamed:
-            check_stream_recipe(recipe)
-        else:
-            check_target_batch(recipe, len(setup.train_set))
-        optimizer = build_optimizer(recipe, model)
-        per_epoch = 0 if is_streamed else steps_per_epoch(len(setup.train_set), target,
-                                                          recipe.batch.drop_last)
+        model = setup.model
+        per_epoch = checked_steps_per_epoch(recipe, setup)
         total_steps = recipe.train.steps or recipe.train.epochs * per_epoch
+        optimizer = build_optimizer(recipe, model)
         scheduler = build_schedule(optimizer, recipe.schedule, total_steps)  # the real one
         if world.is_main:
             refuse_in_use(run_dir)  # before anything in it is touched
@@ -130,17 +123,18 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
         state = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
             if options.resume else None
-        first_step = state.step if state else 0
-        if state is not None and first_step >= total_steps:  # nothing to do: leave it be
+        if state is not None and state.step >= total_steps:  # nothing to do: leave it be
             raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing "
                              "to resume (to train longer: --resume with --set train.steps=N)")
+        settings = loop_settings(recipe, options, run_dir, world, per_epoch, total_steps,
+                                 first_step=state.step if state else 0,
+                                 is_streamed=is_stream(setup.train_set))
         if options.resume and world.is_main:
             folder.open()  # it exists: log into it from the start
         if world.is_main:
-            folder.loggers = [LOGGERS[name](run_dir, first_step) for name in recipe.train.log or []]
+            folder.loggers = [LOGGERS[name](run_dir, settings.first_step)
+                              for name in recipe.train.log or []]
             emit.sinks += folder.loggers
-        stop_step = total_steps if options.max_steps is None else \
-            min(total_steps, first_step + options.max_steps)
         simulated = options.simulated_memory
         if simulated is not None:
             simulated.register(training_state_tensors(model, optimizer))
@@ -158,45 +152,79 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
     with ranks.agreed():
         compile_seconds = compile_now(setup, optimizer, state.micro_batch) \
             if recipe.train.compile else None
-    stream = StreamedBatches(setup.train_set, target, state.micro_batch, recipe.batch.drop_last,
-                             setup.collate, state.shares, world.rank,
-                             state.stream_position) if is_streamed else \
-        MicroBatchStream(setup.train_set, target, state.micro_batch, recipe.seed,
-                         recipe.batch.drop_last, stop_step, recipe.train.num_workers,
-                         device.type == "cuda", start_step=first_step, collate=setup.collate,
-                         shares=state.shares, rank=world.rank)
-    eval_set = setup.eval_set
-    emit(Start(name=recipe.name, device=str(device), dtype=recipe.train.dtype,
-               target_batch=target, micro_batch=state.micro_batch,
-               accumulation_steps=accumulation_steps(target, state.micro_batch),
-               total_steps=total_steps, stop_step=stop_step, start_step=first_step,
-               steps_per_epoch=per_epoch,
-               train_samples=0 if is_streamed else len(setup.train_set),
-               eval_samples=len(eval_set) if eval_set is not None and not is_stream(eval_set)
-               else 0,
-               parameters=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir),
-               strategies=" on ".join(filter(None, (choice.label, setup.describe_blocks()))),
-               micro_batches=micro_batches if world.is_distributed else None,
-               shares=state.shares or None))
-    for warning in start_warnings(setup, choice, state.micro_batch, target, world):
+    stream = open_stream(recipe, setup, state, settings, world)
+    emit(start_event(settings, setup, choice, state, micro_batches, world))
+    for warning in start_warnings(setup, choice, state.micro_batch, settings.target_batch, world):
         emit(RunWarning(warning))
-    balance = recipe.batch
-    settings = LoopSettings(
-        name=recipe.name, run_dir=run_dir, dtype=recipe.train.dtype, target_batch=target,
-        total_steps=total_steps, stop_step=stop_step, first_step=first_step,
-        steps_per_epoch=per_epoch, is_streamed=is_streamed,
-        clip_grad_norm=recipe.optim.clip_grad_norm, clip_grad_value=recipe.optim.clip_grad_value,
-        skip_nonfinite=recipe.train.on_nonfinite == "skip",
-        checkpoint_every=recipe.train.checkpoint_every,
-        keep_checkpoints=recipe.train.keep_checkpoints, eval_every=recipe.train.eval_every,
-        num_workers=recipe.train.num_workers,
-        rebalance_every=(balance.rebalance_every or per_epoch) if world.is_distributed
-        and balance.balance == "dynamic" else None,
-        resume_command=options.resume_command or resume_command(run_dir, world.size))
     return Run(settings=settings, setup=setup, optimizer=optimizer, scheduler=scheduler,
-               state=state, stream=stream, ranks=ranks, folder=folder, emit=emit, choice=choice,
-               memory=memory, simulated=simulated, compile_seconds=compile_seconds,
-               started=started, earlier_wall_seconds=state.wall_seconds)
+               state=state, stream=stream, ranks=ranks, folder=folder, emit=emit,
+               choice=choice, memory=memory, simulated=simulated,
+               compile_seconds=compile_seconds, started=started,
+               earlier_wall_seconds=state.wall_seconds)
+
+
+def checked_steps_per_epoch(recipe: Recipe, setup: Setup) -> int:
+    """Target batches in an epoch of the training set (0 for a stream: it has no length),
+    once the target batch is checked against it."""
+    if is_stream(setup.train_set):
+        check_stream_recipe(recipe)
+        return 0
+    check_target_batch(recipe, len(setup.train_set))
+    return steps_per_epoch(len(setup.train_set), recipe.batch.target, recipe.batch.drop_last)
+
+
+def loop_settings(recipe: Recipe, options: RunOptions, run_dir: Path, world: World,
+                  per_epoch: int, total_steps: int, *, first_step: int,
+                  is_streamed: bool) -> LoopSettings:
+    """The recipe's and the options' values the loop reads."""
+    train, batch = recipe.train, recipe.batch
+    return LoopSettings(
+        name=recipe.name, run_dir=run_dir, dtype=train.dtype, target_batch=batch.target,
+        total_steps=total_steps,
+        stop_step=total_steps if options.max_steps is None
+        else min(total_steps, first_step + options.max_steps),
+        first_step=first_step, steps_per_epoch=per_epoch, is_streamed=is_streamed,
+        clip_grad_norm=recipe.optim.clip_grad_norm, clip_grad_value=recipe.optim.clip_grad_value,
+        skip_nonfinite=train.on_nonfinite == "skip", checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints, eval_every=train.eval_every,
+        num_workers=train.num_workers,
+        rebalance_every=(batch.rebalance_every or per_epoch)
+        if world.is_distributed and batch.balance == "dynamic" else None,
+        resume_command=options.resume_command or resume_command(run_dir, world.size))
+
+
+def open_stream(recipe: Recipe, setup: Setup, state: LoopState, settings: LoopSettings,
+                world: World) -> MicroBatchStream | StreamedBatches:
+    """This rank's micro-batches from the loop state's step on: a seeded sampler's, or a
+    stream's from where it was left."""
+    if settings.is_streamed:
+        return StreamedBatches(setup.train_set, settings.target_batch, state.micro_batch,
+                               recipe.batch.drop_last, setup.collate, state.shares, world.rank,
+                               state.stream_position)
+    return MicroBatchStream(setup.train_set, settings.target_batch, state.micro_batch,
+                            recipe.seed, recipe.batch.drop_last, settings.stop_step,
+                            settings.num_workers, setup.device.type == "cuda",
+                            start_step=settings.first_step, collate=setup.collate,
+                            shares=state.shares, rank=world.rank)
+
+
+def start_event(settings: LoopSettings, setup: Setup, choice: StrategyChoice, state: LoopState,
+                micro_batches: list[int], world: World) -> Start:
+    """What the run says as it starts training."""
+    train_set, eval_set = setup.train_set, setup.eval_set
+    return Start(
+        name=settings.name, device=str(setup.device), dtype=settings.dtype,
+        target_batch=settings.target_batch, micro_batch=state.micro_batch,
+        accumulation_steps=accumulation_steps(settings.target_batch, state.micro_batch),
+        total_steps=settings.total_steps, stop_step=settings.stop_step,
+        start_step=settings.first_step, steps_per_epoch=settings.steps_per_epoch,
+        train_samples=0 if settings.is_streamed else len(train_set),
+        eval_samples=len(eval_set) if eval_set is not None and not is_stream(eval_set) else 0,
+        parameters=sum(p.numel() for p in setup.model.parameters()),
+        run_dir=str(settings.run_dir),
+        strategies=" on ".join(filter(None, (choice.label, setup.describe_blocks()))),
+        micro_batches=micro_batches if world.is_distributed else None,
+        shares=state.shares or None)
 
 
 def start_warnings(setup: Setup, choice: StrategyChoice, micro_batch: int, target_batch: int,
@@ -264,40 +292,6 @@ def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimize
                verified_peak_bytes=result.verified_peak_bytes, backend=result.backend,
                strategies=choice.label if is_auto(recipe) else None))
     return choice, micro_batch, answer
-
-
-def batch_setting(recipe: Recipe) -> dict[str, Any]:
-    """How the recipe cuts target batches between ranks; a resume that changes it (or the
-    number of ranks) cuts afresh."""
-    return {"micro": recipe.batch.micro, "shares": recipe.batch.shares}
-
-
-def keeps_split(loop: LoopState | None, recipe: Recipe, world: World) -> bool:
-    """Whether a resumed run keeps its checkpoint's cut: the same ranks, the same settings."""
-    return loop is not None and loop.world_size == world.size \
-        and loop.batch_setting in ({}, batch_setting(recipe))
-
-
-def split_state(loop: LoopState | None, keeps: bool, recipe: Recipe, world: World,
-                micro_batch: int, emit: Sink) -> LoopState:
-    """The loop state to train from, with this rank's micro-batch and every rank's share: the
-    checkpoint's where the cut is kept, else taken afresh (said in a warning)."""
-    setting = batch_setting(recipe)
-    if loop is not None and not keeps:
-        emit(RunWarning(
-            f"the checkpoint was made by {loop.world_size} rank(s) with batch.micro "
-            f"{loop.batch_setting.get('micro', '?')} and batch.shares "
-            f"{loop.batch_setting.get('shares')}; this run has {world.size} with "
-            f"{setting['micro']} and {setting['shares']}: each rank's share and micro-batch "
-            "are taken afresh; every update is still the full batch's, but the run is no "
-            "longer bitwise equal to an uninterrupted one"))
-        loop.micro_batch, loop.world_size, loop.speed_window = micro_batch, world.size, []
-        loop.shares = []
-    loop = loop or LoopState(micro_batch, world_size=world.size)
-    loop.batch_setting = setting
-    if not loop.shares:
-        loop.shares = starting_shares(recipe.batch, world.size)
-    return loop
 
 
 def compile_now(setup: Setup, optimizer: torch.optim.Optimizer, micro_batch: int) -> float:
