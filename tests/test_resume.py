@@ -137,6 +137,28 @@ def test_a_corrupt_checkpoint_is_named_and_the_one_before_is_used(cli, tmp_path)
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+def test_an_unreadable_checkpoint_is_not_kept_in_place_of_a_good_one(cli, tmp_path):
+    """keep_checkpoints: 1 after a resume that went back past a corrupt newest checkpoint: the
+    checkpoint just written is the one kept, the corrupt one is set aside, not counted."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 8, "checkpoint_every": 2,
+                                                 "keep_checkpoints": 2, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "4").exit_code == 0
+    folder = run / "checkpoints"
+    newest = folder / "step-000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    first = cli("train", "--resume", run, "--max-steps", "1",
+                "--set", "train.keep_checkpoints=1")
+    assert first.exit_code == 0, first.output
+    assert "resuming at step 2 from" in first.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000003.pt",
+                                                       "step-000004.pt.unreadable"]
+    second = cli("train", "--resume", run, "--set", "train.keep_checkpoints=1")
+    assert second.exit_code == 0, second.output
+    assert "corrupt" not in second.stderr and "resuming at step 3 from" in second.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
 def test_resume_with_every_checkpoint_corrupt_changes_nothing(cli, tmp_path):
     """Starting over would replace model.pt and the metrics: refused, the fix named."""
     recipe = write(tmp_path, small_recipe(train={"steps": 6, "checkpoint_every": 2,

@@ -63,9 +63,19 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         save_state_dict(path, state, what="checkpoint")
     except MbpError as exc:
         raise MbpError(f"{exc}; the previous checkpoint is intact") from exc
-    for old in sorted(path.parent.glob("step-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(path, keep)
     return path
+
+
+def prune(newest: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `newest`, the one just written. Later ones are
+    those a resume went back past, unreadable: they count for nothing and are set aside (as
+    step-….pt.unreadable), so that no good checkpoint is deleted to keep them."""
+    steps = sorted(newest.parent.glob("step-*.pt"))
+    for unreadable in (p for p in steps if p.name > newest.name):
+        unreadable.replace(unreadable.with_name(unreadable.name + ".unreadable"))
+    for old in [p for p in steps if p.name <= newest.name][:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -88,7 +98,7 @@ def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] |
             return path, load_checkpoint(path), notes
         except ValueError as exc:
             notes.append(f"checkpoint {path} is corrupt or truncated ({exc}); trying the one "
-                         "before it")
+                         "before it (the next checkpoint sets it aside as .unreadable)")
     return None, None, notes
 
 
