@@ -49,6 +49,7 @@ def test_a_capacity_makes_a_simulated_device():
             torch.empty(2000)
     assert is_out_of_memory(caught.value) and isinstance(caught.value, torch.OutOfMemoryError)
     assert tracker.live_bytes == 4096  # the failed allocation is not kept
+    assert tracker.peak_bytes == 4096  # nor counted in the peak, as on a GPU
     del keep
 
 

@@ -90,6 +90,19 @@ def test_out_of_memory_at_micro_batch_1_is_exit_3(cli, write_recipe, tmp_path):
     assert result.stderr.count("out of memory at step 1") == 5  # 32 → 16 → 8 → 4 → 2 → 1
 
 
+def test_the_peak_recorded_after_a_refused_allocation_is_within_the_device(cli, write_recipe,
+                                                                          tmp_path):
+    """The allocation a simulated device refuses never was, as on a GPU: the run's peak stays
+    within the capacity it trained under."""
+    run_dir = tmp_path / "run"
+    result = cli("train", write_recipe(fp64_recipe(32, steps=2)), "--out", run_dir,
+                 "--simulate-memory", "488KiB")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["oom_retries"] >= 1
+    assert 0 < summary["peak_memory_bytes"] <= 488 * 1024
+
+
 def test_optimizer_state_that_does_not_fit_is_exit_3_and_leaves_nothing(cli, write_recipe,
                                                                           tmp_path):
     """AdamW's two moments per parameter are made at the first step, after the micro-batches

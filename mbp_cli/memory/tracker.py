@@ -95,12 +95,14 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        peak_before = self.peak_bytes
         for value in tree_leaves(out):
             if isinstance(value, torch.Tensor):
                 self._add(value)
         if self.capacity_bytes is not None and self.live_bytes > self.capacity_bytes:
             message = (f"simulated device out of memory: {self.live_bytes:,} bytes needed, "
                        f"capacity {self.capacity_bytes:,} bytes (while running {func})")
+            self.peak_bytes = peak_before  # as a device's peak, the refused allocation never was
             # Drop every reference to the failed output: the traceback keeps this frame alive.
             out = value = None
             raise SimulatedOutOfMemoryError(message)
