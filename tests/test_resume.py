@@ -244,8 +244,27 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cli, tmp_
     monkeypatch.undo()
     assert result.exit_code == 1
     assert "cannot write checkpoint" in result.stderr and "No space left" in result.stderr
+    assert "the previous checkpoint, step-000002.pt, is intact" in result.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002.pt"]
     assert cli("train", "--resume", run, "--quiet").exit_code == 0
+
+
+def test_a_full_disk_at_the_first_checkpoint_claims_no_earlier_one(cli, tmp_path, monkeypatch):
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    real_fsync = os.fsync
+
+    def fsync_that_fills_the_disk_for_checkpoints(fd):
+        if "/checkpoints/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk_for_checkpoints)
+    result = cli("train", recipe, "--out", tmp_path / "run", "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 1
+    assert "cannot write checkpoint" in result.stderr and "intact" not in result.stderr
+    assert "no earlier checkpoint was written" in result.stderr
 
 
 def test_a_full_disk_while_saving_the_model_is_a_clear_error(cli, tmp_path, monkeypatch):
@@ -319,3 +338,26 @@ def test_more_or_fewer_steps_on_resume_take_the_new_schedule_from_the_next_step(
                 if e["event"] == "step"]
 
     assert lrs(rest) == pytest.approx(lrs(eight)[3:], rel=1e-12)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_result_files_follow_the_umask_as_any_tool_writes_them(tmp_path, umask):
+    """Others on a shared filesystem read the results where the umask lets them: every file a
+    run writes (checkpoints, the metrics rewritten by a resume included) takes 0666 less it."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+
+    def with_umask() -> None:
+        os.umask(umask)
+
+    first = mbp("train", recipe, "--out", run, "--quiet", "--max-steps", "2",
+                preexec_fn=with_umask)
+    assert first.returncode == 0, first.stderr
+    resumed = mbp("train", "--resume", run, "--quiet", preexec_fn=with_umask)
+    assert resumed.returncode == 0, resumed.stderr
+    modes = {path.relative_to(run).as_posix(): path.stat().st_mode & 0o777
+             for path in run.rglob("*") if path.is_file()}
+    assert {"model.pt", "recipe.yaml", "summary.json", "metrics.jsonl",
+            "checkpoints/step-000004.pt"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~umask}, modes

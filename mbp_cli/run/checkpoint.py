@@ -62,7 +62,10 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     try:
         save_state_dict(path, state, what="checkpoint")
     except MbpError as exc:
-        raise MbpError(f"{exc}; the previous checkpoint is intact") from exc
+        earlier = sorted(p for p in path.parent.glob("step-*.pt") if p.name < path.name)
+        kept = f"the previous checkpoint, {earlier[-1].name}, is intact" if earlier else \
+            "no earlier checkpoint was written"
+        raise MbpError(f"{exc}; {kept}") from exc
     prune(path, keep)
     return path
 
