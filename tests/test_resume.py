@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from mbp_cli.errors import UsageError
 from tests.conftest import REPO, small_recipe
 
 # Dropout draws from the RNG in every step: only a resume that restores it is bitwise equal.
@@ -361,3 +362,27 @@ def test_result_files_follow_the_umask_as_any_tool_writes_them(tmp_path, umask):
     assert {"model.pt", "recipe.yaml", "summary.json", "metrics.jsonl",
             "checkpoints/step-000004.pt"} <= modes.keys()
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_run_racing_for_a_folder_with_overwrite_deletes_nothing_of_the_winner(tmp_path):
+    """Two `--overwrite` runs into one folder, both past the start's check: the first to train
+    a target batch takes the folder; the other finds it held before touching a file in it."""
+    from mbp_cli.recipe.load import load_recipe
+    from mbp_cli.run.folder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")  # an earlier run's results, to overwrite
+    recipe = load_recipe(write(tmp_path, small_recipe()))
+    winner = RunFolder(run, recipe, resume=False, overwrite=True)
+    loser = RunFolder(run, recipe, resume=False, overwrite=True)
+    winner.open()
+    try:
+        assert not (run / "summary.json").exists()  # the winner overwrote the earlier run
+        written = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}
+        assert {"recipe.yaml", "metrics.jsonl"} <= written.keys()
+        with pytest.raises(UsageError, match="is in use by another mbp train"):
+            loser.open()
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == written
+    finally:
+        winner.close()

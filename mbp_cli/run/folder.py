@@ -38,19 +38,24 @@ def check_run_dir(path: Path, overwrite: bool) -> list[str]:
     return held
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    """Create the run folder; with `overwrite`, remove mbp's earlier results (only those)."""
-    held = check_run_dir(path, overwrite)
+def make_run_dir(path: Path) -> None:
+    """Create the run folder (and those above it)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
+
+
+def remove_results(path: Path, held: list[str]) -> None:
+    """Remove mbp's earlier results named in `held` (only those), for --overwrite."""
+    try:
         for name in held:
             if (path / name).is_dir():
                 shutil.rmtree(path / name)
             else:
-                (path / name).unlink()
+                (path / name).unlink(missing_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
-    return path
 
 
 def write_atomic(path: Path, data: bytes, what: str = "file") -> None:
@@ -139,12 +144,13 @@ class RunFolder:
         """Make the folder (a resumed run has it), write the recipe and start the metrics."""
         if self.is_open:
             return
-        if not self.resume:
-            prepare_run_dir(self.path, self.overwrite)
-        try:
+        held = [] if self.resume else check_run_dir(self.path, self.overwrite)
+        make_run_dir(self.path)
+        try:  # before anything in it changes: a run racing for it finds it held
             self._lock.enter_context(held_lock(self.path))
         except BlockingIOError:
             raise in_use(self.path) from None
+        remove_results(self.path, held)
         text = f"{READ_FROM}{self.recipe.folder}\n" + dump_recipe(self.recipe)
         write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
         if self.probe is not None:
