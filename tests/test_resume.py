@@ -386,3 +386,26 @@ def test_a_run_racing_for_a_folder_with_overwrite_deletes_nothing_of_the_winner(
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == written
     finally:
         winner.close()
+
+
+def test_a_resume_whose_saved_recipe_no_longer_fits_the_checkpoint_changes_nothing(cli,
+                                                                                  tmp_path):
+    """recipe.yaml edited in the run folder (the model's width): one line naming the tensors
+    that do not fit and the key that changed, exit 2, every file as it was."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "2").exit_code == 0
+    saved = run / "recipe.yaml"
+    saved.write_text(saved.read_text().replace("width: 8", "width: 16"))
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "size mismatch" not in result.output
+    message = result.stderr.strip().splitlines()[0]
+    assert message.startswith(f"error: checkpoint {run / 'checkpoints' / 'step-000002.pt'} "
+                              "does not fit the model the recipe builds now: ")
+    assert "(8×1×3×3 saved, 16×1×3×3 now)" in message
+    assert "the recipe changed since it was written: model.args.width: 8 → 16" in message
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
+            if path.is_file()} == before

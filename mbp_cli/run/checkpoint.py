@@ -51,14 +51,14 @@ def rank_state(micro_batch: int) -> dict[str, Any]:
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loop: LoopState, keep: int,
-                    ranks: list[dict[str, Any]]) -> Path:
+                    ranks: list[dict[str, Any]], recipe: dict[str, Any]) -> Path:
     """Write the state after `loop.step` steps atomically (with every rank's `rank_state`, in
-    rank order); keep only the newest `keep`."""
+    rank order, and the recipe that made it, as plain data); keep only the newest `keep`."""
     path = checkpoint_path(run_dir, loop.step)
     path.parent.mkdir(exist_ok=True)
     state = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loop": asdict(loop), "rng": ranks[0]["rng"],
-             "ranks": ranks}
+             "ranks": ranks, "recipe": recipe}
     try:
         save_state_dict(path, state, what="checkpoint")
     except MbpError as exc:
@@ -103,6 +103,21 @@ def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] |
             notes.append(f"checkpoint {path} is corrupt or truncated ({exc}); trying the one "
                          "before it (the next checkpoint sets it aside as .unreadable)")
     return None, None, notes
+
+
+def unfit_tensors(saved: dict[str, Any], model: torch.nn.Module) -> list[str]:
+    """The model's tensors a checkpoint's do not fit, in words (none: it loads)."""
+    current = model.state_dict()
+    words = []
+    for name in sorted(saved.keys() | current.keys()):
+        if name not in current:
+            words.append(f"{name} (only in the checkpoint)")
+        elif name not in saved:
+            words.append(f"{name} (not in the checkpoint)")
+        elif tuple(saved[name].shape) != tuple(current[name].shape):
+            words.append(f"{name} ({'×'.join(map(str, saved[name].shape)) or 'scalar'} "
+                         f"saved, {'×'.join(map(str, current[name].shape)) or 'scalar'} now)")
+    return words
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -146,7 +146,8 @@ def write_checkpoint(run: Run) -> Path | None:
     if not run.ranks.world.is_main:
         return None
     return save_checkpoint(run.settings.run_dir, run.setup.model, run.optimizer, run.scheduler,
-                           state, run.settings.keep_checkpoints, states)
+                           state, run.settings.keep_checkpoints, states,
+                           run.folder.recipe.to_dict())
 
 
 def finish(run: Run) -> dict[str, Any]:

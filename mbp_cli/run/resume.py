@@ -14,7 +14,7 @@ from mbp_cli.errors import UsageError
 from mbp_cli.events import Resume, RunWarning, Sink
 from mbp_cli.recipe.load import load_recipe
 from mbp_cli.recipe.spec import Recipe
-from mbp_cli.run.checkpoint import LoopState, newest_good_checkpoint, restore
+from mbp_cli.run.checkpoint import LoopState, newest_good_checkpoint, restore, unfit_tensors
 from mbp_cli.run.folder import write_atomic
 
 SAFE_TO_CHANGE_ON_RESUME = (
@@ -29,8 +29,10 @@ SAFE_TO_CHANGE_ON_RESUME = (
 )
 
 
-def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
-    """(key path, old value, new value) for every leaf that differs between two recipes."""
+def recipe_differences(old: Recipe | dict[str, Any],
+                       new: Recipe | dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key path, old value, new value) for every leaf that differs between two recipes (or
+    their plain data)."""
 
     def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict) and value:
@@ -38,7 +40,7 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
                     for k, v in leaves(item, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): value}
 
-    before, after = leaves(old.to_dict()), leaves(new.to_dict())
+    before, after = (leaves(r.to_dict() if isinstance(r, Recipe) else r) for r in (old, new))
     return [(key, before.get(key), after.get(key)) for key in sorted(before | after)
             if before.get(key) != after.get(key)]
 
@@ -73,10 +75,11 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
     return wanted
 
 
-def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, emit: Sink, world: World) -> LoopState | None:
+def resume_state(run_dir: Path, recipe: Recipe, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, emit: Sink,
+                 world: World) -> LoopState | None:
     """Restore the newest good checkpoint (None: start over); keep metrics up to its step
-    (rank 0 writes them)."""
+    (rank 0 writes them). A checkpoint the recipe's model does not fit changes nothing."""
     path, state, notes = newest_good_checkpoint(run_dir)
     if state is None and notes:  # starting over would replace what the run has
         raise UsageError(f"no checkpoint of {run_dir} can be read ({len(notes)} corrupt or "
@@ -87,6 +90,7 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
         emit(RunWarning(note))
     loop = None
     if state is not None:
+        refuse_unfit(path, state, recipe, model)
         loop = restore(state, model, optimizer, scheduler, world.rank, world.size)
         # The learning rate for the next step is this recipe's schedule's (train.steps may
         # have changed), not the one the checkpoint's optimizer last had.
@@ -99,6 +103,23 @@ def resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
         trim_metrics(run_dir / "metrics.jsonl", step)
     emit(Resume(step=step, checkpoint=str(path) if path else None))
     return loop
+
+
+def refuse_unfit(path: Path, state: dict[str, Any], recipe: Recipe,
+                 model: torch.nn.Module) -> None:
+    """Refuse, in one line, a checkpoint whose tensors the model does not fit (its recipe
+    edited since), naming the tensors and the recipe keys that changed."""
+    unfit = unfit_tensors(state["model"], model)
+    if not unfit:
+        return
+    shown = ", ".join(unfit[:4]) + (f" and {len(unfit) - 4} more" if len(unfit) > 4 else "")
+    saved = state.get("recipe")
+    changed = [f"{key}: {old!r} → {new!r}"
+               for key, old, new in recipe_differences(saved, recipe)] if saved else []
+    why = f"; the recipe changed since it was written: {'; '.join(changed)}" if changed else ""
+    raise UsageError(f"checkpoint {path} does not fit the model the recipe builds now: "
+                     f"{shown}{why}. Nothing was changed: put the recipe back as it was, or "
+                     "start afresh with --overwrite")
 
 
 def finished_wall_seconds(run_dir: Path, step: int) -> float:

@@ -121,7 +121,7 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
             refuse_in_use(run_dir)  # before anything in it is touched
         folder = RunFolder(run_dir, recipe, options.resume, options.overwrite)
         emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
-        state = resume_state(run_dir, model, optimizer, scheduler, emit, world) \
+        state = resume_state(run_dir, recipe, model, optimizer, scheduler, emit, world) \
             if options.resume else None
         if state is not None and state.step >= total_steps:  # nothing to do: leave it be
             raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing "
