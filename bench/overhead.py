@@ -25,7 +25,7 @@ from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import mlp, small_cnn
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep
-from mbp_cli.engine.setup import spare_counting
+from mbp_cli.engine.model import spare_counting
 from mbp_cli.run.target_batch import target_batch_step
 
 CASES = [("small_cnn", 512, 32), ("small_cnn", 512, 8), ("mlp", 1024, 64)]

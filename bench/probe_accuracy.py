@@ -14,11 +14,13 @@ import torch
 from common import markdown_table, write_result
 
 from mbp_cli.data.samples import batch_maker
-from mbp_cli.engine.setup import build, build_optimizer, smallest_micro_batch
+from mbp_cli.engine.model import smallest_micro_batch
+from mbp_cli.engine.optim import build_optimizer
+from mbp_cli.engine.setup import build
 from mbp_cli.memory.measure import StepRunner, preserved_training_state
 from mbp_cli.memory.search import ProbeOptions, probe_setup
 from mbp_cli.memory.weigh import probe_recipe
-from mbp_cli.recipe.spec import build_recipe
+from mbp_cli.recipe.load import build_recipe
 
 CPU = torch.device("cpu")
 MiB = 2**20

@@ -19,7 +19,7 @@ from common import markdown_table, write_result
 
 from mbp_cli.memory.search import ProbeOptions
 from mbp_cli.memory.weigh import probe_recipe
-from mbp_cli.recipe.spec import build_recipe
+from mbp_cli.recipe.load import build_recipe
 from mbp_cli.units import format_bytes
 
 GiB, MiB = 2**30, 2**20

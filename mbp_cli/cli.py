@@ -148,7 +148,7 @@ def train(
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
     with user_errors(as_json=json_):
         _allocator_settings()
-        from mbp_cli.commands.output import terminal_sinks
+        from mbp_cli.commands.output.sinks import terminal_sinks
         from mbp_cli.commands.train import train as run_training
         from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
@@ -176,7 +176,7 @@ def train(
         world = world_from_env()
         if nproc > 1 and not world.is_launched:  # the launcher: start the ranks
             from mbp_cli.distributed.launch import check_gpus, launch, rank_arguments
-            from mbp_cli.partition.run import check_part_ranks
+            from mbp_cli.partition.build import check_part_ranks
             from mbp_cli.run.shares import check_rank_lists
 
             check_rank_lists(loaded.batch, nproc)
@@ -268,7 +268,7 @@ def probe(
     """Measure real training steps at a few micro-batch sizes and report the largest that fits."""
     with user_errors(as_json=json_):
         _allocator_settings()
-        from mbp_cli.commands.output import print_probe
+        from mbp_cli.commands.output.probe import print_probe
         from mbp_cli.engine.setup import resolve_device
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.search import ProbeOptions
@@ -298,9 +298,9 @@ def probe(
 def _probe_parts(recipe: Recipe, options: ProbeOptions, has_other_options: bool,
                  as_json: bool) -> None:
     """Probe each part of a partitioned recipe; print each answer under its part's name."""
-    from mbp_cli.commands.output import print_probe
+    from mbp_cli.commands.output.probe import print_probe
     from mbp_cli.errors import UsageError
-    from mbp_cli.partition.run import probe_parts
+    from mbp_cli.partition.build import probe_parts
 
     if has_other_options:
         raise UsageError("with train.partition, mbp probe measures each part on this device; "
@@ -459,7 +459,7 @@ def report(
 @app.command("recipes")
 def list_recipes() -> None:
     """List the bundled recipes, one line each."""
-    from mbp_cli.recipe.spec import bundled_recipes
+    from mbp_cli.recipe.load import bundled_recipes
 
     found = bundled_recipes()
     if not found:

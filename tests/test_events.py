@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 
-from mbp_cli.commands.output import PlainReporter, Reporter
+from mbp_cli.commands.output.plain import PlainReporter, Reporter
 from mbp_cli.commands.train import train
 from mbp_cli.events import Event, Step
 from mbp_cli.recipe.load import load_recipe

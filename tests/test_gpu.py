@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mbp_cli.data.samples import batch_maker
-from mbp_cli.engine.setup import build, build_optimizer
+from mbp_cli.engine.optim import build_optimizer
+from mbp_cli.engine.setup import build
 from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.estimate import fake_setup
 from mbp_cli.memory.measure import StepRunner

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import default_collate
 
+from mbp_cli.partition.build import build_partition
 from mbp_cli.partition.codes import make_codes
-from mbp_cli.partition.run import build_partition
 from mbp_cli.recipe.load import load_recipe
 from mbp_cli.run.target_batch import target_batch_step
 from tests.conftest import REPO, small_recipe

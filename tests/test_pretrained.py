@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from mbp_cli.catalog.pretrained import find_head
-from mbp_cli.engine.setup import split_transforms
+from mbp_cli.engine.splits import split_transforms
 from mbp_cli.recipe.load import load_recipe
 from tests.conftest import small_recipe
 

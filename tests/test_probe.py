@@ -13,7 +13,8 @@ import torch
 
 from mbp_cli.commands.plot import plot_probe
 from mbp_cli.data.samples import batch_maker
-from mbp_cli.engine.setup import build, build_optimizer
+from mbp_cli.engine.optim import build_optimizer
+from mbp_cli.engine.setup import build
 from mbp_cli.memory.fit import Measurement, fit_line, prefer_even_split, slope_is_stable
 from mbp_cli.memory.measure import StepRunner
 from mbp_cli.memory.search import ProbeOptions, narrow_down, probe_setup

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mbp_cli.errors import RecipeError, UsageError
-from mbp_cli.recipe.load import load_recipe
-from mbp_cli.recipe.spec import bundled_recipes, dump_recipe
+from mbp_cli.recipe.load import bundled_recipes, load_recipe
+from mbp_cli.recipe.spec import dump_recipe
 from tests.conftest import REPO, small_recipe
 
 

@@ -15,7 +15,8 @@ from mbp_cli.catalog.datasets import is_stream
 from mbp_cli.catalog.losses import ClassificationLoss, ItemLoss, LossFn
 from mbp_cli.catalog.model_loss import ModelLoss
 from mbp_cli.engine.micro_step import TARGET_KEYS, pick_output, to_device
-from mbp_cli.engine.setup import Setup, build, held_out_words, resolve_device, split_transforms
+from mbp_cli.engine.setup import Setup, build, resolve_device
+from mbp_cli.engine.splits import held_out_words, split_transforms
 from mbp_cli.errors import UsageError, describe
 from mbp_cli.recipe.load import load_recipe
 from mbp_cli.recipe.registry import find_dataset

@@ -12,16 +12,11 @@ import torch
 from mbp_cli.catalog.datasets import is_stream
 from mbp_cli.data.streaming import check_stream_recipe
 from mbp_cli.engine.micro_step import explained_step_errors
+from mbp_cli.engine.model import DTYPES, build_loss, build_model
+from mbp_cli.engine.optim import build_optimizer
 from mbp_cli.engine.samples import sample_batch
-from mbp_cli.engine.setup import (
-    DTYPES,
-    build_loss,
-    build_micro_step,
-    build_model,
-    build_optimizer,
-    check_target_batch,
-    resolve_device,
-)
+from mbp_cli.engine.setup import build_micro_step, resolve_device
+from mbp_cli.engine.splits import check_target_batch
 from mbp_cli.recipe.spec import Recipe
 from mbp_cli.strategies.blocks import Blocks, BlockStrategies, check_blocks
 from mbp_cli.strategies.choice import refuse_offload_here
@@ -74,9 +69,9 @@ def trial_step(recipe: Recipe) -> str:
 def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) -> str:
     """train.partition: the cut points, the codes' width and the targets checked as training
     checks them, on the trial batch; in words ('' without a partition)."""
+    from mbp_cli.partition.build import check_codes_fit, run_parts
     from mbp_cli.partition.codes import check_class_indices
     from mbp_cli.partition.cuts import find_cuts, split, trace
-    from mbp_cli.partition.run import check_codes_fit, run_parts
     from mbp_cli.recipe.spec import partition_spec
 
     spec = partition_spec(recipe)

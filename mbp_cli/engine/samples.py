@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from mbp_cli.catalog.datasets import is_stream
 from mbp_cli.data.batching import stack_held_out
 from mbp_cli.data.samples import batch_maker
-from mbp_cli.engine.setup import build_collate, build_data, check_not_empty, split_transforms
+from mbp_cli.engine.splits import build_collate, build_data, check_not_empty, split_transforms
 from mbp_cli.errors import UsageError, UserCodeError
 from mbp_cli.recipe.spec import Recipe
 

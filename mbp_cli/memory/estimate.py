@@ -14,16 +14,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from mbp_cli.data.samples import BatchMaker
+from mbp_cli.engine.model import DTYPES, build_loss, build_model, spare_counting
+from mbp_cli.engine.optim import build_optimizer
 from mbp_cli.engine.samples import sample_batch
-from mbp_cli.engine.setup import (
-    DTYPES,
-    Setup,
-    build_loss,
-    build_micro_step,
-    build_model,
-    build_optimizer,
-    spare_counting,
-)
+from mbp_cli.engine.setup import Setup, build_micro_step
 from mbp_cli.memory.attention import DeviceAttention
 from mbp_cli.memory.measure import StepRunner
 from mbp_cli.recipe.spec import Recipe

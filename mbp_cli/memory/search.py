@@ -11,7 +11,8 @@ import torch
 
 from mbp_cli.data.batching import accumulation_steps
 from mbp_cli.data.samples import batch_maker
-from mbp_cli.engine.setup import Setup, smallest_micro_batch
+from mbp_cli.engine.model import smallest_micro_batch
+from mbp_cli.engine.setup import Setup
 from mbp_cli.errors import UsageError, does_not_fit
 from mbp_cli.memory.estimate import FakeParts
 from mbp_cli.memory.fit import Fit, Measurement, fit_line, prefer_even_split, slope_is_stable

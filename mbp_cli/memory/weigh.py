@@ -10,7 +10,9 @@ import torch
 
 from mbp_cli.data.batching import accumulation_steps
 from mbp_cli.engine.micro_step import explained_step_errors
-from mbp_cli.engine.setup import Setup, build, build_optimizer, smallest_micro_batch
+from mbp_cli.engine.model import smallest_micro_batch
+from mbp_cli.engine.optim import build_optimizer
+from mbp_cli.engine.setup import Setup, build
 from mbp_cli.errors import DoesNotFitError
 from mbp_cli.memory.estimate import CUDA, FakeParts, fake_setup, quiet_fake_kernels
 from mbp_cli.memory.measure import StepRunner, preserved_training_state

@@ -1,19 +1,15 @@
-"""The recipe: frozen dataclasses and load_recipe(), the one way to read and check a recipe."""
+"""The recipe as frozen dataclasses, one per section, and the values read out of them."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mbp_cli.errors import RecipeError, UsageError, suggest
-from mbp_cli.recipe.fields import build_section, field_names, kind, spec, typed, unknown_keys
-from mbp_cli.recipe.yaml_text import apply_overrides, parse_yaml
-from mbp_cli.units import parse_bytes
+from mbp_cli.errors import UsageError
+from mbp_cli.recipe.fields import build_section, spec
 
 
 @dataclass(frozen=True)
@@ -162,7 +158,6 @@ class Recipe:
 
 
 READ_FROM = "# mbp: read from "  # a saved recipe's first line: where its import paths resolve
-DEVICE_NAME = r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?"
 SECTIONS: dict[str, type] = {
     "model": ModelSpec, "data": DataSpec, "batch": BatchSpec, "optim": OptimSpec,
     "schedule": ScheduleSpec, "loss": LossSpec, "train": TrainSpec, "memory": MemorySpec,
@@ -171,123 +166,9 @@ REQUIRED_SECTIONS = ("model", "data", "batch", "optim")
 TOP_LEVEL_KEYS = ("name", "seed", *SECTIONS)
 
 
-def read_recipe(path: str | Path,
-                overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, list[str]]:
-    """Read and override a recipe; return it (defaults where values are bad) and its problems.
-
-    Import paths in it are looked up first in the folder a run's saved copy names on its first
-    line, else in the file's own folder.
-    """
-    path = find_recipe(Path(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read recipe {path}: {exc}") from exc
-    folder = str(path.resolve().parent)
-    if text.startswith(READ_FROM):  # a run folder's copy: its imports resolve as they did
-        folder = text.split("\n", 1)[0].removeprefix(READ_FROM)
-    raw, problems = parse_yaml(text)
-    if not isinstance(raw, dict):  # not a recipe at all: nothing else in it can be told
-        if raw is not None:
-            problems.append(f"the top level must be a mapping of sections, got {kind(raw)}")
-        raise RecipeError(str(path), problems or ["the file is empty"])
-    problems += apply_overrides(raw, overrides, tuple(SECTIONS))
-    recipe = build_recipe(raw, path.stem, problems)
-    return dataclasses.replace(recipe, folder=folder), problems
-
-
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text of a resolved recipe, in section order."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
-
-
-def build_recipe(raw: dict[str, Any], default_name: str, problems: list[str]) -> Recipe:
-    """Build the Recipe from a mapping of sections, appending every problem found; defaults
-    fill the gaps."""
-    unknown_keys(raw, TOP_LEVEL_KEYS, "", problems)
-    name = typed(raw.get("name", default_name), str, "name", problems) or default_name
-    seed = typed(raw.get("seed", 0), int, "seed", problems)
-    if isinstance(seed, int) and not 0 <= seed < 2**63:
-        problems.append(f"seed: must be from 0 to 2**63 - 1, got {seed}")
-    sections = {}
-    for key, cls in SECTIONS.items():
-        value = raw.get(key)
-        if value is None and key in REQUIRED_SECTIONS:
-            problems.append(f"{key}: missing section")
-        if isinstance(value, str) and "name" in field_names(cls):
-            value = {"name": value}  # `loss: mse` is short for `loss: {name: mse}`
-        sections[key] = build_section(cls, value, key, problems)
-    recipe = Recipe(name=name, seed=seed if isinstance(seed, int) else 0, **sections)
-    _cross_checks(recipe, problems)
-    return recipe
-
-
-def _cross_checks(recipe: Recipe, problems: list[str]) -> None:
-    batch, train = recipe.batch, recipe.train
-    if isinstance(batch.micro, str) and batch.micro != "auto":
-        problems.append(f"batch.micro: expected an integer or 'auto', got {batch.micro!r}")
-    per_rank = batch.micro if isinstance(batch.micro, list) else []
-    if isinstance(batch.micro, list) and not (per_rank and all(
-            m == "auto" or _is_count(m) and (not _is_count(batch.target) or m <= batch.target)
-            for m in per_rank)):
-        problems.append("batch.micro: a list gives each rank its micro-batch: positive integers "
-                        f"up to batch.target, or 'auto'; got {batch.micro!r}")
-    shares = batch.shares
-    if shares is not None and not (shares and all(
-            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in shares)
-            and sum(shares) > 0):
-        problems.append("batch.shares: expected each rank's weight, numbers >= 0 not all 0, "
-                        f"such as [2, 1]; got {shares!r}")
-    if batch.memory_budget is not None:
-        try:
-            parse_bytes(batch.memory_budget)
-        except ValueError as exc:
-            problems.append(f"batch.memory_budget: {exc}")
-    sizes_are_valid = all(isinstance(n, int) and n >= 1 for n in (batch.micro, batch.target))
-    if sizes_are_valid and batch.micro > batch.target:
-        problems.append(f"batch.micro: {batch.micro} is larger than batch.target {batch.target}")
-    if isinstance(train.device, str) and not re.fullmatch(DEVICE_NAME, train.device):
-        problems.append(f"train.device: {train.device!r} is not a device name such as auto, "
-                        "cpu, cuda, cuda:1 or mps")
-    shape = recipe.data.input_shape
-    if shape is not None and not (shape and all(isinstance(n, int) and not isinstance(n, bool)
-                                                and n >= 1 for n in shape)):
-        problems.append(f"data.input_shape: expected a list of positive integers such as "
-                        f"[3, 224, 224], got {shape!r}")
-    if train.precision in ("bf16", "fp16") and train.dtype != "float32":
-        problems.append(f"train.precision: {train.precision} autocasts float32 parameters; "
-                        f"train.dtype is {train.dtype}")
-    memory = recipe.memory
-    names = memory.checkpoint_modules
-    if names is not None and not (names and all(isinstance(n, str) for n in names)):
-        problems.append("memory.checkpoint_modules: expected a list of class names such as "
-                        f"[Block], got {names!r}")
-    elif names and memory.checkpointing == "off" and memory.offload == "off":
-        problems.append("memory.checkpoint_modules: names blocks, but memory.checkpointing and "
-                        "memory.offload are off; set memory.checkpointing: on (or auto)")
-    if memory.offload_blocks is not None and memory.offload == "off":
-        problems.append("memory.offload_blocks: counts blocks to offload, but memory.offload is "
-                        "off; set memory.offload: on (or auto)")
-    from mbp_cli.catalog.loggers import LOGGERS
-
-    for name in train.log or []:
-        if name not in LOGGERS:
-            problems.append(f"train.log: {name!r} is not a logger mbp has; it has "
-                            f"{', '.join(LOGGERS)}" + suggest(str(name), list(LOGGERS)))
-    if train.partition is not None:
-        _check_partition(recipe, problems)
-    if recipe.loss.name == "auto" and isinstance(recipe.loss.args, dict) and (
-            {"items", "check"} & set(recipe.loss.args)):
-        problems.append("loss.args.items: goes with the model's own loss: set loss.name: model")
-    held_out = recipe.data.eval
-    if held_out is not None:
-        problems += [f"data.eval.{key}: unknown key; data.eval takes name and args"
-                     for key in held_out if key not in ("name", "args")]
-        if not isinstance(held_out.get("name", ""), str) or \
-                not isinstance(held_out.get("args", {}), dict):
-            problems.append("data.eval: expected {name: a dataset, args: {…}}")
-    if (train.steps is None) == (train.epochs is None):
-        problems.append("train: give exactly one of train.steps and train.epochs")
 
 
 def eval_data(recipe: Recipe) -> tuple[str, dict[str, Any]] | None:
@@ -311,68 +192,6 @@ def partition_spec(recipe: Recipe) -> tuple[PartitionSpec, LabelSpec] | None:
     return partition, labels
 
 
-def _check_partition(recipe: Recipe, problems: list[str]) -> None:
-    found: list[str] = []
-    partition = build_section(PartitionSpec, recipe.train.partition, "train.partition", found)
-    if partition.labels is not None:
-        labels = build_section(LabelSpec, partition.labels, "train.partition.labels", found)
-        if isinstance(labels.dim, str) and labels.dim != "auto":
-            found.append(f"train.partition.labels.dim: expected 'auto' or an integer, got "
-                         f"{labels.dim!r}")
-    at = partition.at
-    if isinstance(at, list) and not (at and all(
-            isinstance(a, str) or isinstance(a, int) and not isinstance(a, bool) and a >= 0
-            for a in at)):
-        found.append("train.partition.at: expected a list of module names (or indices of a "
-                      f"Sequential) where a new part begins, such as [layer3]; got {at!r}")
-    unsupported = {"train.precision: auto": recipe.train.precision == "auto",
-                   "memory.checkpointing": recipe.memory.checkpointing != "off",
-                   "memory.offload": recipe.memory.offload != "off",
-                   "train.compile": recipe.train.compile,
-                   "batch.shares": recipe.batch.shares is not None,
-                   "batch.micro (a list per rank)": isinstance(recipe.batch.micro, list)}
-    for key, is_set in unsupported.items():
-        if is_set:
-            found.append(f"{key}: not supported with train.partition (experimental) yet")
-    problems += found
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def recipe_folders(recipe: Recipe) -> tuple[str, ...]:
     """Where the recipe's import paths are looked up before the current folder."""
     return (recipe.folder,) if recipe.folder else ()
-
-
-def recipes_folder() -> Path:
-    """Where the bundled recipes are: inside the installed package (a wheel), else the
-    repository's recipes/ beside it (an editable install)."""
-    package = Path(__file__).resolve().parents[1]
-    packaged = package / "recipes"
-    return packaged if packaged.is_dir() else package.parent / "recipes"
-
-
-def find_recipe(path: Path) -> Path:
-    """A recipe file, or a bundled recipe by name (`digits`, `examples/tagger`)."""
-    if path.is_file():
-        return path
-    folder = recipes_folder()
-    named = folder / path.with_suffix(".yaml") if path.suffix in ("", ".yaml") else None
-    if named is not None and not path.is_absolute() and named.is_file():
-        return named
-    names = [str(p.relative_to(folder).with_suffix("")) for p in sorted(folder.rglob("*.yaml"))]
-    raise UsageError(f"recipe file not found: {path}" + (suggest(str(path), names) or
-                     f" (bundled recipes, usable by name: {', '.join(names)})"))
-
-
-def bundled_recipes() -> list[tuple[Path, str]]:
-    """The bundled recipes, each with the first comment line of its file."""
-    folder = recipes_folder()
-    found = []
-    for path in sorted(folder.rglob("*.yaml")):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        description = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
-        found.append((path.relative_to(folder).with_suffix(""), description))
-    return found

@@ -14,7 +14,8 @@ import torch
 
 import mbp_cli
 from mbp_cli.data.batching import accumulation_steps
-from mbp_cli.engine.setup import Setup, smallest_micro_batch
+from mbp_cli.engine.model import smallest_micro_batch
+from mbp_cli.engine.setup import Setup
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
 from mbp_cli.events import Done, Eval, OutOfMemory, Overflow, Rebalance, RunWarning, Step, Stopped
 from mbp_cli.memory.tracker import is_out_of_memory

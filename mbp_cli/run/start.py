@@ -20,14 +20,10 @@ from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
 from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import explained_step_errors
-from mbp_cli.engine.setup import (
-    Setup,
-    build,
-    build_optimizer,
-    build_schedule,
-    check_target_batch,
-    has_batch_norm,
-)
+from mbp_cli.engine.model import has_batch_norm
+from mbp_cli.engine.optim import build_optimizer, build_schedule
+from mbp_cli.engine.setup import Setup, build
+from mbp_cli.engine.splits import check_target_batch
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Probe, RunWarning, Sink, Sinks, Start
 from mbp_cli.memory.measure import preserved_training_state
