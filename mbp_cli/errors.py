@@ -105,6 +105,24 @@ def users_code(what: str) -> Iterator[None]:
                             traceback.format_exc()) from exc
 
 
+# What a built-in builder (mbp's, torch's, torchvision's) raises for arguments it cannot take
+REFUSALS = (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError,
+            OverflowError, ZeroDivisionError)
+
+
+@contextlib.contextmanager
+def refused_arguments(path: str, args: dict[str, Any], label: str) -> Iterator[None]:
+    """Run a built-in builder on the recipe's arguments at `path`: what it raises is its
+    refusal of them, one line naming them and what it said (exit 2)."""
+    try:
+        yield
+    except MbpError:
+        raise
+    except REFUSALS as exc:
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        raise UsageError(f"{path} {args}: {label} refused them: {said}") from exc
+
+
 def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
     """'; did you mean X?' for the option nearest to `word` (case aside), or nothing."""
     by_lower = {option.lower(): option for option in options}

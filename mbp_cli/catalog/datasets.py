@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from mbp_cli.errors import UsageError, users_code
+from mbp_cli.errors import REFUSALS, UsageError, users_code
 
 
 class TensorPairs(Dataset):
@@ -178,7 +178,7 @@ def build_split(builder: Callable[..., Dataset], args: dict[str, Any], *, train:
     else:
         try:
             dataset = builder(**kwargs)
-        except (RuntimeError, OSError, ValueError) as exc:
+        except (OSError, *REFUSALS) as exc:
             raise UsageError(f"dataset {name} could not be loaded: {exc}") from exc
     if isinstance(dataset, TensorPairs) or is_stream(dataset):
         return dataset  # streams are read in order (mbp_cli.data.streaming)

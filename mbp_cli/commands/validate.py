@@ -79,7 +79,7 @@ def check_cuts(recipe: Recipe, model: torch.nn.Module, batch: Any, step: Any) ->
         return ""
     graph = trace(model)
     cuts = find_cuts(graph, spec[0].at)
-    check_class_indices(step.on_device(batch)[2])
+    check_class_indices(step.on(torch.device("cpu")).on_device(batch)[2])  # values, not meta
     if next(model.parameters()).device.type != "meta":  # values, not only shapes
         with torch.no_grad():
             check_codes_fit(spec[1], cuts, run_parts(split(model, graph, cuts), batch, step))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from mbp_cli.catalog.datasets import TensorPairs
 from mbp_cli.catalog.losses import ClassificationLoss, LossFn
 from mbp_cli.catalog.model_loss import ModelLoss, is_hugging_face, takes_labels
 from mbp_cli.catalog.pretrained import build_pretrained
-from mbp_cli.errors import users_code
+from mbp_cli.errors import refused_arguments, users_code
 from mbp_cli.recipe import registry
 from mbp_cli.recipe.spec import Recipe, recipe_folders
 
@@ -35,7 +34,8 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
     # argument named weights)
     args = {k: v for k, v in spec.args.items() if k != "weights" or not builder.is_torchvision}
     make = functools.partial(builder.fn, **args)
-    guard = users_code(f"model {spec.name}") if builder.is_users else nullcontext()
+    guard = users_code(f"model {spec.name}") if builder.is_users else \
+        refused_arguments("model.args", spec.args, spec.name)
     if not is_fake:
         with guard:
             return without_cache(make().to(device, dtype))
@@ -76,7 +76,8 @@ def build_loss(recipe: Recipe, model: nn.Module) -> LossFn:
     args = recipe.loss.args
     if name in ("cross_entropy", "nll") and is_hugging_face(model):
         args = {"class_dim": -1, **args}  # its logits are (N, C) or (N, L, C): classes last
-    with users_code(f"loss {name}") if builder.is_users else nullcontext():
+    with users_code(f"loss {name}") if builder.is_users else \
+            refused_arguments("loss.args", recipe.loss.args, name):
         return builder.fn(**args)
 
 

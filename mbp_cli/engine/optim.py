@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mbp_cli.errors import UsageError
+from mbp_cli.errors import refused_arguments
 from mbp_cli.recipe import registry
 from mbp_cli.recipe.spec import Recipe, ScheduleSpec
 
@@ -15,11 +15,8 @@ from mbp_cli.recipe.spec import Recipe, ScheduleSpec
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The recipe's torch.optim class over the model's parameters."""
     optimizer_class = registry.find_optimizer(recipe.optim.name).fn
-    try:
+    with refused_arguments("optim.args", recipe.optim.args, recipe.optim.name):
         return optimizer_class(model.parameters(), **recipe.optim.args)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"optim.args {recipe.optim.args}: {recipe.optim.name} refused them: "
-                         f"{exc}") from exc
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec,

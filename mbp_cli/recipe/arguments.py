@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import types
+import typing
 from typing import Any
 
 import torch
 
 from mbp_cli.catalog.datasets import make_transform, transform_steps
 from mbp_cli.catalog.pretrained import pretrained_problems
-from mbp_cli.errors import UsageError, suggest
+from mbp_cli.errors import REFUSALS, UsageError, suggest
 from mbp_cli.recipe.registry import (
     Builder,
     LookupFailed,
@@ -43,9 +45,48 @@ def argument_problems(builder: Builder, args: dict[str, Any], path: str) -> list
         is_required = p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         if is_required and name not in args and name not in builder.injected:
             problems.append(f"{path}: {builder.label} needs the argument {name!r}")
+    problems += type_problems(builder, {k: v for k, v in args.items() if k in params}, path)
     if builder.is_torchvision and takes_any and not problems and "weights" not in args:
         problems += _trial_build_problems(builder, args, path)
     return problems
+
+
+# What an annotation of these types takes, as a recipe writes it; others are not checked here.
+_TAKES = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+          bool: ("true or false", lambda v: isinstance(v, bool)),
+          str: ("a string", lambda v: isinstance(v, str)),
+          type(None): ("null", lambda v: v is None),
+          list: ("a list", lambda v: isinstance(v, list | tuple)),
+          tuple: ("a list", lambda v: isinstance(v, list | tuple)),
+          dict: ("a mapping", lambda v: isinstance(v, dict))}
+
+
+def type_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:
+    """Arguments of a type the builder's annotations do not take (an integer given 'abc'),
+    where it annotates them with plain types; others are left to the builder."""
+    target = builder.signature_of or builder.fn
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # annotations that do not resolve here: nothing to check against
+        return []
+    problems = []
+    for key, value in args.items():
+        kinds = _plain_kinds(hints.get(key))
+        if kinds and not any(_TAKES[kind][1](value) for kind in kinds):
+            wanted = " or ".join(dict.fromkeys(_TAKES[kind][0] for kind in kinds))
+            problems.append(f"{path}.{key}: {builder.label} takes {wanted}, got {value!r}")
+    return problems
+
+
+def _plain_kinds(hint: Any) -> list[type]:
+    """The plain types an annotation allows (none: it allows something not checked here)."""
+    if hint is None:
+        return []
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) \
+        or typing.get_origin(hint) is typing.Union else (hint,)
+    kinds = [typing.get_origin(m) or m for m in members]
+    return kinds if all(kind in _TAKES for kind in kinds) else []
 
 
 def _trial_build_problems(builder: Builder, args: dict[str, Any], path: str) -> list[str]:
@@ -65,8 +106,8 @@ def _trial_build_problems(builder: Builder, args: dict[str, Any], path: str) -> 
         named = list(inspect.signature(model_class).parameters)
         return [f"{path}.{unknown[2]}: {builder.label} has no argument {unknown[2]!r}"
                 + suggest(unknown[2], named)]
-    except (ValueError, AssertionError) as exc:
-        return [f"{path}: {builder.label} refuses these arguments: {exc}"]
+    except REFUSALS as exc:  # a value it cannot take (a negative size, say)
+        return [f"{path}: {builder.label} refuses these arguments: {' '.join(str(exc).split())}"]
     return []
 
 

@@ -45,7 +45,10 @@ _RecipeLoader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> tuple[Any, list[str]]:
     """Parse recipe YAML; return the data (None when unreadable) and the problems found."""
-    loader = _RecipeLoader(text)
+    try:
+        loader = _RecipeLoader(text)  # its reader refuses control characters at once
+    except yaml.YAMLError as exc:
+        return None, [f"invalid YAML: {' '.join(str(exc).split())}"]
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
