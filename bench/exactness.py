@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from common import markdown_table, quiet_peers, write_result
 
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.datasets import digits, synthetic_tokens
-from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import small_cnn, tiny_lm
 from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.run.target_batch import target_batch_step

@@ -15,8 +15,8 @@ import contextlib
 import torch
 from common import RESULTS, markdown_table, write_result
 
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.datasets import synthetic
-from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import small_cnn
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from common import interleaved_times, markdown_table, paired_ratio, quiet_peers, write_result
 
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.datasets import TensorPairs, digits
-from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.catalog.models import mlp, small_cnn
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from common import interleaved_times, markdown_table, paired_ratio, write_result
 from overhead import CASES, build, hand_loop, mbp_loop, target_batches
 
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.datasets import TensorPairs, digits
-from mbp_cli.catalog.losses import cross_entropy
 from mbp_cli.data.batching import MicroBatchPlan, micro_batch_loader
 from mbp_cli.engine.micro_step import MicroStep
 

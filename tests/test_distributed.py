@@ -17,7 +17,7 @@ import torch
 import yaml
 from test_byo import byo_recipe, full_batch_step, write_beside_byo
 
-from mbp_cli.distributed.ranks import split_shares
+from mbp_cli.distributed.shares import split_shares
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.datasets import digits, synthetic_tokens
-from mbp_cli.catalog.losses import cross_entropy, mse
+from mbp_cli.catalog.losses import mse
 from mbp_cli.catalog.models import mlp, small_cnn, tiny_lm
 from mbp_cli.engine.micro_step import MicroStep
 from mbp_cli.run.target_batch import target_batch_step

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbp_cli.catalog.losses import class_dim_of, cross_entropy
+from mbp_cli.catalog.classification import class_dim_of, cross_entropy
 from mbp_cli.errors import UsageError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mbp_cli.catalog.losses import cross_entropy
+from mbp_cli.catalog.classification import cross_entropy
 from mbp_cli.catalog.models import small_cnn, tiny_lm
 from mbp_cli.commands.train import train
 from mbp_cli.engine.micro_step import MicroStep

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mbp_cli.catalog.classification import ClassificationLoss
 from mbp_cli.catalog.datasets import is_stream
-from mbp_cli.catalog.losses import ClassificationLoss, ItemLoss, LossFn
+from mbp_cli.catalog.losses import ItemLoss, LossFn
 from mbp_cli.catalog.model_loss import ModelLoss
 from mbp_cli.engine.micro_step import TARGET_KEYS, pick_output, to_device
 from mbp_cli.engine.setup import Setup, build, resolve_device

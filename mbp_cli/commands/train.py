@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mbp_cli.distributed.ranks import process_group, rank_device
+from mbp_cli.distributed.group import process_group, rank_device
 from mbp_cli.distributed.world import world_from_env
 from mbp_cli.engine.setup import resolve_device
 from mbp_cli.events import Sink

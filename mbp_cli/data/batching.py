@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mbp_cli.catalog.datasets import TensorPairs, is_stream
-from mbp_cli.distributed.ranks import share_bounds
+from mbp_cli.distributed.shares import share_bounds
 from mbp_cli.errors import UsageError, describe
 
 Collate = Callable[[list[Any]], Any]

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mbp_cli.data.batching import Collate, accumulation_steps, collate_samples, split_micro
-from mbp_cli.distributed.ranks import share_bounds
+from mbp_cli.distributed.shares import share_bounds
 from mbp_cli.errors import UsageError
 from mbp_cli.recipe.spec import Recipe
 

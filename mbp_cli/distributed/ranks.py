@@ -1,4 +1,4 @@
-"""Several processes on one target batch, on torch.distributed (gloo on CPU, NCCL on CUDA).
+"""The ranks' collectives: one exchange of what each did, one gradient sum per target batch.
 
 Each rank streams its share of every target batch in micro-batches of its own size. Once per
 target batch the ranks exchange what they did (loss and item sums, out-of-memory, timings) in
@@ -13,12 +13,6 @@ need every rank to run a backward, which a rank with an empty share does not.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime
-import math
-import signal
-import sys
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -27,26 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mbp_cli.distributed.failures import RankFailure, collective, failure_info
 from mbp_cli.distributed.world import World
-from mbp_cli.errors import MbpError
 
 BUCKET_BYTES = 2**20  # small gradients are summed together in flat pieces of at most this
 # size (one collective for many); larger ones in place, so the sum needs no memory of its own
-
-
-def rank_device(device: torch.device, world: World) -> torch.device:
-    """Each rank on a machine takes its own GPU (LOCAL_RANK) when the device names none."""
-    if world.is_distributed and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", world.local_rank)
-    return device
-
-
-def _die_with_parent() -> None:
-    """A worker is killed when its launcher dies (kill -9 included), as in a crash, rather
-    than training on as an orphan; Linux only."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -80,43 +59,6 @@ class RankReport:
 # number back.
 _REPORT_FIELDS = [(f.name, {"float": float, "int": int, "bool": bool}[f.type])
                   for f in fields(RankReport)]
-
-
-class RankFailure(MbpError):
-    """A rank failed (its own code, its data, an error of its own): every rank stops with
-    that rank's message and exit code, which rank 0 prints."""
-
-    agreed = True
-
-    def __init__(self, rank: int, message: str, exit_code: int, label: str,
-                 details: str) -> None:
-        super().__init__(message, exit_code)
-        self.rank, self.label, self.details = rank, label, details
-
-
-def failure_info(exc: BaseException) -> dict[str, Any]:
-    """What the other ranks need to report a rank's failure (it crosses processes)."""
-    if isinstance(exc, MbpError):
-        return {"message": str(exc), "exit_code": exc.exit_code, "label": exc.label,
-                "details": getattr(exc, "details", "")}
-    return {"message": f"{type(exc).__name__}: {exc}", "exit_code": 1, "label": "error",
-            "details": "".join(traceback.format_exception(exc))}
-
-
-class LostRankError(MbpError):
-    """Another rank stopped answering: it died, or it waited past train.collective_timeout."""
-
-    exit_at_once = True  # the process group is broken: nothing left to clean up
-
-
-@contextlib.contextmanager
-def _collective(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as exc:
-        reason = str(exc).split(". ")[0].split("] ")[-1]
-        raise LostRankError(f"lost contact with another rank while {what} ({reason}); "
-                            "the run stops (its last checkpoint is intact)") from exc
 
 
 class Ranks:
@@ -162,7 +104,7 @@ class Ranks:
             return [report], list(has_grad)
         numbers = [float(getattr(report, name)) for name, _ in _REPORT_FIELDS]
         row = torch.tensor(numbers + list(has_grad), dtype=torch.float64, device=self.device)
-        with _collective("agreeing on a target batch"):
+        with collective("agreeing on a target batch"):
             rows = self._all_gather(row).tolist()
         count = len(_REPORT_FIELDS)
         reports = [RankReport(**{name: kind(value) for (name, kind), value
@@ -185,11 +127,11 @@ class Ranks:
                 grads.append(param.grad)
         for bucket in _buckets(grads):
             if len(bucket) == 1:
-                with _collective("summing gradients"):
+                with collective("summing gradients"):
                     dist.all_reduce(bucket[0])
                 continue
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            with _collective("summing gradients"):
+            with collective("summing gradients"):
                 dist.all_reduce(flat)
             offset = 0
             for grad in bucket:
@@ -200,7 +142,7 @@ class Ranks:
         """Every rank's float64 vector (of one length), stacked in rank order."""
         if not self.is_distributed:
             return row.unsqueeze(0)
-        with _collective("merging BatchNorm statistics"):
+        with collective("merging BatchNorm statistics"):
             return self._all_gather(row.to(self.device, torch.float64)).cpu()
 
     def any(self, flag: bool) -> bool:
@@ -208,7 +150,7 @@ class Ranks:
         if not self.is_distributed:
             return flag
         value = torch.tensor([float(flag)], device=self.device)
-        with _collective("checking for a stop signal"):
+        with collective("checking for a stop signal"):
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
@@ -217,7 +159,7 @@ class Ranks:
         if not self.is_distributed:
             return [value]
         values: list[Any] = [None] * self.world.size
-        with _collective("gathering every rank's state"):
+        with collective("gathering every rank's state"):
             dist.all_gather_object(values, value)
         return values
 
@@ -226,14 +168,14 @@ class Ranks:
         if not self.is_distributed:
             return value
         box = [value]
-        with _collective("starting"):
+        with collective("starting"):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.is_distributed:
-            with _collective("waiting for the other ranks"):
+            with collective("waiting for the other ranks"):
                 dist.barrier()
 
     def _all_gather(self, row: Tensor) -> Tensor:
@@ -262,58 +204,3 @@ def _buckets(grads: list[Tensor]) -> Iterator[list[Tensor]]:
             size += nbytes
         if bucket:
             yield bucket
-
-
-@contextlib.contextmanager
-def process_group(world: World, device: torch.device, timeout_seconds: float) -> Iterator[Ranks]:
-    """Join the other ranks for the run (gloo on CPU, NCCL on CUDA) and leave at the end; a
-    collective that waits longer than `timeout_seconds` fails instead of hanging."""
-    ranks = Ranks(world, device)
-    if not world.is_distributed:
-        yield ranks
-        return
-    _die_with_parent()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_seconds))
-    try:
-        yield ranks
-        ranks.barrier()  # leave together: a rank closing its links early aborts the others
-    except MbpError as exc:
-        if exc.agreed:  # every rank raised it: all are here
-            ranks.barrier()
-        else:  # this rank's alone: leave at once, so the others lose contact and stop
-            exc.exit_at_once = True
-        raise
-    finally:
-        with contextlib.suppress(Exception):  # a peer already gone: nothing left to close
-            dist.destroy_process_group()
-
-
-def split_shares(total: int, weights: Sequence[float], floors: Sequence[int] = ()) -> list[int]:
-    """`total` samples cut in proportion to `weights` (largest remainders), as integers that
-    sum to `total`; a rank with a positive weight gets at least its floor (one micro-batch)
-    where the total allows."""
-    weight_sum = sum(weights)
-    exact = [total * w / weight_sum for w in weights]
-    shares = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
-    for i in by_remainder[:total - sum(shares)]:
-        shares[i] += 1
-    for i, floor in enumerate(floors):
-        wanted = min(floor, total // len(weights))
-        while weights[i] > 0 and shares[i] < wanted:
-            donor = max(range(len(shares)), key=lambda j: shares[j])
-            shares[donor] -= 1
-            shares[i] += 1
-    return shares
-
-
-def share_bounds(size: int, shares: Sequence[int], rank: int) -> tuple[int, int]:
-    """Where a rank's share of a target batch of `size` starts and stops: the shares
-    themselves for a full target batch, in proportion for a smaller last one."""
-    if sum(shares) != size:
-        shares = split_shares(size, shares)
-    start = sum(shares[:rank])
-    return start, start + shares[rank]

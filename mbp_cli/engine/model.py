@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mbp_cli.catalog.classification import ClassificationLoss
 from mbp_cli.catalog.datasets import TensorPairs
-from mbp_cli.catalog.losses import ClassificationLoss, LossFn
+from mbp_cli.catalog.losses import LossFn
 from mbp_cli.catalog.model_loss import ModelLoss, is_hugging_face, takes_labels
 from mbp_cli.catalog.pretrained import build_pretrained
 from mbp_cli.errors import refused_arguments, users_code

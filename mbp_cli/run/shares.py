@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mbp_cli.distributed.ranks import RankReport, split_shares
+from mbp_cli.distributed.ranks import RankReport
+from mbp_cli.distributed.shares import split_shares
 from mbp_cli.distributed.world import World
 from mbp_cli.errors import UsageError
 from mbp_cli.events import RunWarning, Sink
