@@ -34,7 +34,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     every result file; every rank runs the same steps)."""
     settings, state, stream, ranks = run.settings, run.state, run.stream, run.ranks
     setup, optimizer, emit = run.setup, run.optimizer, run.emit
-    with graceful_stop() as stop, run.simulated or contextlib.nullcontext():
+    with graceful_stop() as stop, run.memory.tracker or contextlib.nullcontext():
         try:
             while state.step < settings.stop_step:
                 step_started = time.perf_counter()

@@ -90,8 +90,7 @@ class Run:
     folder: RunFolder
     emit: Sinks
     choice: StrategyChoice
-    memory: PeakMemory
-    simulated: StorageTracker | None
+    memory: PeakMemory  # its tracker, where there is one, is the simulated device
     compile_seconds: float | None
     started: float  # time.perf_counter() at the start
     earlier_wall_seconds: float  # of the parts before a resume
@@ -154,8 +153,7 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         emit(RunWarning(warning))
     return Run(settings=settings, setup=setup, optimizer=optimizer, scheduler=scheduler,
                state=state, stream=stream, ranks=ranks, folder=folder, emit=emit,
-               choice=choice, memory=memory, simulated=simulated,
-               compile_seconds=compile_seconds, started=started,
+               choice=choice, memory=memory, compile_seconds=compile_seconds, started=started,
                earlier_wall_seconds=state.wall_seconds)
 
 
