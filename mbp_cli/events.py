@@ -1,5 +1,5 @@
 """What a run reports, as typed events, and the sinks that take them: the metrics file and JSON
-lines here, the terminal in report.py. A new logger is one more sink in the list."""
+lines here, the terminal in commands/output. A new logger is one more sink in the list."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class LoopState:
     speed_window: list[list[float]] = field(default_factory=list)  # per rank: samples, seconds
     batch_setting: dict[str, Any] = field(default_factory=dict)  # batch.micro and batch.shares
     eval_result: dict[str, float | None] = field(default_factory=dict)
-    stream_position: dict[str, Any] = field(default_factory=dict)  # a stream's (streaming.py)
+    stream_position: dict[str, Any] = field(default_factory=dict)  # a stream's (data/streaming.py)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
