@@ -21,6 +21,7 @@ class MbpError(Exception):
     """A known failure: the CLI prints its message on one line and exits with `exit_code`."""
 
     exit_code = EXIT_RUNTIME
+    hints_traceback = True  # where the input was fine, the traceback may show a fault of ours
     label = "error"  # how the CLI introduces the message
     agreed = False  # several ranks: every rank raised it, having agreed (rank 0 reports it)
 

@@ -409,3 +409,38 @@ def test_a_resume_whose_saved_recipe_no_longer_fits_the_checkpoint_changes_nothi
     assert "the recipe changed since it was written: model.args.width: 8 → 16" in message
     assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
             if path.is_file()} == before
+
+
+def test_sigterm_during_the_start_is_said_and_leaves_nothing(tmp_path):
+    """Before the first target batch (importing, building, probing) SIGTERM has no run to stop
+    gently: one word, exit 143, no folder."""
+    recipe = write(tmp_path, small_recipe(batch={"target": 64, "micro": "auto"},
+                                          train={"steps": 400, "device": "cpu"}))
+    process = start("train", recipe, "--out", tmp_path / "run")
+    time.sleep(1.5)  # still importing torch or probing
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    if (tmp_path / "run").exists():  # a fast machine: it had begun, and stopped gently
+        assert "Resume with:" in err
+    else:
+        assert err.strip() == "stopped by SIGTERM"
+
+
+@pytest.mark.parametrize("when", ["step", "done"])
+def test_a_stop_signal_once_the_last_step_is_trained_changes_nothing(tmp_path, when):
+    """Ctrl-C after the last target batch (as the summary is written, say): the run is done,
+    its summary written, no stop reported."""
+    from mbp_cli.commands.train import train
+    from mbp_cli.recipe.load import load_recipe
+    from mbp_cli.run.start import RunOptions
+
+    def interrupt_at_the_end(event) -> None:
+        if event.kind == when and (when == "done" or event.step == event.total_steps):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = load_recipe(write(tmp_path, small_recipe(train={"steps": 3, "device": "cpu"})))
+    summary = train(recipe, RunOptions(tmp_path / "run"), [interrupt_at_the_end])
+    assert summary["steps"] == 3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    assert '"stopped"' not in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
+from types import FrameType
 
 import typer
 
@@ -14,21 +17,26 @@ from mbp_cli.distributed.world import world_from_env  # torch-free
 from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 
+class Terminated(BaseException):
+    """SIGTERM, as KeyboardInterrupt is SIGINT: raised where no run is there to stop gently
+    (during the start), or at a second signal."""
+
+
 @contextlib.contextmanager
 def user_errors(as_json: bool = False) -> Iterator[None]:
     """Turn known errors into one message on stderr and their exit code (with --json, also a
-    last JSON line on stdout); re-raise the rest."""
-    rank = world_from_env().rank
+    last JSON line on stdout); re-raise the rest. SIGINT and SIGTERM end with one word."""
+    world = world_from_env()
+    rank = world.rank
     try:
-        yield
+        with _terminated_on_sigterm():
+            yield
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
             raise
-        if rank:
-            from mbp_cli.distributed.failures import LostRankError  # a rank: torch is loaded
-
-            if exc.agreed or isinstance(exc, LostRankError):
-                _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
+        is_lost = world.is_launched and _is_lost_rank(exc)
+        if rank and (exc.agreed or is_lost) or is_lost and world.is_mbp_launched:
+            _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
         if as_json:
             typer.echo(json.dumps({"event": "error", "exit_code": exc.exit_code,
                                    "message": str(exc)}))
@@ -38,12 +46,53 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         failed_rank = getattr(exc, "rank", rank)
         who = f"rank {failed_rank}: " if failed_rank else ""
         typer.echo(f"{who}{exc.label}: {exc}", err=True)
-        if exc.exit_code == EXIT_RUNTIME and not details:  # the input was fine: maybe ours
-            typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)
+        if exc.exit_code == EXIT_RUNTIME and not details and exc.hints_traceback:
+            typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)  # maybe ours
         _leave(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        if not rank:  # one word for every rank
+            typer.echo("interrupted" if code == 130 else "stopped by SIGTERM", err=True)
+        _leave(MbpError("", code))
+
+
+@contextlib.contextmanager
+def _terminated_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread for the body (a run's loop catches it
+    itself, to stop after the target batch in progress)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(number: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM change nothing in the body: what they would stop is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _is_lost_rank(exc: MbpError) -> bool:
+    from mbp_cli.distributed.failures import LostRankError  # a rank: torch is loaded
+
+    return isinstance(exc, LostRankError)
 
 
 def _leave(exc: MbpError) -> None:

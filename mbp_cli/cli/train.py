@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer.core import TyperCommand
 
-from mbp_cli.cli.exits import exit_rank, user_errors
+from mbp_cli.cli.exits import exit_rank, stop_signals_ignored, user_errors
 from mbp_cli.cli.options import (
     BudgetOption,
     SetOption,
@@ -111,8 +112,7 @@ def train(
             # Every rank runs what the user typed; a default run folder (named by the time) is
             # chosen once, here, so that all write the same one.
             shared = ["--out", str(run_dir)] if resume is None and out is None else []
-            raise typer.Exit(launch(nproc, rank_arguments(ctx.meta[TYPED], shared),
-                                    f"mbp train --resume {run_dir} --nproc {nproc}"))
+            raise typer.Exit(launch(nproc, rank_arguments(ctx.meta[TYPED], shared), run_dir))
         sinks = terminal_sinks(as_json=json_, quiet=quiet or not world.is_main,
                                log_every=loaded.train.log_every)
         capacity = memory_size(_rank_entry(simulate_memory, world), "--simulate-memory")
@@ -120,13 +120,15 @@ def train(
                              budget_bytes=memory_size(budget, "--budget"),
                              simulated_memory=StorageTracker(capacity) if capacity else None,
                              resume=resume is not None, overwrite=overwrite)
-        try:
-            run_training(loaded, options, sinks, chosen)
-        finally:
-            for sink in sinks:
-                getattr(sink, "close", lambda: None)()  # a live display stops
-        if world.is_distributed:
-            exit_rank(0)
+        with contextlib.ExitStack() as done:
+            try:
+                run_training(loaded, options, sinks, chosen)
+                done.enter_context(stop_signals_ignored())  # all is written: a late Ctrl-C
+            finally:  # changes nothing
+                for sink in sinks:
+                    getattr(sink, "close", lambda: None)()  # a live display stops
+            if world.is_distributed:
+                exit_rank(0)
 
 
 def _rank_entry(value: str | None, world: World) -> str | None:

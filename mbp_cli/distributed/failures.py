@@ -37,6 +37,13 @@ class LostRankError(MbpError):
     """Another rank stopped answering: it died, or it waited past train.collective_timeout."""
 
     exit_at_once = True  # the process group is broken: nothing left to clean up
+    hints_traceback = False  # what happened is another process's
+
+
+class RankDiedError(MbpError):
+    """A rank was killed (by a signal): the launcher names it; the others stopped."""
+
+    hints_traceback = False
 
 
 @contextlib.contextmanager
@@ -48,4 +55,4 @@ def collective(what: str) -> Iterator[None]:
     except (RuntimeError, dist.DistError) as exc:
         reason = str(exc).split(". ")[0].split("] ")[-1]
         raise LostRankError(f"lost contact with another rank while {what} ({reason}); "
-                            "the run stops (its last checkpoint is intact)") from exc
+                            "the run stops (checkpoints already written are intact)") from exc

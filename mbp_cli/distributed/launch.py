@@ -10,15 +10,18 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from mbp_cli.errors import EXIT_RUNTIME, MbpError, UsageError
+from mbp_cli.distributed.failures import RankDiedError
+from mbp_cli.distributed.world import MBP_LAUNCHED
+from mbp_cli.errors import EXIT_RUNTIME, UsageError
 
 SHUTDOWN_SECONDS = 600  # after Ctrl-C, how long ranks may take to finish their target batch
 
 
-def launch(nproc: int, args: list[str], resume_hint: str) -> int:
+def launch(nproc: int, args: list[str], run_dir: Path) -> int:
     """Run `mbp ARGS` as `nproc` ranks on this machine and return the exit code: 0, a rank's
     own code (rank 0's first), or 128 + the signal that stopped the launcher."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -31,6 +34,7 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     # Ranks sharing the CPU's cores: one thread pool each of its part, unless the user says.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[MBP_LAUNCHED] = "1"  # the ranks leave a lost rank's story to this launcher
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mbp-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
@@ -39,7 +43,7 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "mbp_cli", *args)
     except ChildFailedError as exc:
-        return failure_code(exc.failures, resume_hint)
+        return failure_code(exc.failures, run_dir, nproc)
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
@@ -73,7 +77,7 @@ def check_gpus(device: torch.device, nproc: int) -> None:
                          f"Use --nproc {count}, or train.device: cpu")
 
 
-def failure_code(failures: dict, resume_hint: str) -> int:
+def failure_code(failures: dict, run_dir: Path, nproc: int) -> int:
     """The exit code for failed ranks. A rank killed by a signal is named (the others then lost
     it, and the launcher stopped them); otherwise the ranks explained themselves, and the code
     that says why (2, 3, 4, 130, 143) wins over a lost contact's 1."""
@@ -85,6 +89,9 @@ def failure_code(failures: dict, resume_hint: str) -> int:
         died = ordered[:1]
     for rank, failure in died[:1]:
         name = signal.Signals(-failure.exitcode).name
-        raise MbpError(f"rank {rank} died ({name}); the other ranks stopped. Continue from "
-                       f"the last checkpoint with: {resume_hint}")
+        checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+        then = f"Continue from its last checkpoint, {checkpoints[-1].name}, with: mbp train " \
+            f"--resume {run_dir} --nproc {nproc}" if checkpoints else \
+            "No checkpoint was written (train.checkpoint_every) to continue from"
+        raise RankDiedError(f"rank {rank} died ({name}); the other ranks stopped. {then}")
     return next((code for code in codes if code > EXIT_RUNTIME), EXIT_RUNTIME)

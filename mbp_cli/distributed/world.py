@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+MBP_LAUNCHED = "MBP_LAUNCHED"  # set by `mbp train --nproc` for its ranks
+
 
 @dataclass(frozen=True)
 class World:
@@ -15,6 +17,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     is_launched: bool = False  # started by a launcher (torchrun, `mbp train --nproc`), even of 1
+    is_mbp_launched: bool = False  # by `mbp train --nproc`, which reports what ends the ranks
 
     @property
     def is_main(self) -> bool:
@@ -32,4 +35,5 @@ def world_from_env() -> World:
     WORLD_SIZE and LOCAL_RANK; none of them, one process."""
     env = os.environ
     return World(rank=int(env.get("RANK", 0)), size=int(env.get("WORLD_SIZE", 1)),
-                 local_rank=int(env.get("LOCAL_RANK", 0)), is_launched="WORLD_SIZE" in env)
+                 local_rank=int(env.get("LOCAL_RANK", 0)), is_launched="WORLD_SIZE" in env,
+                 is_mbp_launched=env.get(MBP_LAUNCHED) == "1")

@@ -60,11 +60,12 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if settings.rebalance_every is not None:
                     rebalance(run, outcome)
                 after_step(run)
-                if ranks.any(stop.is_set):  # every rank stops after the same target batch
+                is_last = state.step == settings.stop_step  # a stop asked now is moot
+                if not is_last and ranks.any(stop.is_set):  # all stop after one target batch
                     stop_now(run, stop)
         finally:
             run.folder.close()
-    return finish(run)
+        return finish(run)  # a stop signal during it changes nothing
 
 
 def update(run: Run, outcome: StepOutcome) -> float | None:

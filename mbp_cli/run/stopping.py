@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from mbp_cli.distributed.world import world_from_env
+
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 
 
@@ -54,5 +56,8 @@ def graceful_stop() -> Iterator[StopRequest]:
 
 
 def resume_command(run_dir: Path, world_size: int) -> str:
-    """The command that continues a run."""
+    """The command that continues a run (under torchrun, torchrun's own)."""
+    world = world_from_env()
+    if world.is_launched and not world.is_mbp_launched:
+        return f"the same torchrun command with `train --resume {run_dir}` for the recipe"
     return f"mbp train --resume {run_dir}" + (f" --nproc {world_size}" if world_size > 1 else "")
