@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,37 @@ def test_a_rank_that_dies_ends_the_run_with_its_name(tmp_path):
     assert error.endswith(".pt, with: mbp train --resume run --nproc 2")
     assert "Traceback" not in run.stderr and "MBP_DEBUG" not in run.stderr
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_machines_whose_run_folders_differ_refuse_to_resume_apart(tmp_path):
+    """Two launchers as two machines without a shared filesystem: rank 0 finds the run's
+    checkpoint, rank 1 (its own copy of the folder, no checkpoints) none. Refused before any
+    step, once, naming what each rank found; rank 0's run folder trains nothing more."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    recipe = digits_recipe(node0)
+    first = mbp("train", recipe, "--out", "run", "--max-steps", 2, "--set",
+                "train.checkpoint_every=1", "-q", cwd=node0)
+    assert first.returncode == 0, first.stderr
+    (node1 / "run").mkdir(parents=True)
+    shutil.copy(node0 / "run" / "recipe.yaml", node1 / "run" / "recipe.yaml")
+    checkpoints = sorted(p.name for p in (node0 / "run" / "checkpoints").iterdir())
+    with socket.socket() as probe:  # a free port for the static rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "mbp_cli", "train", "--resume", "run"], cwd=node, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        for rank, node in enumerate((node0, node1))]
+    errs = [launcher.communicate(timeout=180)[1] for launcher in launchers]
+    assert all(launcher.returncode != 0 for launcher in launchers), errs
+    said = "error: the ranks would not resume from the same point in run: rank 0 at step 2, " \
+        "rank 1 finds no checkpoint. Every rank reads the run folder"
+    assert errs[0].count(said) == 1 and said not in errs[1], errs
+    assert sorted(p.name for p in (node0 / "run" / "checkpoints").iterdir()) == checkpoints
+    assert [e["step"] for e in events(node0 / "run", "step")] == [1, 2]
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ from torch.utils.data import Dataset
 
 from mbp_cli.catalog.losses import LossFn
 from mbp_cli.distributed.ranks import Ranks
+from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import MicroStep
-from mbp_cli.engine.model import DTYPES, build_loss, build_model, spare_counting
+from mbp_cli.engine.model import DTYPES, build_loss, build_model, has_batch_norm, spare_counting
 from mbp_cli.engine.splits import build_collate, build_data
 from mbp_cli.errors import UsageError
 from mbp_cli.recipe.spec import Recipe
@@ -153,3 +154,24 @@ def build_micro_step(recipe: Recipe, model: nn.Module, loss_fn: LossFn, device: 
     return MicroStep(model, loss_fn, device, dtype, output_key=recipe.model.output,
                      target_key=recipe.data.target)
 
+
+def start_warnings(setup: Setup, choice: StrategyChoice, micro_batch: int, target_batch: int,
+                   world: World) -> list[str]:
+    """What the run should know before it trains: where it is not exact, or slow."""
+    model, warnings = setup.model, []
+    if world.is_distributed and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p
+                                    for m in model.modules()):
+        warnings.append("the model has dropout: each rank draws its own masks, so the run "
+                        "equals a single process's in distribution, not number for number")
+    if choice.precision == "fp16" and setup.device.type == "cpu":
+        warnings.append("train.precision: fp16 on the CPU runs slowly (autocast has few fp16 "
+                        "kernels there, and nothing needs its loss scaling); bf16 is the CPU's "
+                        "format")
+    if has_batch_norm(model) and micro_batch < target_batch and not setup.freeze_batchnorm:
+        warnings.append(
+            "the model has BatchNorm layers: they normalize by the statistics of each "
+            f"micro-batch of {micro_batch}, so training is not exactly equal to full "
+            f"batches of {target_batch} (their running statistics are updated once per target "
+            "batch, as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
+            "fine-tuning)")
+    return warnings

@@ -105,6 +105,18 @@ def resume_state(run_dir: Path, recipe: Recipe, model: torch.nn.Module,
     return loop
 
 
+def refuse_apart(starts: list[int | None], run_dir: Path) -> None:
+    """Refuse ranks that would resume from different points (each reads the run folder: on
+    machines without a shared filesystem, each finds its own)."""
+    if len(set(starts)) <= 1:
+        return
+    found = ", ".join(f"rank {rank} at step {step}" if step is not None else
+                      f"rank {rank} finds no checkpoint" for rank, step in enumerate(starts))
+    raise UsageError(f"the ranks would not resume from the same point in {run_dir}: {found}. "
+                     "Every rank reads the run folder: give all ranks the same one (a shared "
+                     "filesystem, or a copy of rank 0's on every machine); nothing was trained")
+
+
 def refuse_unfit(path: Path, state: dict[str, Any], recipe: Recipe,
                  model: torch.nn.Module) -> None:
     """Refuse, in one line, a checkpoint whose tensors the model does not fit (its recipe

@@ -20,9 +20,8 @@ from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
 from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import explained_step_errors
-from mbp_cli.engine.model import has_batch_norm
 from mbp_cli.engine.optim import build_optimizer, build_schedule
-from mbp_cli.engine.setup import Setup, build
+from mbp_cli.engine.setup import Setup, build, start_warnings
 from mbp_cli.engine.splits import check_target_batch
 from mbp_cli.errors import UsageError
 from mbp_cli.events import Probe, RunWarning, Sink, Sinks, Start
@@ -33,7 +32,7 @@ from mbp_cli.memory.weigh import probe_strategies
 from mbp_cli.recipe.spec import Recipe
 from mbp_cli.run.checkpoint import LoopState
 from mbp_cli.run.folder import RunFolder, refuse_in_use
-from mbp_cli.run.resume import resume_state
+from mbp_cli.run.resume import refuse_apart, resume_state
 from mbp_cli.run.shares import keeps_split, split_state
 from mbp_cli.run.stopping import resume_command
 from mbp_cli.strategies.choice import StrategyChoice, candidates, fixed_choice, is_auto
@@ -118,6 +117,11 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         emit = Sinks([folder.metrics, *sinks] if world.is_main else [])
         state = resume_state(run_dir, recipe, model, optimizer, scheduler, emit, world) \
             if options.resume else None
+    if options.resume:  # every rank starts where rank 0 does, before anything is trained
+        starts = ranks.gather_objects(state.step if state else None)
+        with ranks.agreed():
+            refuse_apart(starts, run_dir)
+    with ranks.agreed():
         if state is not None and state.step >= total_steps:  # nothing to do: leave it be
             raise UsageError(f"{run_dir} has already trained all {total_steps} steps: nothing "
                              "to resume (to train longer: --resume with --set train.steps=N)")
@@ -219,28 +223,6 @@ def start_event(settings: LoopSettings, setup: Setup, choice: StrategyChoice, st
         strategies=" on ".join(filter(None, (choice.label, setup.describe_blocks()))),
         micro_batches=micro_batches if world.is_distributed else None,
         shares=state.shares or None)
-
-
-def start_warnings(setup: Setup, choice: StrategyChoice, micro_batch: int, target_batch: int,
-                   world: World) -> list[str]:
-    """What the run should know before it trains: where it is not exact, or slow."""
-    model, warnings = setup.model, []
-    if world.is_distributed and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p
-                                    for m in model.modules()):
-        warnings.append("the model has dropout: each rank draws its own masks, so the run "
-                        "equals a single process's in distribution, not number for number")
-    if choice.precision == "fp16" and setup.device.type == "cpu":
-        warnings.append("train.precision: fp16 on the CPU runs slowly (autocast has few fp16 "
-                        "kernels there, and nothing needs its loss scaling); bf16 is the CPU's "
-                        "format")
-    if has_batch_norm(model) and micro_batch < target_batch and not setup.freeze_batchnorm:
-        warnings.append(
-            "the model has BatchNorm layers: they normalize by the statistics of each "
-            f"micro-batch of {micro_batch}, so training is not exactly equal to full "
-            f"batches of {target_batch} (their running statistics are updated once per target "
-            "batch, as a full batch would; batch.batchnorm: frozen keeps them in eval mode, for "
-            "fine-tuning)")
-    return warnings
 
 
 def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,
