@@ -34,37 +34,38 @@ def train_loop(run: Run) -> dict[str, Any]:
     every result file; every rank runs the same steps)."""
     settings, state, stream, ranks = run.settings, run.state, run.stream, run.ranks
     setup, optimizer, emit = run.setup, run.optimizer, run.emit
-    with graceful_stop() as stop, run.memory.tracker or contextlib.nullcontext():
-        try:
-            while state.step < settings.stop_step:
-                step_started = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                is_first = state.step == settings.first_step
-                outcome = target_batch_step(
-                    setup.micro_step, stream.pieces(state.step), ranks,
-                    statistics=setup.target_batch(ranks), is_first=is_first,
-                    peak_bytes=run.memory.peak_bytes, micro_batch=stream.micro_batch,
-                    share=stream.share_at(state.step))
-                layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
-                if is_first and layout is not None and layout.guess():
-                    emit(RunWarning(layout.guess()))
-                if outcome.totals is None:  # out of memory: redo this whole target batch, smaller
-                    shrink_micro_batch(run, outcome)
-                    continue
-                grad_norm = update(run, outcome)
-                step_seconds = time.perf_counter() - step_started
-                state.step += 1
-                state.train_seconds += step_seconds
-                state.samples_seen += outcome.totals.samples
-                emit_step(run, outcome, lr, grad_norm, step_seconds)
-                if settings.rebalance_every is not None:
-                    rebalance(run, outcome)
-                after_step(run)
-                is_last = state.step == settings.stop_step  # a stop asked now is moot
-                if not is_last and ranks.any(stop.is_set):  # all stop after one target batch
-                    stop_now(run, stop)
-        finally:
-            run.folder.close()
+    with graceful_stop() as stop:
+        with run.memory.tracker or contextlib.nullcontext():  # a simulated device counts
+            try:
+                while state.step < settings.stop_step:
+                    step_started = time.perf_counter()
+                    lr = optimizer.param_groups[0]["lr"]
+                    is_first = state.step == settings.first_step
+                    outcome = target_batch_step(
+                        setup.micro_step, stream.pieces(state.step), ranks,
+                        statistics=setup.target_batch(ranks), is_first=is_first,
+                        peak_bytes=run.memory.peak_bytes, micro_batch=stream.micro_batch,
+                        share=stream.share_at(state.step))
+                    layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
+                    if is_first and layout is not None and layout.guess():
+                        emit(RunWarning(layout.guess()))
+                    if outcome.totals is None:  # out of memory: redo the target batch, smaller
+                        shrink_micro_batch(run, outcome)
+                        continue
+                    grad_norm = update(run, outcome)
+                    step_seconds = time.perf_counter() - step_started
+                    state.step += 1
+                    state.train_seconds += step_seconds
+                    state.samples_seen += outcome.totals.samples
+                    emit_step(run, outcome, lr, grad_norm, step_seconds)
+                    if settings.rebalance_every is not None:
+                        rebalance(run, outcome)
+                    after_step(run)
+                    is_last = state.step == settings.stop_step  # a stop asked now is moot
+                    if not is_last and ranks.any(stop.is_set):  # all stop after one target batch
+                        stop_now(run, stop)
+            finally:
+                run.folder.close()
         return finish(run)  # a stop signal during it changes nothing
 
 
