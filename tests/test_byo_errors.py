@@ -220,6 +220,21 @@ def test_a_module_of_yours_that_fails_to_import_shows_its_traceback(cli, tmp_pat
     assert "Traceback" in result.stderr and message in result.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_model_builder_that_returns_no_module_or_a_name_that_is_no_path(cli, tmp_path,
+                                                                         command):
+    recipe = mistake_recipe(tmp_path, model="builders:returns_none")
+    (recipe.parent / "builders.py").write_text("def returns_none():\n    return None\n")
+    result = cli(command, recipe, "--out", tmp_path / "run") if command == "train" else \
+        cli(command, recipe)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: model.name builders:returns_none returned a NoneType, not a " \
+        "torch.nn.Module" in result.stderr
+    blank = cli(command, recipe, "--set", "model.name=:Net")
+    assert blank.exit_code == 2 and "Traceback" not in blank.output
+    assert "model.name: ':Net' is not an import path: expected module:callable" in blank.stderr
+
+
 def test_validate_refuses_what_train_would(cli, tmp_path):
     recipe = mistake_recipe(tmp_path)
     too_big = cli("validate", recipe, "--set", "batch.target=50")

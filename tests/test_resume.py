@@ -444,3 +444,23 @@ def test_a_stop_signal_once_the_last_step_is_trained_changes_nothing(tmp_path, w
     assert summary["steps"] == 3
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
     assert '"stopped"' not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_resume_of_a_recipe_edited_in_its_folder_is_refused_as_a_set_would_be(cli, tmp_path):
+    """recipe.yaml edited by hand (the learning rate): the checkpoint's own recipe shows the
+    change; refused with the key, nothing changed — not trained on silently with either."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "2").exit_code == 0
+    saved = run / "recipe.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.1", "lr: 0.3"))
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 2, result.output
+    assert "was made with another recipe than the run folder's recipe.yaml now holds: " \
+        "optim.args.lr: 0.1 → 0.3" in result.stderr
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
+            if path.is_file()} == before
+    saved.write_text(saved.read_text().replace("lr: 0.3", "lr: 0.1"))
+    assert cli("train", "--resume", run, "--set", "train.steps=5").exit_code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from mbp_cli.catalog.datasets import TensorPairs
 from mbp_cli.catalog.losses import LossFn
 from mbp_cli.catalog.model_loss import ModelLoss, is_hugging_face, takes_labels
 from mbp_cli.catalog.pretrained import build_pretrained
-from mbp_cli.errors import refused_arguments, users_code
+from mbp_cli.errors import UsageError, describe, refused_arguments, users_code
 from mbp_cli.recipe import registry
 from mbp_cli.recipe.spec import Recipe, recipe_folders
 
@@ -39,15 +40,25 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
         refused_arguments("model.args", spec.args, spec.name)
     if not is_fake:
         with guard:
-            return without_cache(make().to(device, dtype))
+            model = a_module(make(), spec.name)
+        return without_cache(model.to(device, dtype))
     # Fake parameters cannot be converted after the fact: build them in the training dtype.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with guard:
-            return without_cache(make())
+            model = make()
     finally:
         torch.set_default_dtype(default_dtype)
+    return without_cache(a_module(model, spec.name))
+
+
+def a_module(model: Any, name: str) -> nn.Module:
+    """What a model builder returned, if it is a torch.nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model.name {name} returned {describe(model)}, not a torch.nn.Module "
+                         "(a model builder returns the model)")
+    return model
 
 
 def without_cache(model: nn.Module) -> nn.Module:

@@ -101,6 +101,9 @@ def import_path(name: str, folders: Folders = ()) -> Callable[..., Any]:
     """`package.module:callable`, the module looked up in `folders` (the recipe's own folder),
     then the current folder, then the installed packages."""
     module_name, _, attr = name.partition(":")
+    if not all(module_name.split(".")) or not attr.isidentifier():
+        raise LookupFailed(f"{name!r} is not an import path: expected module:callable, e.g. "
+                           "my_model:Net")
     top = module_name.split(".")[0]
     searched = list(dict.fromkeys(str(Path(f).resolve()) for f in (*folders, Path.cwd())))
     home = next((f for f in searched if (Path(f) / f"{top}.py").is_file()

@@ -91,6 +91,7 @@ def resume_state(run_dir: Path, recipe: Recipe, model: torch.nn.Module,
     loop = None
     if state is not None:
         refuse_unfit(path, state, recipe, model)
+        refuse_edited(path, state, recipe)
         loop = restore(state, model, optimizer, scheduler, world.rank, world.size)
         # The learning rate for the next step is this recipe's schedule's (train.steps may
         # have changed), not the one the checkpoint's optimizer last had.
@@ -115,6 +116,20 @@ def refuse_apart(starts: list[int | None], run_dir: Path) -> None:
     raise UsageError(f"the ranks would not resume from the same point in {run_dir}: {found}. "
                      "Every rank reads the run folder: give all ranks the same one (a shared "
                      "filesystem, or a copy of rank 0's on every machine); nothing was trained")
+
+
+def refuse_edited(path: Path, state: dict[str, Any], recipe: Recipe) -> None:
+    """Refuse a resume whose recipe differs from the one the checkpoint was made with in keys
+    that may not change (recipe.yaml edited in the run folder: --set is checked on its own)."""
+    saved = state.get("recipe")
+    unsafe = [f"{key}: {old!r} → {new!r}" for key, old, new in
+              recipe_differences(saved, recipe) if key not in SAFE_TO_CHANGE_ON_RESUME] \
+        if saved else []
+    if unsafe:
+        raise UsageError(f"checkpoint {path} was made with another recipe than the run "
+                         f"folder's recipe.yaml now holds: {'; '.join(unsafe)}. Nothing was "
+                         "changed: put recipe.yaml back as it was, or start afresh with "
+                         "--overwrite")
 
 
 def refuse_unfit(path: Path, state: dict[str, Any], recipe: Recipe,
