@@ -464,3 +464,39 @@ def test_a_resume_of_a_recipe_edited_in_its_folder_is_refused_as_a_set_would_be(
             if path.is_file()} == before
     saved.write_text(saved.read_text().replace("lr: 0.3", "lr: 0.1"))
     assert cli("train", "--resume", run, "--set", "train.steps=5").exit_code == 0
+
+
+def test_overwrite_replaces_mbps_files_only_even_inside_its_folders(cli, tmp_path):
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
+    notes = run / "checkpoints" / "my-notes.txt"
+    notes.write_text("mine")
+    assert cli("train", recipe, "--out", run, "--quiet", "--overwrite").exit_code == 0
+    assert notes.read_text() == "mine"
+    assert (run / "checkpoints" / "step-000002.pt").exists()
+
+
+def test_a_resume_with_no_checkpoint_left_keeps_the_earlier_results(cli, tmp_path):
+    """Starting over would replace model.pt and summary.json: refused, nothing changed."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
+    for checkpoint in (run / "checkpoints").iterdir():
+        checkpoint.unlink()
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    result = cli("train", "--resume", run, "--set", "train.steps=3")
+    assert result.exit_code == 2
+    assert f"no checkpoint of {run} to resume from, and it holds an earlier run's model.pt " \
+        "and summary.json; nothing was changed" in result.stderr
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
+            if path.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute", "a/b", "line\nbreak"])
+def test_a_default_run_folder_stays_inside_runs_whatever_the_recipes_name(name):
+    from mbp_cli.run.folder import default_run_dir
+
+    folder = default_run_dir(name)
+    assert folder.parent == Path("runs") and len(folder.parts) == 2
+    assert "\n" not in str(folder) and not folder.name.startswith(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,8 +24,10 @@ RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summa
 
 
 def default_run_dir(name: str) -> Path:
-    """runs/<name>-<timestamp> under the current folder."""
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<name>-<timestamp> under the current folder (the name as one plain folder name:
+    a name with slashes or dots stays inside runs/)."""
+    plain = re.sub(r"[^\w.+-]+", "_", name).strip("._") or "run"
+    return Path("runs") / f"{plain}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_run_dir(path: Path, overwrite: bool) -> list[str]:
@@ -46,16 +49,39 @@ def make_run_dir(path: Path) -> None:
         raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
 
 
+# What mbp writes inside the folders among its results; anything else there is the user's
+OURS_INSIDE = {"checkpoints": ("step-*.pt", "step-*.pt.unreadable", ".step-*.tmp"),
+               "tensorboard": ("events.out.tfevents.*",)}
+
+
 def remove_results(path: Path, held: list[str]) -> None:
-    """Remove mbp's earlier results named in `held` (only those), for --overwrite."""
+    """Remove mbp's earlier results named in `held` (only those, and inside its folders only
+    its own files: a folder left with the user's files stays), for --overwrite."""
     try:
         for name in held:
-            if (path / name).is_dir():
-                shutil.rmtree(path / name)
+            target = path / name
+            if not target.is_dir():
+                target.unlink(missing_ok=True)
+            elif name == PARTS_FOLDER:  # each part is a run folder of its own
+                for part in target.glob("part-*"):
+                    remove_results(part, check_run_dir(part, overwrite=True))
+                    _remove_if_empty(part)
+                _remove_if_empty(target)
             else:
-                (path / name).unlink(missing_ok=True)
+                for pattern in OURS_INSIDE.get(name, ("*",)):
+                    for found in target.glob(pattern):
+                        if found.is_dir():
+                            shutil.rmtree(found)
+                        else:
+                            found.unlink()
+                _remove_if_empty(target)
     except OSError as exc:
         raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # the user's files are in it: it stays
+        folder.rmdir()
 
 
 def write_atomic(path: Path, data: bytes, what: str = "file") -> None:

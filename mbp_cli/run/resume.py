@@ -86,6 +86,11 @@ def resume_state(run_dir: Path, recipe: Recipe, model: torch.nn.Module,
                          "truncated); nothing was changed. Move them out of "
                          f"{run_dir / 'checkpoints'} to train it again from step 0, or start "
                          "afresh with --overwrite")
+    kept = [name for name in ("model.pt", "summary.json") if (run_dir / name).exists()]
+    if state is None and kept:  # starting over would replace them
+        raise UsageError(f"no checkpoint of {run_dir} to resume from, and it holds an earlier "
+                         f"run's {' and '.join(kept)}; nothing was changed. Start afresh with "
+                         "--overwrite")
     for note in notes:
         emit(RunWarning(note))
     loop = None
