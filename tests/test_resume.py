@@ -500,3 +500,20 @@ def test_a_default_run_folder_stays_inside_runs_whatever_the_recipes_name(name):
     folder = default_run_dir(name)
     assert folder.parent == Path("runs") and len(folder.parts) == 2
     assert "\n" not in str(folder) and not folder.name.startswith(".")
+
+
+def test_weights_an_update_made_infinite_are_not_checkpointed_as_the_last_good_state(cli,
+                                                                                     tmp_path):
+    """A weight decay so large that the first update overflows the weights: the next loss is
+    NaN, and what would be 'the last good state' is not good — said so, not checkpointed; an
+    infinite learning rate is refused before training."""
+    huge = {"name": "SGD", "args": {"lr": 1.0e30, "weight_decay": 1.0e30}}
+    recipe = write(tmp_path, small_recipe(optim=huge, train={"steps": 3, "device": "cpu"}))
+    result = cli("train", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 4, result.output
+    assert "the loss at step 2 is nan" in result.stderr
+    assert "The weights themselves are no longer finite" in result.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    infinite = cli("validate", recipe, "--set", "optim.args.lr=.inf")
+    assert infinite.exit_code == 2
+    assert "optim.args.lr: inf is not a finite number" in infinite.stderr

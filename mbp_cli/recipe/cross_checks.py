@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -17,6 +18,11 @@ def cross_check(recipe: Recipe, problems: list[str]) -> None:
     """Append each problem that no one field shows alone: values that contradict each other,
     list and name formats, train.partition and what it does not support yet."""
     batch, train = recipe.batch, recipe.train
+    if isinstance(recipe.optim.args, dict):
+        problems += [f"optim.args.{key}: {value} is not a finite number (an update with it "
+                     "makes the weights infinite or NaN)"
+                     for key, value in recipe.optim.args.items()
+                     if isinstance(value, float) and not math.isfinite(value)]
     if isinstance(batch.micro, str) and batch.micro != "auto":
         problems.append(f"batch.micro: expected an integer or 'auto', got {batch.micro!r}")
     per_rank = batch.micro if isinstance(batch.micro, list) else []

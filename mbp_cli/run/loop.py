@@ -280,11 +280,14 @@ def handle_nonfinite(run: Run, loss: float) -> None:
         run.emit(RunWarning(f"the loss at step {step} is {loss}: this target batch's update "
                             "is skipped (train.on_nonfinite: skip)"))
         return
-    path = write_checkpoint(run)
+    if all(bool(torch.isfinite(p).all()) for p in run.setup.model.parameters()):
+        kept = f"The last good state (after step {state.step}) is in {write_checkpoint(run)}"
+    else:  # the same on every rank: their weights are one
+        kept = ("The weights themselves are no longer finite (an update before this step made "
+                "them so): no checkpoint is written of them")
     raise NonFiniteLossError(
-        f"the loss at step {step} is {loss}; stopped before updating the model. The last "
-        f"good state (after step {state.step}) is in {path}. Lower optim.args.lr, or set "
-        "train.on_nonfinite: skip to drop such batches")
+        f"the loss at step {step} is {loss}; stopped before updating the model. {kept}. "
+        "Lower optim.args.lr, or set train.on_nonfinite: skip to drop such batches")
 
 
 def stop_now(run: Run, stop: StopRequest) -> None:
