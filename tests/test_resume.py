@@ -517,3 +517,34 @@ def test_weights_an_update_made_infinite_are_not_checkpointed_as_the_last_good_s
     infinite = cli("validate", recipe, "--set", "optim.args.lr=.inf")
     assert infinite.exit_code == 2
     assert "optim.args.lr: inf is not a finite number" in infinite.stderr
+
+
+DAMAGES = {
+    "a record that is a list": ("metrics.jsonl", "[1, 2]\n"),
+    "a step that is a word": ("metrics.jsonl", '{"event": "step", "step": "x"}\n'),
+    "a loss that is a word": ("metrics.jsonl", '{"event": "eval", "step": 2, '
+                                               '"eval_loss": "abc"}\n'),
+    "bytes that are not UTF-8": ("metrics.jsonl", b"\xff\xfe\n"),
+    "a summary of words": ("summary.json", '{"steps": "two", "wall_seconds": "x"}'),
+    "a summary cut short": ("summary.json", '{"steps": 2, "micro'),
+    "a summary that is a list": ("summary.json", "[1]"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_run_files_are_passed_over_or_named_never_a_traceback(cli, tmp_path, damage):
+    """A metrics line or a summary damaged by hand or by a disk: runs, report, eval and a
+    resume pass the record over or name the file; the in-process CLI raises on a traceback."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    run = tmp_path / "runs" / "run"
+    assert cli("train", recipe, "--out", run, "--quiet").exit_code == 0
+    name, text = DAMAGES[damage]
+    data = text if isinstance(text, bytes) else text.encode()
+    if name == "metrics.jsonl":
+        data = (run / name).read_bytes() + data
+    (run / name).write_bytes(data)
+    for command in (["runs", tmp_path / "runs"], ["report", run, "--json"], ["eval", run],
+                    ["train", "--resume", run, "--set", "train.steps=3", "--quiet"]):
+        result = cli(*command)
+        assert result.exit_code in (0, 2), (command, result.output)
+        assert result.exit_code == 0 or result.stderr.startswith("error: "), result.output

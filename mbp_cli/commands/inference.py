@@ -3,6 +3,7 @@ classes of image or tensor inputs). Weights are loaded weights-only: a file neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from mbp_cli.recipe.registry import find_dataset
 from mbp_cli.recipe.spec import Recipe, recipe_folders
 from mbp_cli.run.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from mbp_cli.run.evaluate import evaluate
-from mbp_cli.run.records import refuse_part
+from mbp_cli.run.records import is_sound, refuse_part
 from mbp_cli.tensor_files import load_tensors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -86,9 +87,10 @@ EVAL_MICRO_BATCH = 32  # where neither the run's files nor the recipe fix one
 def _micro_batch(run_dir: Path, recipe: Recipe) -> int:
     """The micro-batch the run trained with (its summary or probe), else the recipe's, else 32."""
     for name in ("summary.json", "probe.json"):
-        path = run_dir / name
-        if path.is_file():
-            return int(json.loads(path.read_text())["micro_batch"])
+        with contextlib.suppress(OSError, ValueError):  # none, or damaged: the next source
+            found = json.loads((run_dir / name).read_text(encoding="utf-8"))
+            if is_sound(found) and isinstance(found.get("micro_batch"), int):
+                return found["micro_batch"]
     return recipe.batch.fixed_micro or EVAL_MICRO_BATCH
 
 

@@ -96,10 +96,8 @@ def read_run(path: Path) -> RunRecord:
     if not (path / "metrics.jsonl").is_file():
         raise UsageError(f"{path} is not a run folder: it has no metrics.jsonl")
     events: dict[str, list[dict[str, Any]]] = {}
-    for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
-            record = json.loads(line)
-            events.setdefault(record.get("event", ""), []).append(record)
+    for record in read_records(path / "metrics.jsonl"):
+        events.setdefault(record.get("event", ""), []).append(record)
     summary = read_summary(path)
     steps = [e["step"] for e in events.get("step", [])]
     step = max(steps, default=summary.get("steps", 0) if summary else 0)  # partitioned: parts'
@@ -131,9 +129,33 @@ def read_summary(path: Path) -> dict[str, Any] | None:
         summary = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{file} cannot be read: {exc}") from exc
-    if not isinstance(summary, dict):
-        raise UsageError(f"{file} is not a run's summary (a JSON object)")
+    if not is_sound(summary):
+        raise UsageError(f"{file} is not a run's summary (a JSON object of its figures)")
     return summary
+
+
+# Figures of the records and summaries mbp writes: numbers (or null) wherever they appear
+FIGURES = ("step", "steps", "total_steps", "loss", "lr", "eval_loss", "eval_accuracy",
+           "step_seconds", "samples_per_second", "peak_memory_bytes", "wall_seconds",
+           "samples_seen", "final_train_loss", "micro_batch", "parts")
+
+
+def is_sound(record: Any) -> bool:
+    """Whether a record reads as mbp wrote it: a mapping whose figures are numbers."""
+    return isinstance(record, dict) and all(
+        record[key] is None or isinstance(record[key], int | float)
+        and not isinstance(record[key], bool) for key in FIGURES if key in record)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a kill, or one damaged, is passed over."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if is_sound(record):
+                records.append(record)
+    return records
 
 
 def _from_parts(record: RunRecord) -> RunRecord:

@@ -16,6 +16,7 @@ from mbp_cli.recipe.load import load_recipe
 from mbp_cli.recipe.spec import Recipe
 from mbp_cli.run.checkpoint import LoopState, newest_good_checkpoint, restore, unfit_tensors
 from mbp_cli.run.folder import write_atomic
+from mbp_cli.run.records import is_sound
 
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
@@ -161,7 +162,7 @@ def finished_wall_seconds(run_dir: Path, step: int) -> float:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return 0.0
-    is_this_step = isinstance(summary, dict) and summary.get("steps") == step
+    is_this_step = is_sound(summary) and summary.get("steps") == step
     return float(summary.get("wall_seconds") or 0.0) if is_this_step else 0.0
 
 
@@ -171,11 +172,11 @@ def trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= step:
+        if is_sound(record) and (record.get("step") or 0) <= step:
             kept.append(line + "\n")
     write_atomic(path, "".join(kept).encode())
