@@ -118,8 +118,8 @@ def finish(recipe: Recipe, partition: Partition, summary: dict[str, Any], run_di
         micro_batch = min(p["micro_batch"] for p in summary["partition"]["parts"])
         result = evaluate(whole, micro_batch, recipe.train.num_workers)
         summary.update(result)
-        emit(Eval(summary["steps"], result.get("eval_loss"), result.get("eval_accuracy"),
-                  part=0))
+        emit(Eval(step=summary["steps"], eval_loss=result.get("eval_loss"),
+                  eval_accuracy=result.get("eval_accuracy"), part=0))
         save_state_dict(run_dir / "model.pt", whole.model.state_dict())
     write_json(run_dir / "summary.json", summary)
 
@@ -150,8 +150,9 @@ def run_part(recipe: Recipe, options: RunOptions, partition: Partition, index: i
     done = _finished_summary(part_dir, part_steps(recipe, partition)) if options.resume \
         else None
     begins, ends = partition.describe(index)
-    emit(Part(len(partition.parts), begins, ends, sum(p.numel() for p in part.parameters()),
-              str(part_dir), done is not None, part=index + 1))
+    emit(Part(parts=len(partition.parts), begins=begins, ends=ends,
+              parameters=sum(p.numel() for p in part.parameters()), run_dir=str(part_dir),
+              already_done=done is not None, part=index + 1))
     if done is not None:
         try:
             part.load_state_dict(torch.load(part_dir / "model.pt", map_location=setup.device,

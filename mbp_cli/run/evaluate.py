@@ -1,6 +1,9 @@
-"""Held-out evaluation: mean loss over loss items and top-1 accuracy, in micro-batches."""
+"""Held-out evaluation: mean loss over loss items and top-1 accuracy, in micro-batches; the run's
+own, which says how to score a model it kept where it fails at the end."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -50,3 +53,16 @@ def evaluate(setup: Setup, micro_batch: int, num_workers: int) -> dict[str, floa
     accuracy = right / counted if correct is not None and counted else None
     return {"eval_loss": loss_sum / items if items else None, "eval_accuracy": accuracy}
 
+
+def held_out_eval(setup: Setup, micro_batch: int, num_workers: int,
+                  kept_in: Path | None) -> dict[str, float | None]:
+    """The held-out evaluation; one that fails at the end, after model.pt and the checkpoint
+    are written in `kept_in`, says they are kept and how to score them."""
+    try:
+        return evaluate(setup, micro_batch, num_workers)
+    except UsageError as exc:
+        if kept_in is None:
+            raise
+        raise UsageError(f"{exc}. The trained model is kept in {kept_in / 'model.pt'} (and a "
+                         f"checkpoint in {kept_in / 'checkpoints'}); score it with: mbp eval "
+                         f"{kept_in} --set data.eval_transforms=…") from exc

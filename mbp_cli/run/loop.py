@@ -15,12 +15,11 @@ import torch
 import mbp_cli
 from mbp_cli.data.batching import accumulation_steps
 from mbp_cli.engine.model import smallest_micro_batch
-from mbp_cli.engine.setup import Setup
-from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, UsageError
+from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError
 from mbp_cli.events import Done, Eval, OutOfMemory, Overflow, Rebalance, RunWarning, Step, Stopped
 from mbp_cli.memory.tracker import is_out_of_memory
 from mbp_cli.run.checkpoint import rank_state, save_checkpoint
-from mbp_cli.run.evaluate import evaluate
+from mbp_cli.run.evaluate import held_out_eval
 from mbp_cli.run.folder import save_state_dict, write_json
 from mbp_cli.run.shares import balanced_shares, record_speeds
 from mbp_cli.run.start import Run
@@ -201,20 +200,6 @@ def rebalance(run: Run, outcome: StepOutcome) -> None:
         state.shares = shares
         run.stream.restart(state.step, run.stream.micro_batch, shares)
         run.emit(Rebalance(step=state.step, shares=shares, samples_per_second=speeds))
-
-
-def held_out_eval(setup: Setup, micro_batch: int, num_workers: int,
-                  kept_in: Path | None) -> dict[str, float | None]:
-    """The held-out evaluation; one that fails at the end, after model.pt and the checkpoint
-    are written in `kept_in`, says they are kept and how to score them."""
-    try:
-        return evaluate(setup, micro_batch, num_workers)
-    except UsageError as exc:
-        if kept_in is None:
-            raise
-        raise UsageError(f"{exc}. The trained model is kept in {kept_in / 'model.pt'} (and a "
-                         f"checkpoint in {kept_in / 'checkpoints'}); score it with: mbp eval "
-                         f"{kept_in} --set data.eval_transforms=…") from exc
 
 
 def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
