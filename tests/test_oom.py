@@ -142,8 +142,9 @@ def test_a_resumed_auto_run_reuses_its_probe(cli, write_recipe, tmp_path):
                 "--simulate-memory", "600KiB", "--quiet")
     assert first.exit_code == 0
     chosen = json.loads((run_dir / "probe.json").read_text())["micro_batch"]
-    for path in (run_dir / "checkpoints").iterdir():
-        path.unlink()  # as if killed before the first checkpoint
+    for path in [*(run_dir / "checkpoints").iterdir(), run_dir / "model.pt",
+                 run_dir / "summary.json"]:
+        path.unlink()  # as if killed before the first checkpoint (and so before the end)
     resumed = cli("train", "--resume", run_dir, "--json")
     assert resumed.exit_code == 0, resumed.output
     events = [json.loads(line) for line in resumed.stdout.splitlines()]

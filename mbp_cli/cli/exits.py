@@ -13,7 +13,7 @@ from types import FrameType
 
 import typer
 
-from mbp_cli.distributed.world import world_from_env  # torch-free
+from mbp_cli.distributed.world import World, world_from_env  # torch-free
 from mbp_cli.errors import EXIT_RUNTIME, MbpError
 
 
@@ -29,7 +29,7 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     world = world_from_env()
     rank = world.rank
     try:
-        with _terminated_on_sigterm():
+        with _signals_at_the_start(world):
             yield
     except MbpError as exc:
         if os.environ.get("MBP_DEBUG") == "1":
@@ -57,9 +57,11 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _terminated_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises Terminated in the main thread for the body (a run's loop catches it
-    itself, to stop after the target batch in progress)."""
+def _signals_at_the_start(world: World) -> Iterator[None]:
+    """Before a run's loop catches them itself (to stop after the target batch in progress):
+    one process's SIGTERM raises Terminated, to be said; a rank's SIGINT and SIGTERM end it at
+    once, as a handler would wait out a blocking call (the process group's rendezvous) for a
+    peer that is gone — its launcher says what stopped the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -67,11 +69,14 @@ def _terminated_on_sigterm() -> Iterator[None]:
     def terminate(number: int, frame: FrameType | None) -> None:
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    handlers = {signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL} \
+        if world.is_launched else {signal.SIGTERM: terminate}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextlib.contextmanager

@@ -112,7 +112,11 @@ def train(
             # Every rank runs what the user typed; a default run folder (named by the time) is
             # chosen once, here, so that all write the same one.
             shared = ["--out", str(run_dir)] if resume is None and out is None else []
-            raise typer.Exit(launch(nproc, rank_arguments(ctx.meta[TYPED], shared), run_dir))
+            said = _stops_said(run_dir)
+            code = launch(nproc, rank_arguments(ctx.meta[TYPED], shared), run_dir)
+            if code in (130, 143) and _stops_said(run_dir) == said:  # before any step: the
+                typer.echo("interrupted" if code == 130 else "stopped by SIGTERM", err=True)
+            raise typer.Exit(code)  # ranks had nothing to say; after one, rank 0 said it
         sinks = terminal_sinks(as_json=json_, quiet=quiet or not world.is_main,
                                log_every=loaded.train.log_every)
         capacity = memory_size(_rank_entry(simulate_memory, world), "--simulate-memory")
@@ -129,6 +133,15 @@ def train(
                     getattr(sink, "close", lambda: None)()  # a live display stops
             if world.is_distributed:
                 exit_rank(0)
+
+
+def _stops_said(run_dir: Path) -> int:
+    """How many stops by a signal the run folder's metrics record."""
+    from mbp_cli.run.records import read_records
+
+    metrics = run_dir / "metrics.jsonl"
+    return sum(r.get("event") == "stopped" for r in read_records(metrics)) \
+        if metrics.is_file() else 0
 
 
 def _rank_entry(value: str | None, world: World) -> str | None:
