@@ -227,6 +227,18 @@ def test_a_loss_that_becomes_nonfinite(cli, tmp_path, policy):
         assert "update is skipped" in result.stderr
 
 
+def fill_the_disk_writing(monkeypatch: pytest.MonkeyPatch, marker: str) -> None:
+    """fsync fails with ENOSPC for files whose path holds `marker`, as a full disk makes it."""
+    real_fsync = os.fsync
+
+    def fsync_that_fills_the_disk(fd: int) -> None:
+        if marker in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk)
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cli, tmp_path,
                                                                        monkeypatch):
     recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
@@ -253,14 +265,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cli, tmp_
 def test_a_full_disk_at_the_first_checkpoint_claims_no_earlier_one(cli, tmp_path, monkeypatch):
     recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 2,
                                                  "device": "cpu"}))
-    real_fsync = os.fsync
-
-    def fsync_that_fills_the_disk_for_checkpoints(fd):
-        if "/checkpoints/" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk_for_checkpoints)
+    fill_the_disk_writing(monkeypatch, "/checkpoints/")
     result = cli("train", recipe, "--out", tmp_path / "run", "--quiet")
     monkeypatch.undo()
     assert result.exit_code == 1
@@ -270,14 +275,7 @@ def test_a_full_disk_at_the_first_checkpoint_claims_no_earlier_one(cli, tmp_path
 
 def test_a_full_disk_while_saving_the_model_is_a_clear_error(cli, tmp_path, monkeypatch):
     recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
-    real_fsync = os.fsync
-
-    def fsync_that_fills_the_disk_for_the_model(fd):
-        if ".model.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync_that_fills_the_disk_for_the_model)
+    fill_the_disk_writing(monkeypatch, ".model.pt.")
     result = cli("train", recipe, "--out", tmp_path / "run", "--quiet")
     monkeypatch.undo()
     assert result.exit_code == 1

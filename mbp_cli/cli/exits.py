@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import typer
 
@@ -62,31 +63,29 @@ def _signals_at_the_start(world: World) -> Iterator[None]:
     one process's SIGTERM raises Terminated, to be said; a rank's SIGINT and SIGTERM end it at
     once, as a handler would wait out a blocking call (the process group's rendezvous) for a
     peer that is gone — its launcher says what stopped the run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def terminate(number: int, frame: FrameType | None) -> None:
         raise Terminated
 
-    handlers = {signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL} \
-        if world.is_launched else {signal.SIGTERM: terminate}
-    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
-    try:
+    with _handled_by({signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL}
+                     if world.is_launched else {signal.SIGTERM: terminate}):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 @contextlib.contextmanager
 def stop_signals_ignored() -> Iterator[None]:
     """SIGINT and SIGTERM change nothing in the body: what they would stop is done."""
+    with _handled_by({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}):
+        yield
+
+
+@contextlib.contextmanager
+def _handled_by(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
+    """These signal handlers for the body, the earlier ones put back after it (signal handlers
+    belong to the main thread: elsewhere, nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, signal.SIG_IGN)
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     try:
         yield
     finally:

@@ -46,6 +46,12 @@ def recipe_differences(old: Recipe | dict[str, Any],
             if before.get(key) != after.get(key)]
 
 
+def unsafe_changes(old: Recipe | dict[str, Any], new: Recipe | dict[str, Any]) -> list[str]:
+    """'key: old → new' for each difference a resume may not make."""
+    return [f"{key}: {before!r} → {after!r}" for key, before, after
+            in recipe_differences(old, new) if key not in SAFE_TO_CHANGE_ON_RESUME]
+
+
 def sets_training_transforms(old: Recipe, new: Recipe) -> bool:
     """Whether a change of data.eval_transforms changes training's too: pretrained weights'
     own transforms serve both splits only while neither data.transforms nor
@@ -61,9 +67,7 @@ def recipe_to_resume(run_dir: Path, recipe: Path | None, overrides: list[str]) -
         raise UsageError(f"nothing to resume in {run_dir}: it has no recipe.yaml")
     original = load_recipe(saved)  # its first line names the folder its imports resolve from
     wanted = load_recipe(recipe or saved, overrides)
-    unsafe = [f"{key}: {old!r} → {new!r}"
-              for key, old, new in recipe_differences(original, wanted)
-              if key not in SAFE_TO_CHANGE_ON_RESUME]
+    unsafe = unsafe_changes(original, wanted)
     if sets_training_transforms(original, wanted):
         unsafe.append(f"data.eval_transforms: {original.data.eval_transforms!r} → "
                       f"{wanted.data.eval_transforms!r} (with model.args.weights and no "
@@ -128,9 +132,7 @@ def refuse_edited(path: Path, state: dict[str, Any], recipe: Recipe) -> None:
     """Refuse a resume whose recipe differs from the one the checkpoint was made with in keys
     that may not change (recipe.yaml edited in the run folder: --set is checked on its own)."""
     saved = state.get("recipe")
-    unsafe = [f"{key}: {old!r} → {new!r}" for key, old, new in
-              recipe_differences(saved, recipe) if key not in SAFE_TO_CHANGE_ON_RESUME] \
-        if saved else []
+    unsafe = unsafe_changes(saved, recipe) if saved else []
     if unsafe:
         raise UsageError(f"checkpoint {path} was made with another recipe than the run "
                          f"folder's recipe.yaml now holds: {'; '.join(unsafe)}. Nothing was "
