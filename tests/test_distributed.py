@@ -218,6 +218,40 @@ def test_a_rank_that_dies_ends_the_run_with_its_name(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_that_stops_answering_is_named_and_ended(tmp_path):
+    """A rank stopped by SIGSTOP (alive, silent) ends the run within train.heartbeat_timeout,
+    not train.collective_timeout: named as stopped, not as died, once, with the checkpoint to
+    continue from; the launcher returns, so the stopped process was ended too."""
+    recipe = ranked_recipe(tmp_path, {"dying_rank": 1, "die_after": 100, "signal": "SIGSTOP"})
+    started = time.monotonic()
+    run = mbp("train", recipe, "--out", "run", "--nproc", 2, "--set",
+              "train.checkpoint_every=1", "--set", "train.heartbeat_timeout=3", cwd=tmp_path,
+              timeout=120)
+    assert run.returncode == 1, run.stderr
+    (error,) = [line for line in run.stderr.splitlines() if "error" in line]
+    assert error.startswith("error: rank 1 stopped answering: no heartbeat for 3 s (its process "
+                            "is stopped, as by SIGSTOP or Ctrl-Z); the other ranks stopped. "
+                            "Continue from its last checkpoint, step-0000"), run.stderr
+    assert error.endswith(".pt, with: mbp train --resume run --nproc 2")
+    assert "died" not in run.stderr and "Traceback" not in run.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_slow_rank_is_not_a_stopped_one(tmp_path):
+    """A rank whose target batches take several heartbeat timeouts (it works, and its heartbeat
+    goes on) trains to the end; under torchrun, as under --nproc."""
+    recipe = ranked_recipe(tmp_path, {"slow_rank": 1, "delay": 0.25})
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+         "mbp_cli", "train", str(recipe), "--out", "run", "--set", "train.steps=2", "--set",
+         "train.heartbeat_timeout=1", "-q"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    assert [e["step"] for e in events(tmp_path / "run", "step")] == [1, 2]
+
+
+@pytest.mark.slow
 def test_machines_whose_run_folders_differ_refuse_to_resume_apart(tmp_path):
     """Two launchers as two machines without a shared filesystem: rank 0 finds the run's
     checkpoint, rank 1 (its own copy of the folder, no checkpoints) none. Refused before any

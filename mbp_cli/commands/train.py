@@ -28,7 +28,8 @@ def train(recipe: Recipe, options: RunOptions, sinks: Iterable[Sink],
     device = rank_device(device or resolve_device(recipe.train.device), world)
     if recipe.train.partition is not None:  # experimental: parts trained apart
         timeout = max(recipe.train.collective_timeout, WAIT_SECONDS)
-        with process_group(world, device, timeout) as ranks:
+        with process_group(world, device, timeout, recipe.train.heartbeat_timeout) as ranks:
             return train_partitioned(recipe, options, list(sinks), ranks, device)
-    with process_group(world, device, recipe.train.collective_timeout) as ranks:
+    with process_group(world, device, recipe.train.collective_timeout,
+                       recipe.train.heartbeat_timeout) as ranks:
         return train_loop(start_run(recipe, options, list(sinks), ranks, device))

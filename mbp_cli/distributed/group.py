@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from mbp_cli.distributed.heartbeat import heartbeat
 from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.distributed.world import World
 from mbp_cli.errors import MbpError
@@ -33,9 +34,11 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def process_group(world: World, device: torch.device, timeout_seconds: float) -> Iterator[Ranks]:
+def process_group(world: World, device: torch.device, timeout_seconds: float,
+                  heartbeat_seconds: float) -> Iterator[Ranks]:
     """Join the other ranks for the run (gloo on CPU, NCCL on CUDA) and leave at the end; a
-    collective that waits longer than `timeout_seconds` fails instead of hanging."""
+    collective that waits longer than `timeout_seconds` fails instead of hanging, and a rank
+    silent for `heartbeat_seconds` (stopped, hung) ends the run."""
     ranks = Ranks(world, device)
     if not world.is_distributed:
         yield ranks
@@ -46,8 +49,9 @@ def process_group(world: World, device: torch.device, timeout_seconds: float) ->
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_seconds))
     try:
-        yield ranks
-        ranks.barrier()  # leave together: a rank closing its links early aborts the others
+        with heartbeat(world, heartbeat_seconds):
+            yield ranks
+            ranks.barrier()  # leave together: a rank closing its links early aborts the others
     except MbpError as exc:
         if exc.agreed:  # every rank raised it: all are here
             ranks.barrier()

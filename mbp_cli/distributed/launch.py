@@ -4,10 +4,12 @@ with RANK, WORLD_SIZE and LOCAL_RANK set."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mbp_cli.distributed.failures import RankDiedError
-from mbp_cli.distributed.world import MBP_LAUNCHED
+from mbp_cli.distributed.world import LAUNCH_NOTES, MBP_LAUNCHED
 from mbp_cli.errors import EXIT_RUNTIME, UsageError
 
 SHUTDOWN_SECONDS = 600  # after Ctrl-C, how long ranks may take to finish their target batch
@@ -40,12 +42,14 @@ def launch(nproc: int, args: list[str], run_dir: Path) -> int:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
         monitor_interval=0.1, logs_specs=DefaultLogsSpecs(redirects=Std.NONE, tee=Std.NONE),
         shutdown_timeout=SHUTDOWN_SECONDS)
-    try:
-        elastic_launch(config, sys.executable)("-m", "mbp_cli", *args)
-    except ChildFailedError as exc:
-        return failure_code(exc.failures, run_dir, nproc)
-    except SignalException as exc:
-        return 128 + int(exc.sigval)
+    with tempfile.NamedTemporaryFile("r", prefix="mbp-notes-") as notes:
+        os.environ[LAUNCH_NOTES] = notes.name
+        try:
+            elastic_launch(config, sys.executable)("-m", "mbp_cli", *args)
+        except ChildFailedError as exc:
+            return failure_code(exc.failures, run_dir, nproc, notes.read())
+        except SignalException as exc:
+            return 128 + int(exc.sigval)
     return 0
 
 
@@ -77,10 +81,14 @@ def check_gpus(device: torch.device, nproc: int) -> None:
                          f"Use --nproc {count}, or train.device: cpu")
 
 
-def failure_code(failures: dict, run_dir: Path, nproc: int) -> int:
-    """The exit code for failed ranks. A rank killed by a signal is named (the others then lost
-    it, and the launcher stopped them); otherwise the ranks explained themselves, and the code
-    that says why (2, 3, 4, 130, 143) wins over a lost contact's 1."""
+def failure_code(failures: dict, run_dir: Path, nproc: int, notes: str = "") -> int:
+    """The exit code for failed ranks. A rank that stopped answering (the ranks' `notes` say
+    which) or was killed by a signal is named (the others then lost it, and the launcher
+    stopped them); otherwise the ranks explained themselves, and the code that says why (2, 3,
+    4, 130, 143) wins over a lost contact's 1."""
+    for line in notes.splitlines()[:1]:
+        raise RankDiedError(f"{json.loads(line)['story']}; the other ranks stopped. "
+                            f"{_continue_hint(run_dir, nproc)}")
     stopping = (signal.SIGTERM, signal.SIGINT)  # how the launcher stops the ranks left
     ordered = sorted(failures.items())
     codes = [f.exitcode for _, f in ordered]
@@ -89,9 +97,15 @@ def failure_code(failures: dict, run_dir: Path, nproc: int) -> int:
         died = ordered[:1]
     for rank, failure in died[:1]:
         name = signal.Signals(-failure.exitcode).name
-        checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt"))
-        then = f"Continue from its last checkpoint, {checkpoints[-1].name}, with: mbp train " \
-            f"--resume {run_dir} --nproc {nproc}" if checkpoints else \
-            "No checkpoint was written (train.checkpoint_every) to continue from"
-        raise RankDiedError(f"rank {rank} died ({name}); the other ranks stopped. {then}")
+        raise RankDiedError(f"rank {rank} died ({name}); the other ranks stopped. "
+                            f"{_continue_hint(run_dir, nproc)}")
     return next((code for code in codes if code > EXIT_RUNTIME), EXIT_RUNTIME)
+
+
+def _continue_hint(run_dir: Path, nproc: int) -> str:
+    """How to continue a run that lost a rank: from its last checkpoint, if one was written."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    if not checkpoints:
+        return "No checkpoint was written (train.checkpoint_every) to continue from"
+    return f"Continue from its last checkpoint, {checkpoints[-1].name}, with: mbp train " \
+        f"--resume {run_dir} --nproc {nproc}"

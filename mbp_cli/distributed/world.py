@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 MBP_LAUNCHED = "MBP_LAUNCHED"  # set by `mbp train --nproc` for its ranks
+LAUNCH_NOTES = "MBP_LAUNCH_NOTES"  # a file where its ranks leave what the launcher says
 
 
 @dataclass(frozen=True)

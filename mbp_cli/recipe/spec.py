@@ -125,6 +125,7 @@ class TrainSpec:
     precision: str = spec("fp32", choices=("fp32", "bf16", "fp16", "auto"))  # autocast
     compile: bool = spec(False)  # torch.compile the model
     collective_timeout: float = spec(1800.0, minimum=1.0)  # seconds a rank waits for the others
+    heartbeat_timeout: float = spec(60.0, minimum=1.0)  # seconds a silent rank counts as stopped
     partition: dict[str, Any] | None = spec(None)  # a PartitionSpec: experimental
 
 
