@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mbp_cli.distributed.ranks import RankReport
+from mbp_cli.distributed.exchange import RankReport
 from mbp_cli.distributed.shares import split_shares
 from mbp_cli.distributed.world import World
 from mbp_cli.errors import UsageError

@@ -10,7 +10,7 @@ micro-batches instead would be exact only when every piece held as many items.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbp_cli.distributed.ranks import RankReport, Ranks
+from mbp_cli.distributed.exchange import GradientExchange, RankReport
+from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
 from mbp_cli.errors import DoesNotFitError
@@ -62,9 +63,10 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
     """Leave in each `.grad` the gradient of the whole target batch's mean loss (see the
     module's invariant) and return its totals.
 
-    This rank's micro-batches are backpropagated; the ranks agree on the outcome in one
-    gather (an error or an out-of-memory on any rank stops or redoes the target batch on all);
-    their gradients are summed, then normalized. `statistics` wraps the target batch
+    This rank's micro-batches are backpropagated, their gradients summed over the ranks from
+    the last backward on (exchange.py), and the ranks agree on the outcome in the same exchange
+    (an error or an out-of-memory on any rank stops or redoes the target batch on all); then
+    the sums are normalized. `statistics` wraps the target batch
     (BatchNorm's running statistics, updated once at its end); `micro_batch`, `share` and
     `peak_bytes` are this rank's figures for its report. Expects the gradients to be None
     (`zero_grad(set_to_none=True)`) on entry.
@@ -72,7 +74,9 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
     started = time.perf_counter()
     ranks = ranks or Ranks(World(), micro_step.device)
     model = micro_step.model
-    params = list(model.parameters())
+    exchange = ranks.exchange(model) if ranks.is_distributed else None
+    if exchange is not None:
+        micro_batches = _arming_before_last(micro_batches, exchange.arm)
     try:
         with statistics or nullcontext():  # left as they were where the batch is redone
             sums, failure = _backward_share(micro_step, micro_batches, ranks, is_first)
@@ -83,13 +87,12 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
                 out_of_memory=sums is None and failure is None, failed=failure is not None,
                 seconds=time.perf_counter() - started, peak_bytes=peak_bytes(),
                 micro_batch=micro_batch, share=share)
-            reports, has_grad = ranks.gather_reports(mine, [p.grad is not None for p in params])
+            reports = [mine] if exchange is None else _exchanged(exchange, mine, ranks)
             if any(r.failed for r in reports):
                 ranks.raise_any(failure)
             if any(r.out_of_memory for r in reports):
                 model.zero_grad(set_to_none=True)
                 raise _RedoTargetBatch(reports)
-            _sum_over_ranks(ranks, params, has_grad)
     except _RedoTargetBatch as redo:
         return StepOutcome(None, redo.reports)
     total = StepSums(loss_sum=sum(r.loss_sum for r in reports),
@@ -121,9 +124,25 @@ def _backward_share(micro_step: MicroStep, micro_batches: Iterable[Any], ranks: 
         return None, exc  # the other ranks learn it in the gather, and all stop
 
 
-def _sum_over_ranks(ranks: Ranks, params: list[nn.Parameter], has_grad: list[bool]) -> None:
+_END = object()
+
+
+def _arming_before_last(micro_batches: Iterable[Any], arm: Callable[[], None]) -> Iterator[Any]:
+    """The micro-batches, `arm` called as the last one is handed out (one is read ahead)."""
+    pieces = iter(micro_batches)
+    piece = next(pieces, _END)
+    while piece is not _END:
+        following = next(pieces, _END)
+        if following is _END:
+            arm()
+        yield piece
+        piece = following
+
+
+def _exchanged(exchange: GradientExchange, mine: RankReport, ranks: Ranks) -> list[RankReport]:
+    """Every rank's report, the gradients summed over the ranks."""
     try:
-        ranks.sum_gradients(params, has_grad)
+        return exchange.finish(mine)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
