@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCHMARKS := exactness overhead overhead_parts memory_flatness probe_accuracy paper_claim strategies balance \
-	partitioned
+	partitioned distributed
 
 .PHONY: install train test test-fast lint bench gpu-check clean
 

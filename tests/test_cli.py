@@ -30,6 +30,15 @@ def test_validate_accepts_a_good_recipe(cli, write_recipe):
     assert result.exit_code == 0 and "valid recipe 'test-digits'" in result.stdout
 
 
+def test_mbp_debug_shows_the_traceback_and_keeps_the_exit_code(cli, write_recipe, monkeypatch):
+    """A script that debugs sees the exit codes it would see without MBP_DEBUG."""
+    monkeypatch.setenv("MBP_DEBUG", "1")
+    result = cli("validate", write_recipe(small_recipe()), "--set", "model.name=no_such_model")
+    assert result.exit_code == 2
+    assert result.stderr.index("Traceback") < result.stderr.index("error: ")
+    assert "  • model.name: unknown model 'no_such_model'" in result.stderr
+
+
 def test_validate_refuses_a_bad_recipe_with_exit_2_and_no_traceback(cli, write_recipe):
     path = write_recipe(small_recipe(batch={"target": 8, "mirco": 2}))
     result = cli("validate", path, "--set", "optim.args.lr=fast", "--set", "seed=1.5")

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -33,8 +34,9 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         with _signals_at_the_start(world):
             yield
     except MbpError as exc:
-        if os.environ.get("MBP_DEBUG") == "1":
-            raise
+        debugging = os.environ.get("MBP_DEBUG") == "1"
+        if debugging:  # the traceback, then as always: a script that debugs sees the same
+            traceback.print_exc()  # exit codes
         is_lost = world.is_launched and _is_lost_rank(exc)
         if rank and (exc.agreed or is_lost) or is_lost and world.is_mbp_launched:
             _leave(exc)  # rank 0 reports what all agreed on; the launcher, a rank lost
@@ -47,7 +49,8 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         failed_rank = getattr(exc, "rank", rank)
         who = f"rank {failed_rank}: " if failed_rank else ""
         typer.echo(f"{who}{exc.label}: {exc}", err=True)
-        if exc.exit_code == EXIT_RUNTIME and not details and exc.hints_traceback:
+        if exc.exit_code == EXIT_RUNTIME and not details and exc.hints_traceback \
+                and not debugging:
             typer.echo("(set MBP_DEBUG=1 to see the traceback)", err=True)  # maybe ours
         _leave(exc)
     except (KeyboardInterrupt, Terminated) as exc:

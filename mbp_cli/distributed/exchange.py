@@ -76,7 +76,7 @@ class GradientExchange:
     """One model's gradients summed over the ranks, overlapped with the last backward."""
 
     def __init__(self, model: nn.Module, world: World, device: torch.device) -> None:
-        self.world, self.device = world, device
+        self.model, self.world, self.device = model, world, device
         self.params = list(model.parameters())
         self.buckets = _buckets([i for i, p in enumerate(self.params) if p.requires_grad],
                                 self.params)

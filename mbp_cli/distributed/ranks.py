@@ -60,7 +60,7 @@ class Ranks:
 
     def exchange(self, model: nn.Module) -> GradientExchange:
         """The gradient exchange of `model` (made once: it hooks the parameters)."""
-        if self._exchange is None or self._exchange.params != list(model.parameters()):
+        if self._exchange is None or self._exchange.model is not model:
             self._exchange = GradientExchange(model, self.world, self.device)
         return self._exchange
 
