@@ -102,3 +102,19 @@ def test_peak_memory_is_flat_in_the_target_batch(write_recipe, tmp_path):
               RunOptions(out, simulated_memory=tracker), sinks=[])
         peaks[target] = tracker.peak_bytes
     assert peaks[512] == peaks[32]
+
+
+def test_a_cpu_run_reports_its_tensors_peak_not_the_process(write_recipe, tmp_path):
+    """On the CPU the summary's peak is the tensors' (tracked over the first target batches),
+    what a simulated device of unlimited capacity records for the same run; the process's
+    peak RSS, mostly torch's libraries, is kept apart."""
+    recipe = small_recipe(batch={"target": 64, "micro": 8},
+                          train={"steps": 2, "eval_every": 0, "device": "cpu"})
+    path = write_recipe(recipe)
+    plain = train(load_recipe(path), RunOptions(tmp_path / "plain"), sinks=[])
+    tracker = StorageTracker()
+    train(load_recipe(path), RunOptions(tmp_path / "simulated", simulated_memory=tracker),
+          sinks=[])
+    assert plain["peak_memory_source"] == "tracked_tensors_first_steps"
+    assert plain["peak_memory_bytes"] == tracker.peak_bytes
+    assert plain["process_peak_rss_bytes"] > 20 * plain["peak_memory_bytes"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -143,10 +144,20 @@ def available_bytes(device: torch.device) -> int:
 
 
 class PeakMemory:
-    """The run's peak: CUDA's max_memory_allocated, a tracker's peak, or the process's peak RSS."""
+    """The run's peak of tensor memory: CUDA's max_memory_allocated, a simulated device's
+    peak, or on the CPU the live tensors tracked over the first MEASURED_STEPS target batches
+    (memory is flat in the target batch; tracking every op all run long would slow it). The
+    process's peak RSS — mostly torch's own libraries on a CPU — is kept apart."""
 
-    def __init__(self, device: torch.device, tracker: StorageTracker | None = None) -> None:
-        self.device, self.tracker = device, tracker
+    MEASURED_STEPS = 2
+
+    def __init__(self, device: torch.device, tracker: StorageTracker | None = None,
+                 state: Callable[[], list[torch.Tensor]] | None = None) -> None:
+        """`state`: the tensors a step keeps between steps, for the CPU's measurement (none:
+        the peak RSS stands in, as under torch.compile)."""
+        self.device, self.tracker, self.state = device, tracker, state
+        self.measured, self.measured_peak = 0, 0
+        self.active: StorageTracker | None = None  # measuring the target batch in progress
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -155,7 +166,28 @@ class PeakMemory:
         """What the figure measures, for the summary."""
         if self.device.type == "cuda":
             return "cuda_max_memory_allocated"
-        return "tracked_tensors" if self.tracker is not None else "process_peak_rss"
+        if self.tracker is not None:
+            return "tracked_tensors"
+        return "tracked_tensors_first_steps" if self.measured else "process_peak_rss"
+
+    def measuring(self) -> contextlib.AbstractContextManager:
+        """Around a target batch and its update: on the CPU, the first ones tracked."""
+        if self.device.type == "cuda" or self.tracker is not None or self.state is None \
+                or self.measured >= self.MEASURED_STEPS:
+            return contextlib.nullcontext()
+        return self._tracked()
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        self.active = StorageTracker()
+        self.active.register(self.state())
+        try:
+            with self.active:
+                yield
+            self.measured += 1
+            self.measured_peak = max(self.measured_peak, self.active.peak_bytes)
+        finally:
+            self.active = None
 
     def peak_bytes(self) -> int:
         """The peak so far, in bytes."""
@@ -163,5 +195,12 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated(self.device))
         if self.tracker is not None:
             return self.tracker.peak_bytes
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+        if self.active is not None:
+            return max(self.measured_peak, self.active.peak_bytes)
+        return self.measured_peak if self.measured else process_peak_rss()
+
+
+def process_peak_rss() -> int:
+    """The process's peak resident memory, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB

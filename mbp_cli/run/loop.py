@@ -17,7 +17,7 @@ from mbp_cli.data.batching import accumulation_steps
 from mbp_cli.engine.model import smallest_micro_batch
 from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError
 from mbp_cli.events import Done, Eval, OutOfMemory, Overflow, Rebalance, RunWarning, Step, Stopped
-from mbp_cli.memory.tracker import is_out_of_memory
+from mbp_cli.memory.tracker import is_out_of_memory, process_peak_rss
 from mbp_cli.run.checkpoint import rank_state, save_checkpoint
 from mbp_cli.run.evaluate import held_out_eval
 from mbp_cli.run.folder import save_state_dict, write_json
@@ -40,18 +40,19 @@ def train_loop(run: Run) -> dict[str, Any]:
                     step_started = time.perf_counter()
                     lr = optimizer.param_groups[0]["lr"]
                     is_first = state.step == settings.first_step
-                    outcome = target_batch_step(
-                        setup.micro_step, stream.pieces(state.step), ranks,
-                        statistics=setup.target_batch(ranks), is_first=is_first,
-                        peak_bytes=run.memory.peak_bytes, micro_batch=stream.micro_batch,
-                        share=stream.share_at(state.step))
+                    with run.memory.measuring():  # the CPU's first target batches: tracked
+                        outcome = target_batch_step(
+                            setup.micro_step, stream.pieces(state.step), ranks,
+                            statistics=setup.target_batch(ranks), is_first=is_first,
+                            peak_bytes=run.memory.peak_bytes, micro_batch=stream.micro_batch,
+                            share=stream.share_at(state.step))
+                        grad_norm = update(run, outcome) if outcome.totals else None
                     layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
                     if is_first and layout is not None and layout.guess():
                         emit(RunWarning(layout.guess()))
                     if outcome.totals is None:  # out of memory: redo the target batch, smaller
                         shrink_micro_batch(run, outcome)
                         continue
-                    grad_norm = update(run, outcome)
                     step_seconds = time.perf_counter() - step_started
                     state.step += 1
                     state.train_seconds += step_seconds
@@ -169,6 +170,7 @@ def finish(run: Run) -> dict[str, Any]:
         "samples_per_second": (state.samples_seen / state.train_seconds
                                if state.train_seconds else None),
         "peak_memory_bytes": run.memory.peak_bytes(), "peak_memory_source": run.memory.source,
+        "process_peak_rss_bytes": process_peak_rss(),
         "wall_seconds": run.earlier_wall_seconds + this_part,
         "device": str(run.setup.device),
         "versions": {"mbp": mbp_cli.__version__, "torch": torch.__version__},

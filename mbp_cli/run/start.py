@@ -137,7 +137,8 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         simulated = options.simulated_memory
         if simulated is not None:
             simulated.register(training_state_tensors(model, optimizer))
-        memory = PeakMemory(device, simulated)
+        memory = PeakMemory(device, simulated, None if recipe.train.compile else
+                            lambda: training_state_tensors(model, optimizer))
         setup.train_mode()  # the probe measures the step as training runs it
         keeps = keeps_split(state, recipe, world)
         choice, micro_batch, folder.probe = starting_point(

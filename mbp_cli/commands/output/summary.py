@@ -37,6 +37,24 @@ def precision_text(s: Data) -> str:
     return f"{dtype} parameters, {strategies}"
 
 
+PEAK_SOURCES = {  # what each peak figure measures, in words
+    "cuda_max_memory_allocated": "CUDA allocator's peak",
+    "tracked_tensors": "tensors on the simulated device",
+    "tracked_tensors_first_steps": "tensors, tracked over the first target batches",
+    "process_peak_rss": "the process's peak RSS",
+}
+
+
+def peak_text(s: Data) -> str:
+    """The run's peak, labelled; the process's own beside a tensor figure on the CPU."""
+    source = s["peak_memory_source"]
+    text = f"{format_bytes(s['peak_memory_bytes'])} ({PEAK_SOURCES.get(source, source)})"
+    process = s.get("process_peak_rss_bytes")
+    if process and source.startswith("tracked"):
+        text += f"; process {format_bytes(process)} (peak RSS, torch's libraries included)"
+    return text
+
+
 def summary_table(s: Data) -> Table:
     """The final summary of a run as a two-column table."""
     status = "done" if s["steps"] >= s["total_steps"] else \
@@ -52,7 +70,7 @@ def summary_table(s: Data) -> Table:
         ("eval accuracy", format_percent(s.get("eval_accuracy"))),
         ("samples/s", number_text(s["samples_per_second"], ",.0f")),
         ("precision", precision_text(s)),
-        ("peak memory", f"{format_bytes(s['peak_memory_bytes'])} ({s['peak_memory_source']})"),
+        ("peak memory", peak_text(s)),
         ("wall time", wall_time(s)), ("run folder", s["run_dir"]),
     ]
     if s.get("compile_seconds") is not None:
