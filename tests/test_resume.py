@@ -547,3 +547,37 @@ def test_damaged_run_files_are_passed_over_or_named_never_a_traceback(cli, tmp_p
         result = cli(*command)
         assert result.exit_code in (0, 2), (command, result.output)
         assert result.exit_code == 0 or result.stderr.startswith("error: "), result.output
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for everyone, root included (a read-only bind mount of it)."""
+    mounted = []
+
+    def make(folder: Path) -> None:
+        for options in (["--bind", folder, folder], ["-o", "remount,bind,ro", folder]):
+            done = subprocess.run(["mount", *map(str, options)], capture_output=True)
+            if done.returncode:
+                pytest.skip(f"cannot mount here: {done.stderr.decode().strip()}")
+            mounted.append(folder)
+
+    yield make
+    for folder in mounted[:1]:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_run_folder_is_refused_for_a_resume_as_for_a_new_run(cli, tmp_path,
+                                                                           read_only):
+    """Exit 2 and one line naming the folder, nothing changed, whether resumed or new."""
+    recipe = write(tmp_path, small_recipe(train={"steps": 4, "checkpoint_every": 1,
+                                                 "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "2").exit_code == 0
+    before = sorted(p.name for p in run.rglob("*"))
+    read_only(run)
+    resumed = cli("train", "--resume", run)
+    assert resumed.exit_code == 2, resumed.output
+    assert "Read-only file system" in resumed.stderr and "MBP_DEBUG" not in resumed.stderr
+    new = cli("train", recipe, "--out", run / "inside", "--quiet")
+    assert new.exit_code == 2 and "Read-only file system" in new.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before

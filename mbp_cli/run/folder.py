@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -84,6 +85,9 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a folder that cannot be written
+
+
 def write_atomic(path: Path, data: bytes, what: str = "file") -> None:
     """Write a file so that a reader sees the old content or the new, never a torn one.
 
@@ -104,7 +108,8 @@ def write_atomic(path: Path, data: bytes, what: str = "file") -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise MbpError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
+            kind = UsageError if exc.errno in NOT_WRITABLE else MbpError  # the user's to fix
+            raise kind(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -176,6 +181,9 @@ class RunFolder:
             self._lock.enter_context(held_lock(self.path))
         except BlockingIOError:
             raise in_use(self.path) from None
+        except OSError as exc:  # a read-only folder, say
+            raise UsageError(f"cannot write in run folder {self.path}: "
+                             f"{exc.strerror or exc}") from exc
         remove_results(self.path, held)
         text = f"{READ_FROM}{self.recipe.folder}\n" + dump_recipe(self.recipe)
         write_atomic(self.path / "recipe.yaml", text.encode(), what="recipe")
