@@ -251,6 +251,29 @@ def test_a_run_in_progress_is_running(tmp_path, write_recipe):
     assert json.loads(listed.stdout)[0]["status"].startswith("failed at step")
 
 
+@pytest.mark.slow
+def test_a_resumed_run_killed_after_its_resume_is_failed_not_done(cli, tmp_path, write_recipe):
+    recipe = write_recipe(small_recipe(train={"steps": 2, "checkpoint_every": 1,
+                                              "eval_every": 0, "device": "cpu"}))
+    run = tmp_path / "runs/grown"
+    assert cli("train", recipe, "--out", run, "-q").exit_code == 0
+    assert json.loads(cli("runs", run, "--json").output)[0]["status"] == "done"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    resumed = subprocess.Popen([sys.executable, "-m", "mbp_cli", "train", "--resume", str(run),
+                                "--set", "train.steps=5000", "-q"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints/step-000004.pt").exists():
+            assert time.monotonic() < deadline and resumed.poll() is None
+            time.sleep(0.05)
+    finally:
+        resumed.kill()  # SIGKILL: no summary of this session is written
+        resumed.wait()
+    listed = json.loads(cli("runs", run, "--json").output)[0]
+    assert listed["status"] == f"failed at step {listed['steps']}", listed
+    assert listed["steps"] >= 4 and listed["total_steps"] == 5000
+
+
 def test_a_failing_final_eval_keeps_the_trained_model_and_a_resume_may_fix_it(cli, tmp_path):
     """Images of mixed sizes, cropped for training but not for the held-out split: the final
     evaluation cannot batch them. model.pt and the last checkpoint are written before it, the
