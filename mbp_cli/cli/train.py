@@ -92,6 +92,10 @@ def train(
             refuse_part(resume, "resume")
             if out is not None and out.resolve() != resume.resolve():
                 raise UsageError("--resume continues in its own folder; leave out --out")
+            if overwrite:
+                raise UsageError(f"--overwrite does not go with --resume, which continues the "
+                                 f"run in {resume}; to start afresh there instead: mbp train "
+                                 f"RECIPE --out {resume} --overwrite")
             loaded, run_dir = recipe_to_resume(resume, recipe, changes), resume
         elif recipe is not None:
             loaded = load_recipe(recipe, changes)
