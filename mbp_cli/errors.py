@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
@@ -56,6 +57,30 @@ class DoesNotFitError(MbpError):
     """Not even a micro-batch of one sample fits in memory."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory (and a smaller step may fit)."""
+    torch = sys.modules.get("torch")  # not imported for it: an error of torch's means it is
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):  # CUDA, the simulated
+        return True
+    # The CPU allocator has no exception type of its own: this is its message (c10 CPUAllocator).
+    message = "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(exc, RuntimeError) and message in str(exc)
+
+
+@contextlib.contextmanager
+def fits_in_memory(what: str) -> Iterator[None]:
+    """Make `what`; running out of memory there is a DoesNotFitError naming it (exit 3)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        asked = re.search(r"you tried to allocate (\d+) bytes", str(exc))  # the CPU's words
+        said = (f"it asked for {format_bytes(int(asked[1]))} at once, more than the machine "
+                "can give" if asked else " ".join(str(exc).split()))
+        raise DoesNotFitError(f"{what} does not fit in memory: {said}") from exc
 
 
 def does_not_fit(micro_batch: int, needed_bytes: int | None, budget_bytes: int,
