@@ -7,7 +7,7 @@ import difflib
 import re
 import sys
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from mbp_cli.units import format_bytes
@@ -137,16 +137,31 @@ REFUSALS = (TypeError, ValueError, RuntimeError, AssertionError, IndexError, Key
 
 
 @contextlib.contextmanager
-def refused_arguments(path: str, args: dict[str, Any], label: str) -> Iterator[None]:
+def refused_arguments(path: str, args: dict[str, Any], label: str,
+                      build_without: Callable[[str], object] | None = None) -> Iterator[None]:
     """Run a built-in builder on the recipe's arguments at `path`: what it raises is its
-    refusal of them, one line naming them and what it said (exit 2)."""
+    refusal of them, one line naming them and what it said (exit 2). Where `build_without(key)`
+    builds again without one of them, the one whose absence alone lets it build is named."""
     try:
         yield
     except MbpError:
         raise
     except REFUSALS as exc:
         said = " ".join(str(exc).split()) or type(exc).__name__
+        culprits = [key for key in args if build_without and _builds(build_without, key)]
+        if len(culprits) == 1:  # more: the arguments refused together, all named
+            key = culprits[0]
+            raise UsageError(f"{path}.{key}={args[key]!r}: {label} refuses it ({said})") \
+                from exc
         raise UsageError(f"{path} {args}: {label} refused them: {said}") from exc
+
+
+def _builds(build_without: Callable[[str], object], key: str) -> bool:
+    try:
+        build_without(key)
+    except REFUSALS:
+        return False
+    return True
 
 
 def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
