@@ -204,6 +204,24 @@ def test_predict_a_png_as_the_model_scores_it(cli, runs_folder, tmp_path):
     assert "(1, 8, 8)" in wrong.output
 
 
+def test_predict_says_an_output_that_is_not_finite_has_no_probabilities(cli, runs_folder,
+                                                                         tmp_path):
+    batch = torch.rand(3, 1, 8, 8)
+    batch[1, 0, 0, 0] = float("nan")
+    torch.save(batch, tmp_path / "batch.pt")
+    result = cli("predict", runs_folder / "runs/done", tmp_path / "batch.pt")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1] == f"{tmp_path / 'batch.pt'}[1]: the model's output is not finite (a NaN " \
+        "or infinite score)"
+    assert "%" in lines[0] and "%" in lines[2] and "nan" not in result.stdout
+    listed = cli("predict", runs_folder / "runs/done", tmp_path / "batch.pt", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert "NaN" not in listed.stdout  # strict JSON
+    top = json.loads(listed.stdout)[0]["top"]
+    assert top[1] is None and len(top[0]) == len(top[2]) == 3
+
+
 def test_predict_names_the_classes_a_dataset_has(cli, tmp_path):
     """An ImageFolder's class names reach the answer (through mbp's wrappers of the dataset)."""
     for name, shade in (("cats", 30), ("dogs", 220)):

@@ -73,7 +73,8 @@ def predict(
         "--overwrite", help="Replace the --out file where it exists.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
-    """The top classes a run's model gives each input, with their probabilities."""
+    """The top classes a run's model gives each input, with their probabilities (none where
+    its scores are not finite: null in --json)."""
     with user_errors(as_json=json_):
         import torch
 
@@ -102,7 +103,9 @@ def predict(
             for i, ranked in enumerate(row["top"]):
                 label = row["input"] if len(row["top"]) == 1 else f"{row['input']}[{i}]"
                 shown = ", ".join(f"{c['name'] or c['class']} ({100 * c['probability']:.1f}%)"
-                                  for c in ranked)
+                                  for c in ranked or [])
+                if ranked is None:
+                    shown = "the model's output is not finite (a NaN or infinite score)"
                 typer.echo(f"{label}: {shown}")
 
 
