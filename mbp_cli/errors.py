@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import sys
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from mbp_cli.units import format_bytes
@@ -56,6 +57,30 @@ class DoesNotFitError(MbpError):
     """Not even a micro-batch of one sample fits in memory."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory (and a smaller step may fit)."""
+    torch = sys.modules.get("torch")  # not imported for it: an error of torch's means it is
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):  # CUDA, the simulated
+        return True
+    # The CPU allocator has no exception type of its own: this is its message (c10 CPUAllocator).
+    message = "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(exc, RuntimeError) and message in str(exc)
+
+
+@contextlib.contextmanager
+def fits_in_memory(what: str) -> Iterator[None]:
+    """Make `what`; running out of memory there is a DoesNotFitError naming it (exit 3)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        asked = re.search(r"you tried to allocate (\d+) bytes", str(exc))  # the CPU's words
+        said = (f"it asked for {format_bytes(int(asked[1]))} at once, more than the machine "
+                "can give" if asked else " ".join(str(exc).split()))
+        raise DoesNotFitError(f"{what} does not fit in memory: {said}") from exc
 
 
 def does_not_fit(micro_batch: int, needed_bytes: int | None, budget_bytes: int,
@@ -112,16 +137,31 @@ REFUSALS = (TypeError, ValueError, RuntimeError, AssertionError, IndexError, Key
 
 
 @contextlib.contextmanager
-def refused_arguments(path: str, args: dict[str, Any], label: str) -> Iterator[None]:
+def refused_arguments(path: str, args: dict[str, Any], label: str,
+                      build_without: Callable[[str], object] | None = None) -> Iterator[None]:
     """Run a built-in builder on the recipe's arguments at `path`: what it raises is its
-    refusal of them, one line naming them and what it said (exit 2)."""
+    refusal of them, one line naming them and what it said (exit 2). Where `build_without(key)`
+    builds again without one of them, the one whose absence alone lets it build is named."""
     try:
         yield
     except MbpError:
         raise
     except REFUSALS as exc:
         said = " ".join(str(exc).split()) or type(exc).__name__
+        culprits = [key for key in args if build_without and _builds(build_without, key)]
+        if len(culprits) == 1:  # more: the arguments refused together, all named
+            key = culprits[0]
+            raise UsageError(f"{path}.{key}={args[key]!r}: {label} refuses it ({said})") \
+                from exc
         raise UsageError(f"{path} {args}: {label} refused them: {said}") from exc
+
+
+def _builds(build_without: Callable[[str], object], key: str) -> bool:
+    try:
+        build_without(key)
+    except REFUSALS:
+        return False
+    return True
 
 
 def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:

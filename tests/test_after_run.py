@@ -204,6 +204,24 @@ def test_predict_a_png_as_the_model_scores_it(cli, runs_folder, tmp_path):
     assert "(1, 8, 8)" in wrong.output
 
 
+def test_predict_says_an_output_that_is_not_finite_has_no_probabilities(cli, runs_folder,
+                                                                         tmp_path):
+    batch = torch.rand(3, 1, 8, 8)
+    batch[1, 0, 0, 0] = float("nan")
+    torch.save(batch, tmp_path / "batch.pt")
+    result = cli("predict", runs_folder / "runs/done", tmp_path / "batch.pt")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1] == f"{tmp_path / 'batch.pt'}[1]: the model's output is not finite (a NaN " \
+        "or infinite score)"
+    assert "%" in lines[0] and "%" in lines[2] and "nan" not in result.stdout
+    listed = cli("predict", runs_folder / "runs/done", tmp_path / "batch.pt", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert "NaN" not in listed.stdout  # strict JSON
+    top = json.loads(listed.stdout)[0]["top"]
+    assert top[1] is None and len(top[0]) == len(top[2]) == 3
+
+
 def test_predict_names_the_classes_a_dataset_has(cli, tmp_path):
     """An ImageFolder's class names reach the answer (through mbp's wrappers of the dataset)."""
     for name, shade in (("cats", 30), ("dogs", 220)):
@@ -249,6 +267,29 @@ def test_a_run_in_progress_is_running(tmp_path, write_recipe):
     listed = subprocess.run([sys.executable, "-m", "mbp_cli", "runs", str(tmp_path / "runs"),
                              "--json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(listed.stdout)[0]["status"].startswith("failed at step")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_killed_after_its_resume_is_failed_not_done(cli, tmp_path, write_recipe):
+    recipe = write_recipe(small_recipe(train={"steps": 2, "checkpoint_every": 1,
+                                              "eval_every": 0, "device": "cpu"}))
+    run = tmp_path / "runs/grown"
+    assert cli("train", recipe, "--out", run, "-q").exit_code == 0
+    assert json.loads(cli("runs", run, "--json").output)[0]["status"] == "done"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    resumed = subprocess.Popen([sys.executable, "-m", "mbp_cli", "train", "--resume", str(run),
+                                "--set", "train.steps=5000", "-q"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints/step-000004.pt").exists():
+            assert time.monotonic() < deadline and resumed.poll() is None
+            time.sleep(0.05)
+    finally:
+        resumed.kill()  # SIGKILL: no summary of this session is written
+        resumed.wait()
+    listed = json.loads(cli("runs", run, "--json").output)[0]
+    assert listed["status"] == f"failed at step {listed['steps']}", listed
+    assert listed["steps"] >= 4 and listed["total_steps"] == 5000
 
 
 def test_a_failing_final_eval_keeps_the_trained_model_and_a_resume_may_fix_it(cli, tmp_path):

@@ -125,6 +125,27 @@ def test_unknown_names_suggest_the_nearest(cli, write_recipe, tmp_path, section,
     assert result.exit_code == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize(("optimizer", "setting", "message"), [
+    ("SGD", "optim.args.lr=-1", "optim.args.lr=-1: SGD refuses it (Invalid learning rate: -1)"),
+    ("AdamW", "optim.args.betas=[2, 0.9]", "optim.args.betas=[2, 0.9]: AdamW refuses it "
+                                           "(Invalid beta parameter at index 0: 2)"),
+])
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_an_optimizer_argument_torch_refuses_is_named_with_its_value(
+        cli, write_recipe, tmp_path, optimizer, setting, message, command):
+    recipe = write_recipe(small_recipe(optim={"name": optimizer, "args": {"lr": 0.01}}))
+    out = ["--out", tmp_path / "run"] if command == "train" else []
+    result = cli(command, recipe, "--set", setting, *out)
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {message}\n"
+    together = cli(command, recipe, "--set", "optim.name=SGD", "--set", "optim.args.nesterov=true",
+                   "--set", "optim.args.momentum=0.9", "--set", "optim.args.dampening=0.5", *out)
+    assert together.exit_code == 2  # refused together: all are named
+    assert together.stderr.startswith("error: optim.args {'lr': 0.01, 'nesterov': True, "
+                                      "'momentum': 0.9, 'dampening': 0.5}: SGD refused them: ")
+    assert not (tmp_path / "run").exists()
+
+
 OUTPUTS = ["tensor", "string", "dict without scores", "one score", "list"]
 SAMPLES = ["ok", "string target", "not tensors", "wrong shape", "one element", "float target",
            "dict without target", "class out of range"]

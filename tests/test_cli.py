@@ -147,6 +147,25 @@ def test_a_run_folder_with_results_is_not_overwritten(cli, write_recipe, tmp_pat
     assert (run / "notes.txt").read_text() == "mine"  # only mbp's own files are replaced
 
 
+def test_runs_started_in_the_same_second_get_a_default_folder_each(cli, write_recipe,
+                                                                    tmp_path, monkeypatch):
+    recipe = write_recipe(small_recipe(train={"steps": 1, "eval_every": 0, "device": "cpu"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda *_: "20250101-120000")  # the same second
+    failed = cli("train", write_recipe(small_recipe(model={"name": "mlp", "args": {
+        "in_features": 10}}), "bad.yaml"))
+    assert failed.exit_code == 2 and not (tmp_path / "runs").exists()  # it leaves nothing
+    for seed in ("0", "1"):
+        result = cli("train", recipe, "--quiet", "--set", f"seed={seed}")
+        assert result.exit_code == 0, result.output
+    first = tmp_path / "runs/test-digits-20250101-120000"
+    second = first.with_name(f"{first.name}-2")
+    assert sorted((tmp_path / "runs").iterdir()) == [first, second]
+    assert "seed: 0" in (first / "recipe.yaml").read_text()
+    assert "seed: 1" in (second / "recipe.yaml").read_text()
+    assert (first / "model.pt").read_bytes() != (second / "model.pt").read_bytes()
+
+
 def test_a_model_that_does_not_fit_its_data_is_explained(cli, write_recipe, tmp_path):
     model = {"name": "mlp", "args": {"in_features": 10}}
     result = cli("train", write_recipe(small_recipe(model=model)), "--out", tmp_path / "run")

@@ -408,6 +408,23 @@ def test_a_list_per_rank_must_match_the_ranks(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_validate_takes_a_list_per_rank_as_train_does(cli, tmp_path):
+    """A micro-batch per rank: refused alike on one rank (train and validate), taken for as
+    many ranks as the list has (validate --nproc)."""
+    recipe = digits_recipe(tmp_path, micro=[32, 16])
+    for ranks in ("1", "3"):
+        trained = cli("train", recipe, "--out", tmp_path / "run", "--nproc", ranks)
+        validated = cli("validate", recipe, "--nproc", ranks)
+        assert trained.exit_code == validated.exit_code == 2, validated.output
+        assert trained.stderr == validated.stderr == (
+            f"error: batch.micro gives 2 micro-batches for {ranks} rank{'s' * (ranks != '1')}; "
+            "give one per rank (or one for all)\n")
+    assert cli("validate", recipe).exit_code == 2  # one rank unless told
+    validated = cli("validate", recipe, "--nproc", "2")
+    assert validated.exit_code == 0, validated.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_each_rank_runs_what_was_typed_less_nproc(cli, tmp_path, monkeypatch):
     """The ranks' command line is the launcher's as typed, whatever its flags, less --nproc in
     either form; a default run folder is chosen once, by the launcher, for every rank."""

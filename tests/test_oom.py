@@ -120,6 +120,22 @@ def test_optimizer_state_that_does_not_fit_is_exit_3_and_leaves_nothing(cli, wri
     assert result.exit_code == 0, result.output
 
 
+def test_a_model_too_big_for_the_machine_is_exit_3_naming_it(cli, write_recipe, tmp_path):
+    """1.6 million units wide: a 10 TB weight matrix, which the CPU allocator refuses at once
+    (nothing near the machine's memory is touched)."""
+    model = {"name": "mlp", "args": {"in_features": 1, "hidden": 1_600_000}}
+    recipe = write_recipe(small_recipe(model=model))
+    for command in (["train", recipe, "--out", tmp_path / "run"], ["probe", recipe]):
+        result = cli(*command)
+        assert result.exit_code == 3, result.output
+        assert result.stderr.startswith(
+            "error: model mlp with model.args {'hidden': 1600000, 'in_features': 1} on cpu does "
+            "not fit in memory: it asked for 9.3 TiB at once, more than the machine can give\n"
+        ), result.stderr
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_micro_batch_probes_first_and_saves_the_choice(cli, write_recipe, tmp_path):
     run_dir = tmp_path / "run"
     result = cli("train", write_recipe(fp64_recipe("auto", steps=2)), "--out", run_dir,

@@ -177,6 +177,20 @@ def test_resume_with_every_checkpoint_corrupt_changes_nothing(cli, tmp_path):
             if path.is_file()} == before
 
 
+def test_overwrite_with_resume_is_refused_and_changes_nothing(cli, tmp_path):
+    recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
+    run = tmp_path / "run"
+    assert cli("train", recipe, "--out", run, "--quiet", "--max-steps", "1").exit_code == 0
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    result = cli("train", "--resume", run, "--overwrite")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --overwrite does not go with --resume, which "
+                                    f"continues the run in {run}; to start afresh there "
+                                    f"instead: mbp train RECIPE --out {run} --overwrite")
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*"))
+            if path.is_file()} == before
+
+
 def test_resume_refuses_a_changed_recipe_but_takes_more_steps(cli, tmp_path):
     recipe = write(tmp_path, small_recipe(train={"steps": 2, "device": "cpu"}))
     run = tmp_path / "run"

@@ -13,14 +13,26 @@ from mbp_cli.cli.options import RecipeArg, RunArg, SetOption, overrides
 from mbp_cli.errors import EXIT_RUNTIME
 
 
-def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, metavar="N",
+        help="Check the recipe for N ranks, as `mbp train --nproc N` would take it (a list "
+             "per rank in batch.micro or batch.shares).")] = 1,
+) -> None:
     """Check a recipe without training: its keys, builder arguments, then the model built and
     one forward + loss + backward on two samples. Exit 0 if valid, 2 if not."""
     with user_errors():
         from mbp_cli.commands.validate import trial_step
+        from mbp_cli.partition.build import check_part_ranks
         from mbp_cli.recipe.load import load_recipe
+        from mbp_cli.run.shares import check_rank_lists
 
         loaded = load_recipe(recipe, list(set_ or []))
+        check_rank_lists(loaded.batch, nproc)  # as train refuses them, on one rank too
+        if loaded.train.partition is not None:
+            check_part_ranks(loaded, nproc)
         trial = trial_step(loaded)
         typer.echo(f"{recipe}: valid recipe {loaded.name!r}; {trial}")
 
@@ -61,7 +73,8 @@ def predict(
         "--overwrite", help="Replace the --out file where it exists.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
-    """The top classes a run's model gives each input, with their probabilities."""
+    """The top classes a run's model gives each input, with their probabilities (none where
+    its scores are not finite: null in --json)."""
     with user_errors(as_json=json_):
         import torch
 
@@ -90,7 +103,9 @@ def predict(
             for i, ranked in enumerate(row["top"]):
                 label = row["input"] if len(row["top"]) == 1 else f"{row['input']}[{i}]"
                 shown = ", ".join(f"{c['name'] or c['class']} ({100 * c['probability']:.1f}%)"
-                                  for c in ranked)
+                                  for c in ranked or [])
+                if ranked is None:
+                    shown = "the model's output is not finite (a NaN or infinite score)"
                 typer.echo(f"{label}: {shown}")
 
 

@@ -72,7 +72,7 @@ def train(
              "start `python -m mbp_cli train` with torchrun.")] = 1,
 ) -> None:
     """Train a recipe: stream each target batch as micro-batches, one exact optimizer step each."""
-    with user_errors(as_json=json_):
+    with user_errors(as_json=json_), contextlib.ExitStack() as claimed:
         allocator_settings()
         from mbp_cli.commands.output.sinks import terminal_sinks
         from mbp_cli.commands.train import train as run_training
@@ -80,26 +80,35 @@ def train(
         from mbp_cli.errors import UsageError
         from mbp_cli.memory.tracker import StorageTracker
         from mbp_cli.recipe.load import load_recipe
-        from mbp_cli.run.folder import check_run_dir, default_run_dir
+        from mbp_cli.run.folder import check_run_dir, claimed_run_dir, default_run_dir
         from mbp_cli.run.resume import recipe_to_resume
         from mbp_cli.run.start import RunOptions
 
         changes = overrides(set_, device)
+        world = world_from_env()
         if resume is not None:
             from mbp_cli.run.records import refuse_part
 
             refuse_part(resume, "resume")
             if out is not None and out.resolve() != resume.resolve():
                 raise UsageError("--resume continues in its own folder; leave out --out")
+            if overwrite:
+                raise UsageError(f"--overwrite does not go with --resume, which continues the "
+                                 f"run in {resume}; to start afresh there instead: mbp train "
+                                 f"RECIPE --out {resume} --overwrite")
             loaded, run_dir = recipe_to_resume(resume, recipe, changes), resume
         elif recipe is not None:
             loaded = load_recipe(recipe, changes)
-            run_dir = out or default_run_dir(loaded.name)
+            if out is not None:
+                run_dir = out
+            elif world.is_main:  # made now: a run started in the same second takes another
+                run_dir = claimed.enter_context(claimed_run_dir(loaded.name))
+            else:  # torchrun's other ranks: rank 0's is taken
+                run_dir = default_run_dir(loaded.name)
             check_run_dir(run_dir, overwrite)  # refuse early; the run makes the folder
         else:
             raise UsageError("give a recipe to train, or --resume DIR to continue a run")
         chosen = resolve_device(loaded.train.device)  # one that is not here, before any work
-        world = world_from_env()
         if nproc > 1 and not world.is_launched:  # the launcher: start the ranks
             from mbp_cli.distributed.launch import check_gpus, launch, rank_arguments
             from mbp_cli.partition.build import check_part_ranks

@@ -256,8 +256,11 @@ def predict(run: LoadedRun, inputs: list[Inputs], top: int) -> list[dict[str, An
             probabilities = output.softmax(dim=1)
             k = min(top, probabilities.shape[1])
             values, indices = probabilities.topk(k, dim=1)
+            # A row with a NaN or infinite score has no probabilities: None, not NaN percents
             answers.append({"top": [[{"class": int(i), "name": classes[i] if classes else None,
                                       "probability": float(p)}
                                      for p, i in zip(row_p, row_i, strict=True)]
-                                    for row_p, row_i in zip(values, indices, strict=True)]})
+                                    if is_finite else None for row_p, row_i, is_finite
+                                    in zip(values, indices, output.isfinite().all(dim=1),
+                                           strict=True)]})
     return answers

@@ -14,7 +14,7 @@ from mbp_cli.catalog.datasets import TensorPairs
 from mbp_cli.catalog.losses import LossFn
 from mbp_cli.catalog.model_loss import ModelLoss, is_hugging_face, takes_labels
 from mbp_cli.catalog.pretrained import build_pretrained
-from mbp_cli.errors import UsageError, describe, refused_arguments, users_code
+from mbp_cli.errors import UsageError, describe, fits_in_memory, refused_arguments, users_code
 from mbp_cli.recipe import registry
 from mbp_cli.recipe.spec import Recipe, recipe_folders
 
@@ -29,9 +29,12 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
     dtype = DTYPES[recipe.train.dtype]
     spec = recipe.model
     builder = registry.find_model(spec.name, recipe_folders(recipe))
+    fits = functools.partial(fits_in_memory, f"model {spec.name} with model.args {spec.args}"
+                             f" on {device}")
     if builder.is_torchvision and spec.args.get("weights") is not None and not is_fake:
-        model = build_pretrained(spec.name, spec.args, spec.head, load=with_weights)
-        return model.to(device, dtype)
+        with fits():
+            model = build_pretrained(spec.name, spec.args, spec.head, load=with_weights)
+            return model.to(device, dtype)
     # fake tensors: torchvision's shapes without its weights (a builder of your own keeps any
     # argument named weights)
     args = {k: v for k, v in spec.args.items() if k != "weights" or not builder.is_torchvision}
@@ -39,9 +42,9 @@ def build_model(recipe: Recipe, device: torch.device, *, is_fake: bool = False,
     guard = users_code(f"model {spec.name}") if builder.is_users else \
         refused_arguments("model.args", spec.args, spec.name)
     if not is_fake:
-        with guard:
+        with guard, fits():  # the guard passes DoesNotFitError on: it is an MbpError
             model = a_module(make(), spec.name)
-        return without_cache(model.to(device, dtype))
+            return without_cache(model.to(device, dtype))
     # Fake parameters cannot be converted after the fact: build them in the training dtype.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

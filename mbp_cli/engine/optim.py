@@ -15,8 +15,13 @@ from mbp_cli.recipe.spec import Recipe, ScheduleSpec
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The recipe's torch.optim class over the model's parameters."""
     optimizer_class = registry.find_optimizer(recipe.optim.name).fn
-    with refused_arguments("optim.args", recipe.optim.args, recipe.optim.name):
-        return optimizer_class(model.parameters(), **recipe.optim.args)
+    args = recipe.optim.args
+
+    def without(key: str) -> torch.optim.Optimizer:  # which argument torch refused
+        return optimizer_class(model.parameters(), **{k: v for k, v in args.items() if k != key})
+
+    with refused_arguments("optim.args", args, recipe.optim.name, without):
+        return optimizer_class(model.parameters(), **args)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec,

@@ -16,21 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from mbp_cli.errors import is_out_of_memory
+
 T = TypeVar("T")
 BLOCK_BYTES = 512  # CUDA's caching allocator rounds every allocation up to 512-byte blocks
 
 
 class SimulatedOutOfMemoryError(torch.OutOfMemoryError):
     """Raised by a StorageTracker with a capacity, as CUDA raises when memory runs out."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether an exception means the device ran out of memory (and a smaller step may fit)."""
-    if isinstance(exc, torch.OutOfMemoryError):  # CUDA, and the simulated device
-        return True
-    # The CPU allocator has no exception type of its own: this is its message (c10 CPUAllocator).
-    message = "DefaultCPUAllocator: can't allocate memory"
-    return isinstance(exc, RuntimeError) and message in str(exc)
 
 
 def unless_out_of_memory(run: Callable[[], T], device: torch.device,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,38 @@ RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summa
 
 def default_run_dir(name: str) -> Path:
     """runs/<name>-<timestamp> under the current folder (the name as one plain folder name:
-    a name with slashes or dots stays inside runs/)."""
+    a name with slashes or dots stays inside runs/); -2, -3… after it where that is taken."""
     plain = re.sub(r"[^\w.+-]+", "_", name).strip("._") or "run"
-    return Path("runs") / f"{plain}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = Path("runs") / f"{plain}-{time.strftime('%Y%m%d-%H%M%S')}"
+    taken = itertools.count(2)
+    path = stamp
+    while path.exists():  # a run started in the same second has it
+        path = stamp.with_name(f"{stamp.name}-{next(taken)}")
+    return path
+
+
+@contextlib.contextmanager
+def claimed_run_dir(name: str) -> Iterator[Path]:
+    """A default run folder made at once, so that a run started in the same second takes
+    another; made and left empty (the run failed at once), it goes again."""
+    runs = Path("runs")
+    made = not runs.exists()
+    make_run_dir(runs)
+    while True:
+        path = default_run_dir(name)
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            continue  # another run made it between the look and the mkdir
+        except OSError as exc:
+            raise UsageError(f"cannot prepare run folder {path}: {exc.strerror or exc}") from exc
+    try:
+        yield path
+    finally:
+        _remove_if_empty(path)
+        if made:
+            _remove_if_empty(runs)
 
 
 def check_run_dir(path: Path, overwrite: bool) -> list[str]:

@@ -15,9 +15,9 @@ import torch
 import mbp_cli
 from mbp_cli.data.batching import accumulation_steps
 from mbp_cli.engine.model import smallest_micro_batch
-from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError
+from mbp_cli.errors import DoesNotFitError, NonFiniteLossError, StoppedError, is_out_of_memory
 from mbp_cli.events import Done, Eval, OutOfMemory, Overflow, Rebalance, RunWarning, Step, Stopped
-from mbp_cli.memory.tracker import is_out_of_memory, process_peak_rss
+from mbp_cli.memory.tracker import process_peak_rss
 from mbp_cli.run.checkpoint import rank_state, save_checkpoint
 from mbp_cli.run.evaluate import held_out_eval
 from mbp_cli.run.folder import save_state_dict, write_json

@@ -67,8 +67,7 @@ class RunRecord:
     @property
     def parts(self) -> list[RunRecord]:
         """A partitioned run's parts, each a run of its own (none for other runs)."""
-        folders = sorted((self.path / PARTS_FOLDER).glob("part-*"), key=lambda p: int(p.name[5:]))
-        return [read_run(p) for p in folders if (p / "metrics.jsonl").is_file()]
+        return read_parts(self.path)
 
     @property
     def state(self) -> str:
@@ -99,6 +98,8 @@ def read_run(path: Path) -> RunRecord:
     for record in read_records(path / "metrics.jsonl"):
         events.setdefault(record.get("event", ""), []).append(record)
     summary = read_summary(path)
+    if summary is not None and not is_last_session(path, summary, events):
+        summary = None  # a resume killed after it began: the summary is the earlier session's
     steps = [e["step"] for e in events.get("step", [])]
     step = max(steps, default=summary.get("steps", 0) if summary else 0)  # partitioned: parts'
     starts = events.get("start", [])
@@ -118,6 +119,22 @@ def read_run(path: Path) -> RunRecord:
     if summary is None and events.get("part") and record.status != "running":
         record = _from_parts(record)
     return record
+
+
+def is_last_session(path: Path, summary: dict[str, Any], events: dict[str, list]) -> bool:
+    """Whether summary.json tells of the run's last session, not one a resume went on from."""
+    resumes, steps = events.get("resume", []), events.get("step", [])
+    if resumes and resumes[-1]["step"] != summary.get("resumed_at_step", 0):
+        return False
+    if events.get("part"):  # a partitioned run: its parts log the steps
+        steps = [{"step": sum(p.steps for p in read_parts(path))}]
+    return max((e["step"] for e in steps), default=0) <= summary.get("steps", 0)
+
+
+def read_parts(path: Path) -> list[RunRecord]:
+    """A partitioned run's parts, each a run of its own (none for other runs)."""
+    folders = sorted((path / PARTS_FOLDER).glob("part-*"), key=lambda p: int(p.name[5:]))
+    return [read_run(p) for p in folders if (p / "metrics.jsonl").is_file()]
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:

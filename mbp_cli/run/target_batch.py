@@ -22,8 +22,8 @@ from mbp_cli.distributed.exchange import GradientExchange, RankReport
 from mbp_cli.distributed.ranks import Ranks
 from mbp_cli.distributed.world import World
 from mbp_cli.engine.micro_step import MicroStep, explained_step_errors
-from mbp_cli.errors import DoesNotFitError
-from mbp_cli.memory.tracker import is_out_of_memory, unless_out_of_memory
+from mbp_cli.errors import DoesNotFitError, is_out_of_memory
+from mbp_cli.memory.tracker import unless_out_of_memory
 
 
 @dataclass(frozen=True)
