@@ -115,7 +115,9 @@ class TrainSpec:
     epochs: int | None = spec(None, minimum=1)
     eval_every: int = spec(50, minimum=0)
     log_every: int = spec(10, minimum=1)
-    log: list | None = spec(None)  # loggers besides metrics.jsonl: [tensorboard]
+    log: list | None = spec(None)  # loggers besides metrics.jsonl: tensorboard, mlflow, wandb
+    experiment: str | None = spec(None)  # mlflow's experiment, wandb's project (default: name)
+    log_artifacts: bool = spec(True)  # mlflow: model.pt and summary.json as the run's artifacts
     device: str = spec("auto")
     dtype: str = spec("float32", choices=("float32", "float64"))
     num_workers: int = spec(0, minimum=0)

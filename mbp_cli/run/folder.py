@@ -23,7 +23,8 @@ from mbp_cli.recipe.spec import READ_FROM, Recipe, dump_recipe
 from mbp_cli.run.records import CODES_FILE, PARTS_FOLDER, held_lock, is_running
 
 RESULT_FILES = ("recipe.yaml", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
-                "checkpoints", "tensorboard", PARTS_FOLDER, CODES_FILE)
+                "checkpoints", "tensorboard", "mlflow.json", "wandb.json", "wandb", PARTS_FOLDER,
+                CODES_FILE)
 
 
 def default_run_dir(name: str) -> Path:
@@ -83,7 +84,9 @@ def make_run_dir(path: Path) -> None:
 
 # What mbp writes inside the folders among its results; anything else there is the user's
 OURS_INSIDE = {"checkpoints": ("step-*.pt", "step-*.pt.unreadable", ".step-*.tmp"),
-               "tensorboard": ("events.out.tfevents.*",)}
+               "tensorboard": ("events.out.tfevents.*",),
+               # the link first: once what it points at is gone, glob no longer finds it
+               "wandb": ("latest-run", "offline-run-*", "run-*", "debug*.log")}
 
 
 def remove_results(path: Path, held: list[str]) -> None:
@@ -102,7 +105,7 @@ def remove_results(path: Path, held: list[str]) -> None:
             else:
                 for pattern in OURS_INSIDE.get(name, ("*",)):
                     for found in target.glob(pattern):
-                        if found.is_dir():
+                        if found.is_dir() and not found.is_symlink():
                             shutil.rmtree(found)
                         else:
                             found.unlink()
@@ -198,7 +201,7 @@ class RunFolder:
         self.resume, self.overwrite = resume, overwrite
         self.metrics = MetricsFile()
         self.probe: dict[str, Any] | None = None  # probe.json, for `micro: auto`
-        self.loggers: list[Any] = []  # train.log's, closed with the metrics
+        self.loggers: list[Any] = []  # train.log's, closed after the summary
         self.is_open = False
         self._lock = contextlib.ExitStack()
 
@@ -224,8 +227,11 @@ class RunFolder:
         self.is_open = True
 
     def close(self) -> None:
-        """Close metrics.jsonl and the loggers."""
+        """Close metrics.jsonl."""
         self.metrics.close()
+        self._lock.close()
+
+    def close_loggers(self) -> None:
+        """End the loggers (after the summary, which they log too)."""
         for logger in self.loggers:
             logger.close()
-        self._lock.close()

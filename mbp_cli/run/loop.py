@@ -33,7 +33,8 @@ def train_loop(run: Run) -> dict[str, Any]:
     every result file; every rank runs the same steps)."""
     settings, state, stream, ranks = run.settings, run.state, run.stream, run.ranks
     setup, optimizer, emit = run.setup, run.optimizer, run.emit
-    with graceful_stop() as stop:
+    with graceful_stop() as stop, contextlib.ExitStack() as ending:
+        ending.callback(run.folder.close_loggers)  # after the summary, which they log too
         with run.memory.tracker or contextlib.nullcontext():  # a simulated device counts
             try:
                 while state.step < settings.stop_step:

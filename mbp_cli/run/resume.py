@@ -21,7 +21,8 @@ from mbp_cli.run.records import is_sound
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.device",
     "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers", "train.on_nonfinite",
-    "train.collective_timeout", "train.heartbeat_timeout", "batch.micro", "batch.shares",
+    "train.collective_timeout", "train.heartbeat_timeout", "train.log_artifacts", "batch.micro",
+    "batch.shares",
     # the held-out split's alone (see sets_training_transforms)
     "data.eval_transforms",
     # exact either way: they change memory and speed, not the result

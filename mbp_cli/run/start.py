@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from mbp_cli.catalog.datasets import is_stream
 from mbp_cli.catalog.loggers import LOGGERS
+from mbp_cli.catalog.tracking import RunFacts
 from mbp_cli.data.batching import MicroBatchStream, accumulation_steps, steps_per_epoch
 from mbp_cli.data.samples import batch_maker
 from mbp_cli.data.streaming import StreamedBatches, check_stream_recipe
@@ -131,7 +133,8 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         if options.resume and world.is_main:
             folder.open()  # it exists: log into it from the start
         if world.is_main:
-            folder.loggers = [LOGGERS[name](run_dir, settings.first_step)
+            facts = run_facts(recipe, lambda message: emit(RunWarning(message)))
+            folder.loggers = [LOGGERS[name](run_dir, settings.first_step, facts)
                               for name in recipe.train.log or []]
             emit.sinks += folder.loggers
         simulated = options.simulated_memory
@@ -160,6 +163,12 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
                state=state, stream=stream, ranks=ranks, folder=folder, emit=emit,
                choice=choice, memory=memory, compile_seconds=compile_seconds, started=started,
                earlier_wall_seconds=state.wall_seconds)
+
+
+def run_facts(recipe: Recipe, warn: Callable[[str], None]) -> RunFacts:
+    """What the loggers are told of the run (only rank 0's log)."""
+    return RunFacts(name=recipe.name, experiment=recipe.train.experiment or recipe.name,
+                    config=recipe.to_dict(), log_artifacts=recipe.train.log_artifacts, warn=warn)
 
 
 def checked_steps_per_epoch(recipe: Recipe, setup: Setup) -> int:
