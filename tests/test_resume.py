@@ -23,7 +23,7 @@ RECIPE = small_recipe(
     batch={"target": 100, "micro": 3},
     optim={"name": "AdamW", "args": {"lr": 1.0e-3}}, schedule={"name": "cosine",
                                                             "warmup_steps": 5},
-    train={"steps": 120, "eval_every": 25, "checkpoint_every": 10, "keep_checkpoints": 3,
+    train={"steps": 60, "eval_every": 25, "checkpoint_every": 10, "keep_checkpoints": 3,
            "device": "cpu"})
 
 
@@ -43,7 +43,7 @@ def start(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.stderr.read()
@@ -84,7 +84,7 @@ def test_killed_with_sigkill_then_resumed_ends_bitwise_equal(tmp_path, one_go):
     assert_bitwise_equal(parameters(run), parameters(one_go))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"event": "step"' in line]
-    assert steps == list(range(1, 121))  # each step logged once, lost steps logged again
+    assert steps == list(range(1, 61))  # each step logged once, lost steps logged again
     assert len(list((run / "checkpoints").glob("step-*.pt"))) == 3
 
 
