@@ -53,6 +53,7 @@ class RankReport:
     peak_bytes: int
     micro_batch: int
     share: int
+    stop_asked: bool = False  # a stop signal reached it: all stop after this target batch
 
     @property
     def samples_per_second(self) -> float | None:

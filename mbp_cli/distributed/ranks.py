@@ -71,15 +71,6 @@ class Ranks:
         with collective("merging BatchNorm statistics"):
             return self._all_gather(row.to(self.device, torch.float64)).cpu()
 
-    def any(self, flag: bool) -> bool:
-        """Whether the flag is set on any rank."""
-        if not self.is_distributed:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        with collective("checking for a stop signal"):
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's picklable value, in rank order."""
         if not self.is_distributed:

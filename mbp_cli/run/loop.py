@@ -46,7 +46,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                             setup.micro_step, stream.pieces(state.step), ranks,
                             statistics=setup.target_batch(ranks), is_first=is_first,
                             peak_bytes=run.memory.peak_bytes, micro_batch=stream.micro_batch,
-                            share=stream.share_at(state.step))
+                            share=stream.share_at(state.step),
+                            stop_asked=lambda: stop.is_set)
                         grad_norm = update(run, outcome) if outcome.totals else None
                     layout = getattr(setup.loss_fn, "layout", None)  # classification losses'
                     if is_first and layout is not None and layout.guess():
@@ -63,7 +64,10 @@ def train_loop(run: Run) -> dict[str, Any]:
                         rebalance(run, outcome)
                     after_step(run)
                     is_last = state.step == settings.stop_step  # a stop asked now is moot
-                    if not is_last and ranks.any(stop.is_set):  # all stop after one target batch
+                    # Ranks stop after the same target batch: the one whose exchange first
+                    # carried the signal; one process, the one it came during.
+                    asked = outcome.stop_asked if ranks.is_distributed else stop.is_set
+                    if not is_last and asked:
                         stop_now(run, stop)
             finally:
                 run.folder.close()

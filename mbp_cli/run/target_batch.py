@@ -54,12 +54,19 @@ class StepOutcome:
     totals: StepTotals | None
     reports: list[RankReport]
 
+    @property
+    def stop_asked(self) -> bool:
+        """Whether a stop signal reached any rank by the time it reported (one answer for all
+        ranks, with no collective of its own)."""
+        return any(r.stop_asked for r in self.reports)
+
 
 def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
                       ranks: Ranks | None = None, *,
                       statistics: AbstractContextManager | None = None, is_first: bool = False,
                       peak_bytes: Callable[[], int] = lambda: 0, micro_batch: int = 0,
-                      share: int = 0) -> StepOutcome:
+                      share: int = 0, stop_asked: Callable[[], bool] = lambda: False
+                      ) -> StepOutcome:
     """Leave in each `.grad` the gradient of the whole target batch's mean loss (see the
     module's invariant) and return its totals.
 
@@ -68,7 +75,8 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
     (an error or an out-of-memory on any rank stops or redoes the target batch on all); then
     the sums are normalized. `statistics` wraps the target batch
     (BatchNorm's running statistics, updated once at its end); `micro_batch`, `share` and
-    `peak_bytes` are this rank's figures for its report. Expects the gradients to be None
+    `peak_bytes` are this rank's figures for its report, with whether a stop was asked of
+    it (`stop_asked`). Expects the gradients to be None
     (`zero_grad(set_to_none=True)`) on entry.
     """
     started = time.perf_counter()
@@ -86,7 +94,7 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
                 micro_batches=counted.micro_batches,
                 out_of_memory=sums is None and failure is None, failed=failure is not None,
                 seconds=time.perf_counter() - started, peak_bytes=peak_bytes(),
-                micro_batch=micro_batch, share=share)
+                micro_batch=micro_batch, share=share, stop_asked=stop_asked())
             reports = [mine] if exchange is None else _exchanged(exchange, mine, ranks)
             if any(r.failed for r in reports):
                 ranks.raise_any(failure)
