@@ -30,7 +30,7 @@ lint: install
 	$(BIN)/lint-imports
 
 # The README's transcripts rerun in a scratch copy and written in as the commands print them
-# today (tools/readme.py; tests/test_readme.py checks them). About 4 minutes on 2 CPU cores.
+# today (tools/readme.py; tests/test_readme.py checks them). About 2 minutes on 2 CPU cores.
 readme: install
 	$(BIN)/python tools/readme.py
 
