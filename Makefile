@@ -32,7 +32,7 @@ lint: install
 # The README's transcripts rerun in a scratch copy and written in as the commands print them
 # today (tools/readme.py; tests/test_readme.py checks them). About 2 minutes on 2 CPU cores.
 readme: install
-	$(BIN)/python tools/readme.py
+	$(BIN)/python -m tools.readme
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench]"

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from mbp_cli.cli import app
 from tests.conftest import REPO
 from tools import readme
+from tools.transcripts import Transcript, masked, transcripts
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
-BLOCKS = readme.transcripts(README)
+BLOCKS = transcripts(README)
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def checkout(tmp_path):
     return readme.scratch_folder(tmp_path)
 
 
-def in_process(command: str, folder, block: readme.Transcript) -> readme.Ran:
+def in_process(command: str, folder, block: Transcript) -> readme.Ran:
     """`mbp …` through Typer's runner in this process (torch imported once for all), stdout
     and stderr interleaved as a terminal shows them; anything else in a shell."""
     words = shlex.split(command, comments=True)
@@ -39,15 +40,15 @@ def in_process(command: str, folder, block: readme.Transcript) -> readme.Ran:
     return readme.Ran(result.exit_code, [line.rstrip() for line in result.output.splitlines()])
 
 
-def assert_as_in_the_readme(block: readme.Transcript, fresh: list[str]) -> None:
-    want, got = readme.masked(block.lines, block.masks), readme.masked(fresh, block.masks)
+def assert_as_in_the_readme(block: Transcript, fresh: list[str]) -> None:
+    want, got = masked(block.lines, block.masks), masked(fresh, block.masks)
     if want != got:
         diff = "\n".join(difflib.unified_diff(want, got, "README.md", "today", lineterm=""))
         pytest.fail(f"the README's transcript of `{block.name}` drifted from what it prints "
                     f"today (`make readme` rewrites it; `#` is a figure not compared):\n{diff}")
 
 
-def ids(blocks: list[readme.Transcript]) -> list[str]:
+def ids(blocks: list[Transcript]) -> list[str]:
     return [re.sub(r"\W+", "-", b.name).strip("-") for b in blocks]
 
 
@@ -76,7 +77,7 @@ def test_the_readme_marks_its_transcripts():
 
 def test_a_drifted_figure_fails_and_a_machines_figure_does_not():
     probe = next(b for b in BLOCKS if b.name.startswith("mbp probe"))
-    same = readme.masked(probe.lines)
+    same = masked(probe.lines)
 
     def bumped(pattern: str) -> list[str]:
         """The probe's transcript with the first figure `pattern` finds one digit off."""
@@ -85,7 +86,7 @@ def test_a_drifted_figure_fails_and_a_machines_figure_does_not():
                           count=1)
         lines = "\n".join(probe.lines)
         assert re.search(pattern, lines, flags=re.M), pattern
-        return readme.masked(re.sub(pattern, bump, lines, count=1).split("\n"))
+        return masked(re.sub(pattern, bump, lines, count=1).split("\n"))
 
     assert bumped(r"fits: \d+") != same  # the probe's answer
     assert bumped(r"\d+\.\d MiB │ +\d") != same  # a tensor's memory in the table
@@ -94,12 +95,12 @@ def test_a_drifted_figure_fails_and_a_machines_figure_does_not():
     assert bumped(r"[\d,]+ │\n") == same  # its samples/s
     assert bumped(r"batch: [\d.]+ s") == same
     line = "eval @ step 200: loss 0.5692  accuracy 99.16%"
-    assert readme.masked([line]) != readme.masked([line.replace("99.16", "98.89")])
+    assert masked([line]) != masked([line.replace("99.16", "98.89")])
     line = "step 1/200  epoch 1  loss 2.3056  lr 0.0003  6,679 samples/s  peak 3.3 MiB"
-    assert readme.masked([line]) == readme.masked([line.replace("6,679", "114")])
-    assert readme.masked([line]) != readme.masked([line.replace("3.3 MiB", "701.6 MiB")])
+    assert masked([line]) == masked([line.replace("6,679", "114")])
+    assert masked([line]) != masked([line.replace("3.3 MiB", "701.6 MiB")])
     line = "│                  │ process 708.2 MiB (peak RSS, torch's libraries included)  │"
-    assert readme.masked([line]) == readme.masked([line.replace("708.2", "761.4")])
+    assert masked([line]) == masked([line.replace("708.2", "761.4")])
 
 
 def test_the_keys_a_resume_may_change_are_the_codes():
