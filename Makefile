@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 BENCHMARKS := exactness overhead overhead_parts memory_flatness probe_accuracy paper_claim strategies balance \
 	partitioned distributed
 
-.PHONY: install train test test-fast lint bench gpu-check clean
+.PHONY: install train test test-fast lint readme bench gpu-check clean
 
 install: $(STAMP)
 
@@ -26,8 +26,13 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check mbp_cli tests bench
+	$(BIN)/ruff check mbp_cli tests bench tools
 	$(BIN)/lint-imports
+
+# The README's transcripts rerun in a scratch copy and written in as the commands print them
+# today (tools/readme.py; tests/test_readme.py checks them). About 2 minutes on 2 CPU cores.
+readme: install
+	$(BIN)/python -m tools.readme
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench]"

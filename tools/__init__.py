@@ -1,0 +1,1 @@
+"""Tools for the checkout, not shipped with mbp: `make readme` (readme.py)."""
