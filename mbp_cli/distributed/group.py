@@ -48,16 +48,17 @@ def process_group(world: World, device: torch.device, timeout_seconds: float,
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_seconds))
-    try:
+    try:  # beating until this rank leaves: a peer may take long to reach the last barrier
         with heartbeat(world, heartbeat_seconds):
-            yield ranks
-            ranks.barrier()  # leave together: a rank closing its links early aborts the others
-    except MbpError as exc:
-        if exc.agreed:  # every rank raised it: all are here
-            ranks.barrier()
-        else:  # this rank's alone: leave at once, so the others lose contact and stop
-            exc.exit_at_once = True
-        raise
+            try:
+                yield ranks
+                ranks.barrier()  # leave together: a rank closing its links early aborts others
+            except MbpError as exc:
+                if exc.agreed:  # every rank raised it: all are here
+                    ranks.barrier()
+                else:  # this rank's alone: leave at once, so the others lose contact and stop
+                    exc.exit_at_once = True
+                raise
     finally:
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to close
             dist.destroy_process_group()

@@ -73,11 +73,10 @@ def target_batch_step(micro_step: MicroStep, micro_batches: Iterable[Any],
     This rank's micro-batches are backpropagated, their gradients summed over the ranks from
     the last backward on (exchange.py), and the ranks agree on the outcome in the same exchange
     (an error or an out-of-memory on any rank stops or redoes the target batch on all); then
-    the sums are normalized. `statistics` wraps the target batch
-    (BatchNorm's running statistics, updated once at its end); `micro_batch`, `share` and
-    `peak_bytes` are this rank's figures for its report, with whether a stop was asked of
-    it (`stop_asked`). Expects the gradients to be None
-    (`zero_grad(set_to_none=True)`) on entry.
+    the sums are normalized. `statistics` wraps the target batch (BatchNorm's running
+    statistics, updated once at its end); `micro_batch`, `share`, `peak_bytes` and
+    `stop_asked` (a stop signal reached this rank) are this rank's figures for its report.
+    Expects the gradients to be None (`zero_grad(set_to_none=True)`) on entry.
     """
     started = time.perf_counter()
     ranks = ranks or Ranks(World(), micro_step.device)
