@@ -53,6 +53,7 @@ class Start(Event):
     strategies: str = "fp32"  # precision and memory strategies, e.g. "bf16 + checkpointing"
     micro_batches: list[int] | None = None  # several ranks: each one's micro-batch
     shares: list[int] | None = None  # several ranks: each one's samples of a target batch
+    logs: list[str] | None = None  # where train.log's loggers write, e.g. "mlflow at sqlite:…"
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ def test_mlflow_series_equal_the_metrics_across_a_resume_in_one_run(cli, write_r
     run_dir, kept = train_then_resume(cli, write_recipe, tmp_path, "mlflow")
     assert kept["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == kept["run_id"]
+    starts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in line]  # the start line says where the store is
+    assert [s["logs"] for s in starts] == [[f"mlflow at {kept['tracking_uri']}"]] * 2
     client = MlflowClient(kept["tracking_uri"])
     experiment = client.get_experiment_by_name("test-digits")
     runs = client.search_runs([experiment.experiment_id])

@@ -38,6 +38,7 @@ class TensorBoardLog:
         self.path, self.start_step = run_dir / self.folder, start_step
         self.writer: Any = None
         self.series = Series()
+        self.where = f"tensorboard in {self.path}"
 
     def __call__(self, event: ev.Event) -> None:
         scalars = self.scalars(event)
@@ -84,6 +85,7 @@ class MLflowLog(Tracker):
         if not chosen:
             beside.mkdir(parents=True, exist_ok=True)
         self.uri = chosen or f"sqlite:///{beside / 'mlflow.db'}"
+        self.where = f"mlflow at {self.uri}"
         self.artifacts = (beside / "mlartifacts").as_uri()
         self.client, self.run_id = MlflowClient(self.uri), self.kept.get("run_id")
         try:
@@ -182,6 +184,8 @@ class WandbLog(Tracker):
         self.wandb = wandb
         settings = wandb.setup().settings
         self.mode = settings.mode
+        files = Path(os.environ.get("WANDB_DIR") or self.run_dir) / "wandb"
+        self.where = f"wandb ({self.mode}) in {files}"
         if self.mode in ("offline", "dryrun", "disabled"):
             return
         try:

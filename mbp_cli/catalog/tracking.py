@@ -80,6 +80,7 @@ class Tracker:
     """What MLflow's and W&B's loggers share; each says how to check, start, send and end."""
 
     tool = ""  # its name in train.log, and RUN/<tool>.json
+    where = ""  # where it logs, for the start line (set by check)
 
     def __init__(self, run_dir: Path, start_step: int, facts: RunFacts) -> None:
         self.run_dir, self.facts = run_dir, facts

@@ -156,7 +156,8 @@ def start_run(recipe: Recipe, options: RunOptions, sinks: list[Sink], ranks: Ran
         compile_seconds = compile_now(setup, optimizer, state.micro_batch) \
             if recipe.train.compile else None
     stream = open_stream(recipe, setup, state, settings, world)
-    emit(start_event(settings, setup, choice, state, micro_batches, world))
+    emit(start_event(settings, setup, choice, state, micro_batches, world,
+                     [logger.where for logger in folder.loggers]))
     for warning in start_warnings(setup, choice, state.micro_batch, settings.target_batch, world):
         emit(RunWarning(warning))
     return Run(settings=settings, setup=setup, optimizer=optimizer, scheduler=scheduler,
@@ -217,7 +218,7 @@ def open_stream(recipe: Recipe, setup: Setup, state: LoopState, settings: LoopSe
 
 
 def start_event(settings: LoopSettings, setup: Setup, choice: StrategyChoice, state: LoopState,
-                micro_batches: list[int], world: World) -> Start:
+                micro_batches: list[int], world: World, logs: list[str]) -> Start:
     """What the run says as it starts training."""
     train_set, eval_set = setup.train_set, setup.eval_set
     return Start(
@@ -232,7 +233,7 @@ def start_event(settings: LoopSettings, setup: Setup, choice: StrategyChoice, st
         run_dir=str(settings.run_dir),
         strategies=" on ".join(filter(None, (choice.label, setup.describe_blocks()))),
         micro_batches=micro_batches if world.is_distributed else None,
-        shares=state.shares or None)
+        shares=state.shares or None, logs=logs or None)
 
 
 def starting_point(recipe: Recipe, setup: Setup, optimizer: torch.optim.Optimizer,

@@ -40,7 +40,7 @@ def start_line(e: ev.Start) -> str:
     samples = f"{e.train_samples:,} training samples" if e.steps_per_epoch else "a stream"
     return (f"training {e.name} on {e.device} ({how}): target batch "
             f"{e.target_batch} = {split}, {steps}, {samples}, {e.parameters:,} parameters "
-            f"→ {e.run_dir}")
+            f"→ {e.run_dir}" + (f"; logging to {', '.join(e.logs)}" if e.logs else ""))
 
 
 def eval_line(e: ev.Eval) -> str:
