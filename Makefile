@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 BENCHMARKS := exactness overhead overhead_parts memory_flatness probe_accuracy paper_claim strategies balance \
 	partitioned distributed
 
-.PHONY: install train test test-fast lint readme bench gpu-check clean
+.PHONY: install train test test-fast lint readme readme-check bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ lint: install
 # today (tools/readme.py; tests/test_readme.py checks them). About 2 minutes on 2 CPU cores.
 readme: install
 	$(BIN)/python -m tools.readme
+
+# The training transcripts compared as well (their losses and accuracies are this CPU's float
+# rounding, so `make test` leaves them out); about 2 minutes on 2 CPU cores.
+readme-check: install
+	$(BIN)/python -m pytest tests/test_readme.py -m "transcript or not transcript"
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
