@@ -9,6 +9,7 @@ Tracker (one tracked run per run folder, continued by a resume).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import time
@@ -21,6 +22,15 @@ from mbp_cli.catalog.tracking import RunFacts, Series, Tracker, first_line, flat
 from mbp_cli.errors import UsageError
 
 
+def required(module: str, package: str, tool: str) -> Any:
+    """The module a logger needs, or one line naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"train.log: {tool} needs the {package} package: "
+                         f"pip install 'mbp-cli[{tool}]'") from exc
+
+
 class TensorBoardLog:
     """Scalars for TensorBoard under RUN/tensorboard, as metrics.jsonl has them (its step is
     the optimizer step). A resumed run discards what the first part logged after its
@@ -29,12 +39,8 @@ class TensorBoardLog:
     folder = "tensorboard"
 
     def __init__(self, run_dir: Path, start_step: int, facts: RunFacts | None = None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise UsageError("train.log: tensorboard needs the tensorboard package: "
-                             "pip install 'mbp-cli[tensorboard]'") from exc
-        self._writer_class = SummaryWriter
+        self._writer_class = required("torch.utils.tensorboard", "tensorboard",
+                                      "tensorboard").SummaryWriter
         self.path, self.start_step = run_dir / self.folder, start_step
         self.writer: Any = None
         self.series = Series()
@@ -74,11 +80,7 @@ class MLflowLog(Tracker):
     tool = "mlflow"
 
     def check(self) -> None:
-        try:
-            from mlflow import MlflowClient
-        except ImportError as exc:
-            raise UsageError("train.log: mlflow needs the mlflow-skinny package: "
-                             "pip install 'mbp-cli[mlflow]'") from exc
+        MlflowClient = required("mlflow", "mlflow-skinny", "mlflow").MlflowClient  # noqa: N806
         chosen = os.environ.get("MLFLOW_TRACKING_URI") or self.kept.get("tracking_uri")
         self.is_default_store = not chosen
         beside = self.run_dir.resolve().parent
@@ -176,12 +178,7 @@ class WandbLog(Tracker):
     tool = "wandb"
 
     def check(self) -> None:
-        try:
-            import wandb
-        except ImportError as exc:
-            raise UsageError("train.log: wandb needs the wandb package: "
-                             "pip install 'mbp-cli[wandb]'") from exc
-        self.wandb = wandb
+        self.wandb = wandb = required("wandb", "wandb", "wandb")
         settings = wandb.setup().settings
         self.mode = settings.mode
         files = Path(os.environ.get("WANDB_DIR") or self.run_dir) / "wandb"
